@@ -1,0 +1,417 @@
+//! The daemon: one event loop over a closed set of inputs (lifecycle record, file-system
+//! event, runtime event, periodic check, shutdown). Tests and `main` drive it through
+//! [`run`].
+//!
+//! Arming a new container (the lossless start) happens inline in the loop: freeze the
+//! cgroup, resolve the upperdir from disk, arm the recursive watch, thaw, then print
+//! `container_start`. File events of that container are read only after, so they always
+//! follow its `container_start`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    io::Write,
+    os::fd::{AsRawFd, RawFd},
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use fsmon_common::FilterConfig;
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use crate::{
+    cgroup::{parse_container_cgroup, CgroupMounts, Hierarchy},
+    ebpf::{monotonic_ns, CgroupOp, Lifecycle, LifecycleRecord},
+    event::WatchOutput,
+    freezer::{FreezeTarget, Freezer, FreezerKind},
+    record::{self, ContainerRef},
+    runtime::{Runtime, RuntimeEvent},
+    watcher::Watcher,
+};
+
+/// Where records go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Standard output.
+    Stdout,
+    /// A file, appended to (created if missing).
+    File(PathBuf),
+}
+
+/// Everything `run` needs; built from the command line by `main`, or by tests.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Docker engine URLs (`unix:///var/run/docker.sock`, ...).
+    pub docker_hosts: Vec<String>,
+    /// Where records go.
+    pub output: OutputTarget,
+    /// Freeze new containers while their watch is armed (`--no-freeze` turns it off).
+    pub freeze: bool,
+    /// Longest a freeze may be held before the watchdog thaws it.
+    pub freeze_timeout: Duration,
+    /// A lifecycle record older than this is not frozen for (runc may already be reading
+    /// the freezer state; see ARCHITECTURE.md): the container is armed and scanned instead.
+    pub freeze_max_age: Duration,
+    /// Where in-flight freezes are recorded so a later fsmon can undo them.
+    pub state_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            docker_hosts: vec!["unix:///var/run/docker.sock".into()],
+            output: OutputTarget::Stdout,
+            freeze: true,
+            freeze_timeout: Duration::from_millis(100),
+            freeze_max_age: Duration::from_millis(20),
+            state_dir: PathBuf::from("/run/fsmon"),
+        }
+    }
+}
+
+struct RawFdRef(RawFd);
+impl AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// A container being monitored.
+struct Monitored {
+    cref: ContainerRef,
+}
+
+struct Daemon {
+    config: Config,
+    mounts: CgroupMounts,
+    freezer: Freezer,
+    watcher: Watcher,
+    runtime: Runtime,
+    out: Box<dyn Write + Send>,
+    containers: HashMap<String, Monitored>,
+    /// Cgroups recognised as containers that no configured engine knows (podman, ...),
+    /// so they are looked up once, not at every mkdir.
+    foreign: HashSet<String>,
+    outputs: Vec<WatchOutput>,
+    lifecycle_lost: u64,
+}
+
+/// Runs the daemon until `shutdown` resolves. Returns an error only for fatal problems
+/// (eBPF cannot load or attach, output unusable); everything a container or an engine does
+/// is handled and logged.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let out: Box<dyn Write + Send> = match &config.output {
+        OutputTarget::Stdout => Box::new(std::io::BufWriter::with_capacity(
+            1 << 16,
+            std::io::stdout(),
+        )),
+        OutputTarget::File(p) => Box::new(std::io::BufWriter::with_capacity(
+            1 << 16,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open --output {}", p.display()))?,
+        )),
+    };
+    let mounts = CgroupMounts::discover()
+        .context("cannot read the cgroup mounts from /proc/self/mountinfo")?;
+    if mounts.unified.is_none() && mounts.freezer.is_none() {
+        anyhow::bail!("no cgroup v2 hierarchy and no cgroup v1 freezer hierarchy is mounted; fsmon needs one of them");
+    }
+    let freezer = Freezer::new(&config.state_dir).with_context(|| {
+        format!(
+            "cannot use the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    for cg in freezer.recover() {
+        tracing::warn!(cgroup = %cg.display(), "thawed a cgroup that an earlier fsmon left frozen");
+    }
+    let filter = FilterConfig {
+        freezer_hierarchy: mounts.freezer_id.unwrap_or(u32::MAX),
+        unified_hierarchy: if mounts.unified.is_some() {
+            0
+        } else {
+            u32::MAX
+        },
+    };
+    let mut lifecycle = Lifecycle::load(filter)?;
+    let watcher = Watcher::new().context("cannot create the inotify instance")?;
+    let (rt_tx, mut rt_rx) = mpsc::unbounded_channel();
+    let runtime = Runtime::start(&config.docker_hosts, rt_tx);
+    let mut d = Daemon {
+        config,
+        mounts,
+        freezer,
+        watcher,
+        runtime,
+        out,
+        containers: HashMap::new(),
+        foreign: HashSet::new(),
+        outputs: Vec::new(),
+        lifecycle_lost: 0,
+    };
+
+    // SAFETY: the fd belongs to `d.watcher`, which outlives `watch_fd`: `watch_fd` is
+    // declared after `d`, so it is dropped (deregistered) first.
+    let watch_fd = unsafe {
+        AsyncFd::register_with_interest(
+            RawFdRef(d.watcher.as_raw_fd()),
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .context("cannot register the inotify fd")?;
+
+    // Wait (bounded) until every engine said whether it is up, so that the containers
+    // already running are armed before `ready`.
+    let mut heard = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while heard.len() < d.runtime.len() {
+        match tokio::time::timeout_at(deadline, rt_rx.recv()).await {
+            Ok(Some(ev)) => {
+                let engine = match &ev {
+                    RuntimeEvent::Connected { engine, .. }
+                    | RuntimeEvent::Disconnected { engine, .. } => *engine,
+                };
+                d.on_runtime(ev);
+                heard.insert(engine);
+            }
+            _ => break,
+        }
+    }
+    d.resync().await;
+    d.emit(&record::ready(SystemTime::now(), &d.config.docker_hosts))?;
+    d.flush()?;
+
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            r = lifecycle.next_batch(&mut batch) => {
+                r.context("reading the eBPF ring buffer")?;
+                for rec in std::mem::take(&mut batch) {
+                    d.on_lifecycle(rec).await?;
+                }
+            }
+            g = watch_fd.readable() => {
+                let mut g = g.context("polling the inotify fd")?;
+                d.drain_watcher()?;
+                g.clear_ready();
+            }
+            Some(ev) = rt_rx.recv() => d.on_runtime(ev),
+            _ = tick.tick() => {
+                let lost = lifecycle.lost();
+                if lost > d.lifecycle_lost {
+                    tracing::error!(lost = lost - d.lifecycle_lost, "eBPF ring buffer was full: lifecycle records lost; resyncing with the engines");
+                    d.lifecycle_lost = lost;
+                    d.emit(&record::overflow(SystemTime::now(), None, "lifecycle"))?;
+                    d.resync().await;
+                }
+            }
+        }
+        d.flush()?;
+    }
+    // Drain what the kernel has already queued, so nothing observed is lost at exit.
+    d.drain_watcher()?;
+    d.flush()?;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+impl Daemon {
+    fn emit(&mut self, line: &str) -> anyhow::Result<()> {
+        self.out
+            .write_all(line.as_bytes())
+            .context("writing to --output")
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.out.flush().context("writing to --output")
+    }
+
+    fn on_runtime(&mut self, ev: RuntimeEvent) {
+        match ev {
+            RuntimeEvent::Connected { engine, url } => {
+                tracing::info!(engine, %url, "connected to the container engine")
+            }
+            RuntimeEvent::Disconnected { engine, url, error } => {
+                tracing::warn!(engine, %url, %error, "container engine unreachable; reconnecting")
+            }
+        }
+    }
+
+    /// Reads and prints every pending file event.
+    fn drain_watcher(&mut self) -> anyhow::Result<()> {
+        let mut outputs = std::mem::take(&mut self.outputs);
+        if let Err(e) = self.watcher.read_events(&mut outputs) {
+            tracing::error!(error = %e, "reading inotify events");
+        }
+        let now = SystemTime::now();
+        for o in outputs.drain(..) {
+            match o {
+                WatchOutput::File(ev) => {
+                    let Some(c) = self.containers.get(&ev.container) else {
+                        continue;
+                    };
+                    let line = record::file(now, &c.cref, &ev);
+                    self.emit(&line)?;
+                }
+                WatchOutput::Overflow { container, reason } => {
+                    let c = container
+                        .as_ref()
+                        .and_then(|id| self.containers.get(id))
+                        .map(|c| c.cref.clone());
+                    if container.is_some() && c.is_none() {
+                        continue;
+                    }
+                    tracing::warn!(container_id = ?container, reason, "events lost; rescanning");
+                    let line = record::overflow(now, c.as_ref(), reason);
+                    self.emit(&line)?;
+                }
+            }
+        }
+        self.outputs = outputs;
+        Ok(())
+    }
+
+    async fn on_lifecycle(&mut self, rec: LifecycleRecord) -> anyhow::Result<()> {
+        let Some(cg) = parse_container_cgroup(&rec.path) else {
+            return Ok(());
+        };
+        let Some(hierarchy) = self.mounts.hierarchy_of(rec.hierarchy_id) else {
+            return Ok(());
+        };
+        match rec.op {
+            CgroupOp::Mkdir => {
+                if self.containers.contains_key(&cg.id) || self.foreign.contains(&cg.id) {
+                    return Ok(());
+                }
+                let age = Duration::from_nanos(monotonic_ns().saturating_sub(rec.ktime_ns));
+                let target = self
+                    .mounts
+                    .dir(hierarchy, &rec.path)
+                    .map(|dir| FreezeTarget {
+                        dir,
+                        kind: match hierarchy {
+                            Hierarchy::Freezer => FreezerKind::V1,
+                            Hierarchy::Unified => FreezerKind::V2,
+                        },
+                    });
+                let freeze = if self.config.freeze && age <= self.config.freeze_max_age {
+                    target
+                } else {
+                    None
+                };
+                if self.config.freeze && freeze.is_none() {
+                    tracing::info!(container_id = %cg.id, age_us = age.as_micros() as u64, "lifecycle record too old to freeze safely; arming without freezing");
+                }
+                self.arm(&cg.id, freeze).await?;
+            }
+            CgroupOp::Rmdir => {
+                if self.containers.contains_key(&cg.id) {
+                    // Events queued before the container's cgroup went away are its own:
+                    // print them before its watches are dropped.
+                    self.drain_watcher()?;
+                    self.stop(&cg.id)?;
+                }
+                self.foreign.remove(&cg.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Freeze (optionally) → resolve upperdir → arm → thaw → `container_start`.
+    async fn arm(&mut self, id: &str, freeze: Option<FreezeTarget>) -> anyhow::Result<()> {
+        let frozen = match &freeze {
+            Some(t) => match self.freezer.freeze(t, self.config.freeze_timeout) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "cannot freeze; arming without it");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut meta = None;
+        let found = match self.runtime.layer_on_disk(id) {
+            Some(x) => Some(x),
+            None => self.runtime.layer_by_inspect(id).await.map(|(e, l, m)| {
+                meta = Some(m);
+                (e, l)
+            }),
+        };
+        let armed = found.map(|(engine, layer)| {
+            let upperdir = layer.upperdir.clone();
+            let r = self.watcher.add_container(id, layer);
+            (engine, upperdir, r)
+        });
+        let freeze_us = match frozen.map(|f| self.freezer.thaw(f)) {
+            Some(Ok(rep)) => {
+                if rep.bound_exceeded {
+                    tracing::warn!(container_id = %id, held_us = rep.held.as_micros() as u64, "arming took longer than --freeze-timeout; the watchdog thawed the container");
+                }
+                Some(rep.held.as_micros() as u64)
+            }
+            Some(Err(e)) => {
+                tracing::error!(container_id = %id, error = %e, "thaw failed");
+                None
+            }
+            None => None,
+        };
+        let Some((engine, upperdir, result)) = armed else {
+            tracing::debug!(container_id = %id, "no configured engine knows this container; ignored");
+            self.foreign.insert(id.to_owned());
+            return Ok(());
+        };
+        if let Err(e) = result {
+            tracing::error!(container_id = %id, upperdir = %upperdir.display(), error = %e, "cannot watch the container's upperdir");
+            self.watcher.remove_container(id);
+            return Ok(());
+        }
+        let meta = match meta {
+            Some(m) => m,
+            None => {
+                self.runtime
+                    .metadata(engine, id, Duration::from_secs(2))
+                    .await
+            }
+        };
+        let cref = ContainerRef {
+            id: id.to_owned(),
+            name: meta.name,
+            image: meta.image,
+        };
+        let line = record::container_start(SystemTime::now(), &cref, &upperdir, freeze_us);
+        self.emit(&line)?;
+        self.containers.insert(id.to_owned(), Monitored { cref });
+        Ok(())
+    }
+
+    fn stop(&mut self, id: &str) -> anyhow::Result<()> {
+        self.watcher.remove_container(id);
+        if let Some(c) = self.containers.remove(id) {
+            let line = record::container_stop(SystemTime::now(), &c.cref);
+            self.emit(&line)?;
+        }
+        Ok(())
+    }
+
+    /// Arms every running container not yet armed (at start-up, and after lifecycle
+    /// records were lost).
+    async fn resync(&mut self) {
+        for engine in 0..self.runtime.len() {
+            for id in self.runtime.running(engine).await {
+                if !self.containers.contains_key(&id) {
+                    if let Err(e) = self.arm(&id, None).await {
+                        tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Encoding of output records as JSON Lines (SPEC "Records"). Pure, no IO.
+//!
+//! Paths are bytes on Linux. A path that is valid UTF-8 is printed as a JSON string as is
+//! (JSON escapes newlines and control characters). A path that is not valid UTF-8 is
+//! printed as `path` with each invalid byte replaced by U+FFFD (for humans), plus
+//! `path_b64`: the exact bytes in standard base64 (for programs). `path_b64` is present
+//! if and only if the name is not valid UTF-8, so the encoding is lossless and unambiguous.
+//! The same holds for `old_path` / `old_path_b64`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use crate::event::{FileEvent, FileKind};
+
+/// Who a record is about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerRef {
+    /// 64-hex id.
+    pub id: String,
+    /// Name, when known.
+    pub name: Option<String>,
+    /// Image, when known.
+    pub image: Option<String>,
+}
+
+impl ContainerRef {
+    fn to_json(&self) -> Value {
+        json!({ "id": self.id, "name": self.name, "image": self.image })
+    }
+}
+
+/// RFC 3339 UTC with nanoseconds, e.g. `2026-11-24T02:35:54.123456789Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, sod) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60,
+        d.subsec_nanos()
+    )
+}
+
+fn base(kind: &str, now: SystemTime) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("time".into(), Value::String(rfc3339(now)));
+    m.insert("kind".into(), Value::String(kind.into()));
+    m
+}
+
+fn line(m: Map<String, Value>) -> String {
+    let mut s = Value::Object(m).to_string();
+    s.push('\n');
+    s
+}
+
+fn put_path(m: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            m.insert(key.into(), Value::String(s.into()));
+        }
+        Err(_) => {
+            m.insert(
+                key.into(),
+                Value::String(String::from_utf8_lossy(bytes).into_owned()),
+            );
+            m.insert(
+                format!("{key}_b64"),
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            );
+        }
+    }
+}
+
+/// `ready`: attached, and every running container is armed.
+pub fn ready(now: SystemTime, engines: &[String]) -> String {
+    let mut m = base("ready", now);
+    m.insert(
+        "version".into(),
+        Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
+    m.insert("docker_hosts".into(), json!(engines));
+    line(m)
+}
+
+/// `container_start`.
+pub fn container_start(
+    now: SystemTime,
+    c: &ContainerRef,
+    upperdir: &std::path::Path,
+    freeze_us: Option<u64>,
+) -> String {
+    let mut m = base("container_start", now);
+    m.insert("container".into(), c.to_json());
+    put_path(&mut m, "upperdir", upperdir.as_os_str().as_encoded_bytes());
+    m.insert("freeze_us".into(), json!(freeze_us));
+    line(m)
+}
+
+/// `container_stop`.
+pub fn container_stop(now: SystemTime, c: &ContainerRef) -> String {
+    let mut m = base("container_stop", now);
+    m.insert("container".into(), c.to_json());
+    line(m)
+}
+
+/// `overflow`: events were or may have been lost; a rescan follows.
+pub fn overflow(now: SystemTime, c: Option<&ContainerRef>, reason: &str) -> String {
+    let mut m = base("overflow", now);
+    if let Some(c) = c {
+        m.insert("container".into(), c.to_json());
+    }
+    m.insert("reason".into(), Value::String(reason.into()));
+    line(m)
+}
+
+/// A file record.
+pub fn file(now: SystemTime, c: &ContainerRef, ev: &FileEvent) -> String {
+    let mut m = base(ev.kind.as_str(), now);
+    m.insert("container".into(), c.to_json());
+    put_path(&mut m, "path", &ev.path);
+    if ev.kind == FileKind::Rename {
+        if let Some(old) = &ev.old_path {
+            put_path(&mut m, "old_path", old);
+        }
+    }
+    m.insert("is_dir".into(), Value::Bool(ev.is_dir));
+    m.insert("source".into(), Value::String(ev.source.as_str().into()));
+    line(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Source;
+    use std::time::Duration;
+
+    #[test]
+    fn time_format() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
+        let t = UNIX_EPOCH + Duration::new(1_795_919_754, 123_456_789);
+        assert_eq!(rfc3339(t), "2026-11-29T02:35:54.123456789Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000000Z");
+    }
+
+    fn parse(s: &str) -> Value {
+        assert!(
+            s.ends_with('\n') && !s[..s.len() - 1].contains('\n'),
+            "one line: {s:?}"
+        );
+        serde_json::from_str(s).expect("valid JSON")
+    }
+
+    #[test]
+    fn file_records() {
+        let c = ContainerRef {
+            id: "a".repeat(64),
+            name: Some("web".into()),
+            image: None,
+        };
+        let ev = FileEvent {
+            container: c.id.clone(),
+            kind: FileKind::Rename,
+            path: b"/new\nline".to_vec(),
+            old_path: Some(b"/bad\xff\xfe".to_vec()),
+            is_dir: false,
+            source: Source::Inotify,
+        };
+        let v = parse(&file(UNIX_EPOCH, &c, &ev));
+        assert_eq!(v["kind"], "rename");
+        assert_eq!(v["path"], "/new\nline");
+        assert!(v.get("path_b64").is_none());
+        assert_eq!(v["old_path"], "/bad\u{fffd}\u{fffd}");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(v["old_path_b64"].as_str().expect("str"))
+            .expect("b64");
+        assert_eq!(raw, b"/bad\xff\xfe");
+        assert_eq!(v["container"]["name"], "web");
+        assert_eq!(v["container"]["image"], Value::Null);
+        assert_eq!(v["source"], "inotify");
+        assert_eq!(v["is_dir"], false);
+    }
+
+    #[test]
+    fn daemon_records() {
+        let c = ContainerRef {
+            id: "b".repeat(64),
+            name: None,
+            image: Some("img:1".into()),
+        };
+        let v = parse(&container_start(
+            UNIX_EPOCH,
+            &c,
+            std::path::Path::new("/var/lib/docker/x/diff"),
+            None,
+        ));
+        assert_eq!(v["kind"], "container_start");
+        assert_eq!(v["freeze_us"], Value::Null);
+        assert_eq!(v["upperdir"], "/var/lib/docker/x/diff");
+        let v = parse(&overflow(UNIX_EPOCH, None, "queue"));
+        assert_eq!(v["kind"], "overflow");
+        assert!(v.get("container").is_none());
+        let v = parse(&ready(UNIX_EPOCH, &["unix:///var/run/docker.sock".into()]));
+        assert_eq!(v["kind"], "ready");
+    }
+}

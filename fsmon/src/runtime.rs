@@ -1,0 +1,398 @@
+//! The container-runtime boundary: the only module that talks to Docker (via bollard).
+//!
+//! Each engine (`--docker-host`, repeatable) gets a background task that connects, reads
+//! the engine's data root, streams its container events (names and images, so that a
+//! `container_start` rarely has to ask), and reconnects with backoff when the engine is
+//! down or restarts — never fatal. Upperdirs are resolved from the engine's on-disk layer
+//! metadata (microseconds, usable while a container is frozen), with the inspect API as
+//! the fallback.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bollard::{
+    container::{InspectContainerOptions, ListContainersOptions},
+    system::EventsOptions,
+    Docker, API_DEFAULT_VERSION,
+};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::watcher::ContainerLayer;
+
+/// Name and image of a container, when the engine told us.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerMeta {
+    /// Container name without the leading `/`.
+    pub name: Option<String>,
+    /// Image as the user named it.
+    pub image: Option<String>,
+}
+
+/// What an engine task reports to the daemon's event loop.
+#[derive(Debug)]
+pub enum RuntimeEvent {
+    /// Connected (first time or again).
+    Connected {
+        /// Engine index (order of `--docker-host`).
+        engine: usize,
+        /// The engine's URL.
+        url: String,
+    },
+    /// Lost the engine; reconnecting.
+    Disconnected {
+        /// Engine index.
+        engine: usize,
+        /// The engine's URL.
+        url: String,
+        /// Why.
+        error: String,
+    },
+}
+
+#[derive(Default)]
+struct EngineState {
+    docker: Option<Docker>,
+    root: Option<PathBuf>,
+    meta: HashMap<String, ContainerMeta>,
+}
+
+/// All configured engines.
+#[derive(Clone)]
+pub struct Runtime {
+    engines: Arc<Vec<(String, Mutex<EngineState>)>>,
+}
+
+fn connect(url: &str) -> Result<Docker, bollard::errors::Error> {
+    if url.starts_with("unix://") || url.starts_with('/') {
+        Docker::connect_with_unix(url, 30, API_DEFAULT_VERSION)
+    } else {
+        Docker::connect_with_http(url, 30, API_DEFAULT_VERSION)
+    }
+}
+
+impl Runtime {
+    /// Starts one connection task per URL; they report through `events`.
+    pub fn start(urls: &[String], events: mpsc::UnboundedSender<RuntimeEvent>) -> Self {
+        let rt = Runtime {
+            engines: Arc::new(
+                urls.iter()
+                    .map(|u| (u.clone(), Mutex::new(EngineState::default())))
+                    .collect(),
+            ),
+        };
+        for i in 0..urls.len() {
+            let rt2 = rt.clone();
+            let tx = events.clone();
+            tokio::spawn(async move { rt2.engine_task(i, tx).await });
+        }
+        rt
+    }
+
+    fn state(&self, engine: usize) -> std::sync::MutexGuard<'_, EngineState> {
+        // A poisoned lock only means another task panicked mid-update of a cache: the
+        // data is still usable.
+        self.engines[engine]
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of engines.
+    pub fn len(&self) -> usize {
+        self.engines.len()
+    }
+
+    /// Whether no engine is configured.
+    pub fn is_empty(&self) -> bool {
+        self.engines.is_empty()
+    }
+
+    /// Whether engine `engine` is connected now.
+    pub fn is_connected(&self, engine: usize) -> bool {
+        self.state(engine).docker.is_some()
+    }
+
+    async fn engine_task(self, engine: usize, tx: mpsc::UnboundedSender<RuntimeEvent>) {
+        let url = self.engines[engine].0.clone();
+        let mut backoff = Duration::from_millis(200);
+        let mut said_down = false;
+        loop {
+            match self.connect_once(engine, &url).await {
+                Ok(docker) => {
+                    backoff = Duration::from_millis(200);
+                    said_down = false;
+                    let _ = tx.send(RuntimeEvent::Connected {
+                        engine,
+                        url: url.clone(),
+                    });
+                    let err = self.follow_events(engine, &docker).await;
+                    self.state(engine).docker = None;
+                    let _ = tx.send(RuntimeEvent::Disconnected {
+                        engine,
+                        url: url.clone(),
+                        error: err,
+                    });
+                }
+                Err(e) => {
+                    if !said_down {
+                        said_down = true;
+                        let _ = tx.send(RuntimeEvent::Disconnected {
+                            engine,
+                            url: url.clone(),
+                            error: e,
+                        });
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn connect_once(&self, engine: usize, url: &str) -> Result<Docker, String> {
+        let docker = connect(url).map_err(|e| e.to_string())?;
+        let info = docker.info().await.map_err(|e| e.to_string())?;
+        let mut st = self.state(engine);
+        st.root = info.docker_root_dir.map(PathBuf::from);
+        st.docker = Some(docker.clone());
+        Ok(docker)
+    }
+
+    async fn follow_events(&self, engine: usize, docker: &Docker) -> String {
+        let mut filters = HashMap::new();
+        filters.insert("type".to_string(), vec!["container".to_string()]);
+        let mut stream = docker.events(Some(EventsOptions::<String> {
+            filters,
+            ..Default::default()
+        }));
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => return e.to_string(),
+            };
+            let (Some(action), Some(actor)) = (ev.action, ev.actor) else {
+                continue;
+            };
+            let (Some(id), Some(attrs)) = (actor.id, actor.attributes) else {
+                continue;
+            };
+            let mut st = self.state(engine);
+            match action.as_str() {
+                "destroy" => {
+                    st.meta.remove(&id);
+                }
+                "create" | "start" | "rename" | "restart" => {
+                    let meta = ContainerMeta {
+                        name: attrs.get("name").cloned(),
+                        image: attrs.get("image").cloned(),
+                    };
+                    st.meta.insert(id, meta);
+                }
+                _ => {}
+            }
+        }
+        "event stream ended".into()
+    }
+
+    /// Finds a container's layer from the engines' on-disk metadata (no API call).
+    pub fn layer_on_disk(&self, id: &str) -> Option<(usize, ContainerLayer)> {
+        for engine in 0..self.engines.len() {
+            let root = self.state(engine).root.clone();
+            if let Some(layer) = root.as_deref().and_then(|r| overlay2_layer(r, id)) {
+                return Some((engine, layer));
+            }
+        }
+        None
+    }
+
+    /// Finds a container's layer through the inspect API (fallback; milliseconds).
+    pub async fn layer_by_inspect(
+        &self,
+        id: &str,
+    ) -> Option<(usize, ContainerLayer, ContainerMeta)> {
+        for engine in 0..self.engines.len() {
+            let Some(docker) = self.state(engine).docker.clone() else {
+                continue;
+            };
+            let Ok(info) = docker
+                .inspect_container(id, None::<InspectContainerOptions>)
+                .await
+            else {
+                continue;
+            };
+            let meta = ContainerMeta {
+                name: info.name.map(|n| n.trim_start_matches('/').to_owned()),
+                image: info.config.and_then(|c| c.image),
+            };
+            let data = info.graph_driver.map(|g| g.data).unwrap_or_default();
+            let upper = data.get("UpperDir")?;
+            let lowerdirs = data
+                .get("LowerDir")
+                .map(|l| {
+                    l.split(':')
+                        .filter(|s| !s.is_empty())
+                        .map(PathBuf::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let layer = ContainerLayer {
+                upperdir: PathBuf::from(upper),
+                lowerdirs,
+            };
+            self.state(engine).meta.insert(id.to_owned(), meta.clone());
+            return Some((engine, layer, meta));
+        }
+        None
+    }
+
+    /// Name and image: from the event cache, else by inspect (bounded by `timeout`).
+    pub async fn metadata(&self, engine: usize, id: &str, timeout: Duration) -> ContainerMeta {
+        if let Some(m) = self.state(engine).meta.get(id) {
+            if m.name.is_some() && m.image.is_some() {
+                return m.clone();
+            }
+        }
+        let Some(docker) = self.state(engine).docker.clone() else {
+            return ContainerMeta::default();
+        };
+        let fut = docker.inspect_container(id, None::<InspectContainerOptions>);
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(info)) => {
+                let meta = ContainerMeta {
+                    name: info.name.map(|n| n.trim_start_matches('/').to_owned()),
+                    image: info.config.and_then(|c| c.image),
+                };
+                self.state(engine).meta.insert(id.to_owned(), meta.clone());
+                meta
+            }
+            _ => ContainerMeta::default(),
+        }
+    }
+
+    /// Ids of the containers running now on engine `engine` (empty when it is down).
+    pub async fn running(&self, engine: usize) -> Vec<String> {
+        let Some(docker) = self.state(engine).docker.clone() else {
+            return Vec::new();
+        };
+        let opts = ListContainersOptions::<String> {
+            all: false,
+            ..Default::default()
+        };
+        match docker.list_containers(Some(opts)).await {
+            Ok(list) => {
+                let mut st = self.state(engine);
+                list.into_iter()
+                    .filter_map(|c| {
+                        let id = c.id?;
+                        let name = c
+                            .names
+                            .and_then(|n| n.first().map(|n| n.trim_start_matches('/').to_owned()));
+                        st.meta.insert(
+                            id.clone(),
+                            ContainerMeta {
+                                name,
+                                image: c.image,
+                            },
+                        );
+                        Some(id)
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                tracing::warn!(engine, error = %e, "cannot list running containers");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Reads Docker's overlay2 metadata: `image/overlay2/layerdb/mounts/<id>/mount-id` names
+/// the layer directory, whose `diff` is the upperdir and whose `lower` file lists the
+/// lower layers as `l/<short>` links. These files are the engine's own, not container
+/// content.
+pub fn overlay2_layer(root: &Path, id: &str) -> Option<ContainerLayer> {
+    if id.len() != 64 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mount_id = std::fs::read_to_string(
+        root.join("image/overlay2/layerdb/mounts")
+            .join(id)
+            .join("mount-id"),
+    )
+    .ok()?;
+    let mount_id = mount_id.trim();
+    if mount_id.is_empty() || mount_id.contains('/') || mount_id.starts_with('.') {
+        return None;
+    }
+    let layer_dir = root.join("overlay2").join(mount_id);
+    let upperdir = layer_dir.join("diff");
+    if !upperdir.is_dir() {
+        return None;
+    }
+    let lowerdirs = std::fs::read_to_string(layer_dir.join("lower"))
+        .map(|s| parse_lower(&root.join("overlay2"), &s))
+        .unwrap_or_default();
+    Some(ContainerLayer {
+        upperdir,
+        lowerdirs,
+    })
+}
+
+/// Resolves overlay2's `lower` file (`l/ABC:l/DEF`, top-most first) to layer `diff` dirs.
+fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
+    text.trim()
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .filter_map(|short| {
+            let link = overlay2.join(short.trim_start_matches('/'));
+            let target = std::fs::read_link(&link).ok()?;
+            let resolved = link.parent()?.join(target);
+            // `l/ABC -> ../<layer>/diff`; normalise without touching the file system.
+            let mut out = PathBuf::new();
+            for c in resolved.components() {
+                match c {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.starts_with(overlay2).then_some(out)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_overlay2_metadata() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        let id = "a".repeat(64);
+        let mounts = root.join("image/overlay2/layerdb/mounts").join(&id);
+        std::fs::create_dir_all(&mounts).expect("mkdir");
+        std::fs::write(mounts.join("mount-id"), "m1").expect("write");
+        let o2 = root.join("overlay2");
+        for d in ["m1/diff", "m1-init/diff", "base/diff", "l"] {
+            std::fs::create_dir_all(o2.join(d)).expect("mkdir");
+        }
+        std::os::unix::fs::symlink("../m1-init/diff", o2.join("l/AAA")).expect("symlink");
+        std::os::unix::fs::symlink("../base/diff", o2.join("l/BBB")).expect("symlink");
+        std::fs::write(o2.join("m1/lower"), "l/AAA:l/BBB").expect("write");
+        let layer = overlay2_layer(root, &id).expect("layer");
+        assert_eq!(layer.upperdir, o2.join("m1/diff"));
+        assert_eq!(
+            layer.lowerdirs,
+            vec![o2.join("m1-init/diff"), o2.join("base/diff")]
+        );
+        assert!(overlay2_layer(root, &"b".repeat(64)).is_none());
+        assert!(overlay2_layer(root, "../../etc").is_none());
+    }
+}

@@ -1,0 +1,234 @@
+//! Pure helpers of the watcher: inotify record parsing, container path joining, rename
+//! pairing by cookie, `modify` coalescing and the rescan comparison. No IO; unit-tested.
+//!
+//! Kernel feature: the inotify(7) event record layout (`struct inotify_event`, 2.6.13).
+
+use crate::event::FileKind;
+
+/// Size of the fixed part of `struct inotify_event` (wd, mask, cookie, len).
+pub(crate) const EVENT_HEADER: usize = 16;
+
+/// One inotify record, borrowed from the read buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RawEvent<'a> {
+    pub wd: i32,
+    pub mask: u32,
+    pub cookie: u32,
+    /// The entry name without its NUL padding; empty for events about the watched
+    /// directory itself.
+    pub name: &'a [u8],
+}
+
+/// Iterates the records of one `read(2)` of an inotify fd. A truncated trailing record
+/// (which the kernel never produces) ends the iteration.
+pub(crate) fn parse_events(buf: &[u8]) -> impl Iterator<Item = RawEvent<'_>> {
+    let mut off = 0usize;
+    std::iter::from_fn(move || {
+        let header = buf.get(off..off.checked_add(EVENT_HEADER)?)?;
+        let word = |i: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&header[i..i + 4]);
+            b
+        };
+        let wd = i32::from_ne_bytes(word(0));
+        let mask = u32::from_ne_bytes(word(4));
+        let cookie = u32::from_ne_bytes(word(8));
+        let len = usize::try_from(u32::from_ne_bytes(word(12))).ok()?;
+        let start = off + EVENT_HEADER;
+        let raw = buf.get(start..start.checked_add(len)?)?;
+        off = start + len;
+        let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+        Some(RawEvent { wd, mask, cookie, name })
+    })
+}
+
+/// The container path of `name` inside the directory at container path `dir` (`b""` is the
+/// root): `b"/a" + b"b"` → `b"/a/b"`.
+pub(crate) fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    p.extend_from_slice(dir);
+    p.push(b'/');
+    p.extend_from_slice(name);
+    p
+}
+
+/// The container path of a directory whose stored path is `dir` (`b""` → `b"/"`).
+pub(crate) fn dir_path(dir: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        b"/".to_vec()
+    } else {
+        dir.to_vec()
+    }
+}
+
+/// `IN_MOVED_FROM` halves waiting for their `IN_MOVED_TO`, matched by cookie.
+///
+/// The kernel queues the two halves of one rename back to back (`fsnotify_move`), but other
+/// events may slip in between and a `read(2)` may end between them. So a half waits here
+/// until its partner arrives or the batch ends; what is left then left the watched tree.
+#[derive(Debug)]
+pub(crate) struct Moves<T> {
+    pending: Vec<(u32, T)>,
+}
+
+impl<T> Default for Moves<T> {
+    fn default() -> Self {
+        Moves { pending: Vec::new() }
+    }
+}
+
+impl<T> Moves<T> {
+    /// Records a `IN_MOVED_FROM` half.
+    pub fn push(&mut self, cookie: u32, half: T) {
+        self.pending.push((cookie, half));
+    }
+
+    /// The waiting half with this cookie, if any.
+    pub fn take(&mut self, cookie: u32) -> Option<T> {
+        let i = self.pending.iter().position(|(c, _)| *c == cookie)?;
+        Some(self.pending.remove(i).1)
+    }
+
+    /// The first waiting half that matches `f`, if any (pairing by inode when the cookie
+    /// half was missed).
+    pub fn take_where(&mut self, f: impl Fn(&T) -> bool) -> Option<T> {
+        let i = self.pending.iter().position(|(_, t)| f(t))?;
+        Some(self.pending.remove(i).1)
+    }
+
+    /// Every unpaired half, in arrival order.
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.pending.drain(..).map(|(_, t)| t)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.pending.iter().map(|(_, t)| t)
+    }
+}
+
+/// How long a write burst may last before another `modify` is reported for a file that is
+/// still open for writing (a log that is never closed still shows up about once a second).
+pub(crate) const BURST_MS: u32 = 1000;
+
+/// `modify` coalescing: given when the file's current write burst was last reported
+/// (`0`: no burst; set back to 0 by `IN_CLOSE_WRITE`, delete and rename) and the current
+/// time in ms (never 0), whether this `IN_MODIFY` starts a new burst to report.
+pub(crate) fn modify_due(burst_ms: u32, now_ms: u32) -> bool {
+    burst_ms == 0 || now_ms.wrapping_sub(burst_ms) >= BURST_MS
+}
+
+/// Size and times of a file, as last seen by the watcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+/// Rescan after a lost event: what to report for a file that is still the same inode.
+/// `old` is the stamp the index holds (`None`: indexed at arm time without a stat), `armed_ns`
+/// when monitoring of the container began (anything whose ctime is older predates it).
+pub(crate) fn rescan_change(old: Option<Stamp>, now: Stamp, armed_ns: i64) -> Option<FileKind> {
+    match old {
+        Some(old) if old.size != now.size || old.mtime_ns != now.mtime_ns => {
+            Some(FileKind::Modify)
+        }
+        Some(old) if old.ctime_ns != now.ctime_ns => Some(FileKind::Attrib),
+        Some(_) => None,
+        None if now.ctime_ns < armed_ns => None,
+        None if now.mtime_ns >= armed_ns => Some(FileKind::Modify),
+        None => Some(FileKind::Attrib),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(wd: i32, mask: u32, cookie: u32, name: &[u8], pad: usize) -> Vec<u8> {
+        let len = u32::try_from(name.len() + pad).expect("small");
+        let mut v = Vec::new();
+        v.extend_from_slice(&wd.to_ne_bytes());
+        v.extend_from_slice(&mask.to_ne_bytes());
+        v.extend_from_slice(&cookie.to_ne_bytes());
+        v.extend_from_slice(&len.to_ne_bytes());
+        v.extend_from_slice(name);
+        v.resize(v.len() + pad, 0);
+        v
+    }
+
+    #[test]
+    fn parses_records_with_padding_and_hostile_names() {
+        let mut buf = record(1, libc::IN_CREATE, 0, b"a", 15);
+        buf.extend(record(2, libc::IN_ATTRIB | libc::IN_ISDIR, 0, b"", 0));
+        buf.extend(record(3, libc::IN_MOVED_FROM, 77, b"new\nline\xff", 6));
+        buf.extend(record(-1, libc::IN_Q_OVERFLOW, 0, b"", 0));
+        let evs: Vec<_> = parse_events(&buf).collect();
+        assert_eq!(evs.len(), 4);
+        assert_eq!(evs[0], RawEvent { wd: 1, mask: libc::IN_CREATE, cookie: 0, name: b"a" });
+        assert_eq!(evs[1].name, b"");
+        assert_eq!(evs[2].name, b"new\nline\xff");
+        assert_eq!(evs[2].cookie, 77);
+        assert_eq!(evs[3].wd, -1);
+    }
+
+    #[test]
+    fn truncated_record_ends_parsing() {
+        let mut buf = record(1, libc::IN_CREATE, 0, b"abc", 1);
+        let mut second = record(2, libc::IN_CREATE, 0, b"defgh", 3);
+        second.truncate(EVENT_HEADER + 2);
+        buf.extend(second);
+        assert_eq!(parse_events(&buf).count(), 1);
+        assert_eq!(parse_events(&buf[..7]).count(), 0);
+    }
+
+    #[test]
+    fn joins_container_paths() {
+        assert_eq!(join(b"", b"etc"), b"/etc");
+        assert_eq!(join(b"/etc", b"passwd"), b"/etc/passwd");
+        assert_eq!(join(b"/a\xff", b"b\nc"), b"/a\xff/b\nc");
+        assert_eq!(dir_path(b""), b"/");
+        assert_eq!(dir_path(b"/x"), b"/x");
+    }
+
+    #[test]
+    fn pairs_moves_by_cookie() {
+        let mut m = Moves::default();
+        m.push(5, "a");
+        m.push(6, "b");
+        m.push(7, "c");
+        assert_eq!(m.take(6), Some("b"));
+        assert_eq!(m.take(6), None);
+        assert_eq!(m.take(9), None);
+        assert_eq!(m.take_where(|t| *t == "c"), Some("c"));
+        assert_eq!(m.iter().count(), 1);
+        assert_eq!(m.drain().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(m.iter().count(), 0);
+    }
+
+    #[test]
+    fn coalesces_modify_per_burst() {
+        // First write of a burst is reported, the following ones are not.
+        assert!(modify_due(0, 10));
+        assert!(!modify_due(10, 10));
+        assert!(!modify_due(10, 10 + BURST_MS - 1));
+        // A burst that goes on (never closed) is reported again after BURST_MS.
+        assert!(modify_due(10, 10 + BURST_MS));
+        // The millisecond clock wraps.
+        assert!(!modify_due(u32::MAX - 5, 3));
+        assert!(modify_due(u32::MAX - 5, BURST_MS));
+    }
+
+    #[test]
+    fn rescan_comparison() {
+        let s = Stamp { size: 3, mtime_ns: 100, ctime_ns: 100 };
+        assert_eq!(rescan_change(Some(s), s, 50), None);
+        assert_eq!(rescan_change(Some(s), Stamp { size: 4, ..s }, 50), Some(FileKind::Modify));
+        assert_eq!(rescan_change(Some(s), Stamp { mtime_ns: 101, ctime_ns: 101, ..s }, 50), Some(FileKind::Modify));
+        assert_eq!(rescan_change(Some(s), Stamp { ctime_ns: 101, ..s }, 50), Some(FileKind::Attrib));
+        // Indexed at arm time without a stat: only changes after arming count.
+        assert_eq!(rescan_change(None, s, 200), None);
+        assert_eq!(rescan_change(None, s, 100), Some(FileKind::Modify));
+        assert_eq!(rescan_change(None, Stamp { mtime_ns: 10, ..s }, 100), Some(FileKind::Attrib));
+    }
+}

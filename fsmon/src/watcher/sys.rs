@@ -1,0 +1,379 @@
+//! The raw syscalls of the watcher, each wrapped once with its `// SAFETY:` argument.
+//!
+//! Kernel features: inotify(7) (`inotify_init1` 2.6.27, `IN_EXCL_UNLINK` 2.6.36),
+//! openat2(2) with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//! RESOLVE_NO_XDEV` (5.6), getdents64(2), the `*xattr(2)` family, procfs magic links
+//! (`/proc/self/fd/N`).
+//!
+//! Names handed to these functions come from the kernel (inotify events, directory
+//! listings): single components without `/` or NUL. They are still checked, and anything
+//! else is refused with `EINVAL` rather than resolved.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Longest file name Linux allows (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// The `struct open_how` of openat2(2) (libc's copy is `#[non_exhaustive]`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Resolution rules for everything opened below an upperdir or an image layer: stay below
+/// the starting directory, follow no symlink (not even `/proc` magic links), cross no
+/// mount point.
+const RESOLVE_STRICT: u64 = libc::RESOLVE_BENEATH
+    | libc::RESOLVE_NO_SYMLINKS
+    | libc::RESOLVE_NO_MAGICLINKS
+    | libc::RESOLVE_NO_XDEV;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Runs `f` with `name` as a NUL-terminated single path component, without allocating.
+fn with_name<R>(name: &[u8], f: impl FnOnce(&CStr) -> io::Result<R>) -> io::Result<R> {
+    if name.is_empty()
+        || name.len() > NAME_MAX
+        || name == b"."
+        || name == b".."
+        || name.contains(&b'/')
+        || name.contains(&0)
+    {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = [0u8; NAME_MAX + 1];
+    buf[..name.len()].copy_from_slice(name);
+    let c = CStr::from_bytes_with_nul(&buf[..=name.len()])
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    f(c)
+}
+
+/// `/proc/self/fd/<fd>[/<name>]` as a C string: the way to name exactly the inode an fd
+/// holds, whatever happened to its path since it was opened.
+fn proc_fd_path(fd: RawFd, name: Option<&[u8]>) -> io::Result<Vec<u8>> {
+    let mut p = format!("/proc/self/fd/{fd}").into_bytes();
+    if let Some(name) = name {
+        with_name(name, |_| Ok(()))?;
+        p.push(b'/');
+        p.extend_from_slice(name);
+    }
+    p.push(0);
+    Ok(p)
+}
+
+fn cstr(bytes: &[u8]) -> io::Result<&CStr> {
+    CStr::from_bytes_with_nul(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A new inotify instance: non-blocking, close-on-exec.
+pub(crate) fn inotify_init() -> io::Result<OwnedFd> {
+    // SAFETY: inotify_init1 takes only flags and returns a new descriptor or -1.
+    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Watches the directory that `dir` (any fd, `O_PATH` is fine) refers to, through its
+/// `/proc/self/fd` magic link: the kernel resolves the link to the fd's own inode, so the
+/// watch lands on the directory that was opened and checked, even if its name has since
+/// been replaced by a symlink. (`IN_DONT_FOLLOW` must not be used here: it would watch the
+/// magic link itself.)
+pub(crate) fn add_watch(inotify: BorrowedFd<'_>, dir: BorrowedFd<'_>, mask: u32) -> io::Result<i32> {
+    let path = proc_fd_path(dir.as_raw_fd(), None)?;
+    let path = cstr(&path)?;
+    // SAFETY: both descriptors are valid for the call, `path` is NUL-terminated.
+    cvt(unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), path.as_ptr(), mask) })
+}
+
+/// Removes a watch. Errors (the kernel already dropped it) are of no interest.
+pub(crate) fn rm_watch(inotify: BorrowedFd<'_>, wd: i32) {
+    // SAFETY: plain integer arguments; an unknown wd only yields EINVAL.
+    unsafe { libc::inotify_rm_watch(inotify.as_raw_fd(), wd) };
+}
+
+/// `read(2)` into `buf`, retrying on `EINTR`. `Ok(0)` is not expected from inotify.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable.
+pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    r > 0 && p.revents & libc::POLLIN != 0
+}
+
+fn openat2(dirfd: RawFd, path: &CStr, flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
+    let how = OpenHow {
+        flags: u64::from((flags | libc::O_CLOEXEC).unsigned_abs()),
+        mode: 0,
+        resolve,
+    };
+    loop {
+        // SAFETY: `path` is NUL-terminated, `how` is a valid open_how of the size passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dirfd,
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if r >= 0 {
+            let fd = RawFd::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+            // SAFETY: a fresh descriptor that nothing else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Opens the directory `name` inside `dir` (one component; never a symlink, never across
+/// a mount). `read`: `O_RDONLY` (to list it, to read its xattrs) instead of `O_PATH`.
+pub(crate) fn open_child_dir(dir: BorrowedFd<'_>, name: &[u8], read: bool) -> io::Result<OwnedFd> {
+    let mode = if read { libc::O_RDONLY } else { libc::O_PATH };
+    with_name(name, |c| {
+        openat2(
+            dir.as_raw_fd(),
+            c,
+            mode | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            RESOLVE_STRICT,
+        )
+    })
+}
+
+/// Re-opens the directory `dir` refers to, for reading (to list it).
+pub(crate) fn reopen_dir(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    openat2(dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, RESOLVE_STRICT)
+}
+
+/// Opens `rel` (a relative path of several components, `b""` for `root` itself) below
+/// `root` as a directory, refusing symlinks anywhere on the way.
+pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[u8], read: bool) -> io::Result<OwnedFd> {
+    let mode = if read { libc::O_RDONLY } else { libc::O_PATH };
+    let mut p = Vec::with_capacity(rel.len() + 2);
+    if rel.is_empty() {
+        p.push(b'.');
+    } else {
+        p.extend_from_slice(rel);
+    }
+    p.push(0);
+    openat2(root.as_raw_fd(), cstr(&p)?, mode | libc::O_DIRECTORY, RESOLVE_STRICT)
+}
+
+/// Opens a trusted host path given by the container engine (an upperdir, an image layer):
+/// its last component must be a directory and not a symlink.
+pub(crate) fn open_host_dir(path: &Path) -> io::Result<OwnedFd> {
+    let mut p = path.as_os_str().as_bytes().to_vec();
+    p.push(0);
+    let c = cstr(&p)?;
+    // SAFETY: `c` is NUL-terminated; the flags ask for a new descriptor only.
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What the watcher keeps of a `struct stat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Stat {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Stat {
+    fn from_raw(st: &libc::stat) -> Stat {
+        Stat {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: st.st_mtime.saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec),
+            ctime_ns: st.st_ctime.saturating_mul(1_000_000_000).saturating_add(st.st_ctime_nsec),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    pub fn meta(&self) -> crate::overlay::Meta {
+        crate::overlay::Meta {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+        }
+    }
+}
+
+fn fstatat_raw(dirfd: RawFd, path: &CStr, flags: libc::c_int) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `path` is NUL-terminated and `st` is valid for writes of a `struct stat`.
+    cvt(unsafe { libc::fstatat(dirfd, path.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    Ok(Stat::from_raw(unsafe { st.assume_init_ref() }))
+}
+
+/// `lstat` of the entry `name` in `dir` (never follows a symlink).
+pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Stat> {
+    with_name(name, |c| fstatat_raw(dir.as_raw_fd(), c, libc::AT_SYMLINK_NOFOLLOW))
+}
+
+/// `fstat` of an fd (also works on `O_PATH` fds).
+pub(crate) fn stat_fd(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    fstatat_raw(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+}
+
+fn xattr_result(r: isize) -> io::Result<Option<usize>> {
+    if r >= 0 {
+        return Ok(Some(r.unsigned_abs()));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENODATA | libc::ENOTSUP | libc::ERANGE) => Ok(None),
+        _ => Err(e),
+    }
+}
+
+/// Reads the first of `names` that is set on the inode `dir` refers to (an `O_PATH` fd is
+/// fine: the read goes through its magic link). Values longer than `buf` count as unset.
+pub(crate) fn xattr_of_fd<'b>(
+    dir: BorrowedFd<'_>,
+    names: &[&str],
+    buf: &'b mut [u8],
+) -> io::Result<Option<&'b [u8]>> {
+    let path = proc_fd_path(dir.as_raw_fd(), None)?;
+    xattr_path(&path, true, names, buf)
+}
+
+/// Reads the first of `names` that is set on the entry `name` of `dir`, without following
+/// it if it is a symlink.
+pub(crate) fn xattr_at<'b>(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    names: &[&str],
+    buf: &'b mut [u8],
+) -> io::Result<Option<&'b [u8]>> {
+    let path = proc_fd_path(dir.as_raw_fd(), Some(name))?;
+    xattr_path(&path, false, names, buf)
+}
+
+fn xattr_path<'b>(
+    path: &[u8],
+    follow_last: bool,
+    names: &[&str],
+    buf: &'b mut [u8],
+) -> io::Result<Option<&'b [u8]>> {
+    let path = cstr(path)?;
+    for attr in names {
+        let mut a = attr.as_bytes().to_vec();
+        a.push(0);
+        let a = cstr(&a)?;
+        // SAFETY: `path` and `a` are NUL-terminated, `buf` is valid for `buf.len()` bytes.
+        let r = unsafe {
+            if follow_last {
+                libc::getxattr(path.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            } else {
+                libc::lgetxattr(path.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            }
+        };
+        if let Some(n) = xattr_result(r)? {
+            return Ok(Some(&buf[..n]));
+        }
+    }
+    Ok(None)
+}
+
+/// One directory entry from getdents64(2).
+#[derive(Clone, Debug)]
+pub(crate) struct Dirent {
+    pub ino: u64,
+    pub dtype: u8,
+    pub name: Box<[u8]>,
+}
+
+/// Lists a directory opened for reading (`.` and `..` left out).
+pub(crate) fn list_dir(dir: BorrowedFd<'_>, buf: &mut Vec<u8>, out: &mut Vec<Dirent>) -> io::Result<()> {
+    const HEADER: usize = 19; // d_ino (8) + d_off (8) + d_reclen (2) + d_type (1)
+    if buf.len() < 32 * 1024 {
+        buf.resize(32 * 1024, 0);
+    }
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the kernel writes whole
+        // `linux_dirent64` records into it.
+        let n = unsafe {
+            libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len())
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = usize::try_from(n).unwrap_or(0).min(buf.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let mut off = 0;
+        while off + HEADER <= n {
+            let rec = &buf[off..n];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+            let reclen = usize::from(u16::from_ne_bytes([rec[16], rec[17]]));
+            let dtype = rec[18];
+            if reclen < HEADER || reclen > rec.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let raw = &rec[HEADER..reclen];
+            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            if name != b"." && name != b".." && !name.is_empty() {
+                out.push(Dirent { ino, dtype, name: name.into() });
+            }
+            off += reclen;
+        }
+    }
+}

@@ -1,0 +1,617 @@
+//! Tier 3: the real `fsmon` binary against real Docker engines (cgroup v1 and cgroup v2),
+//! real containers. Run with `cargo xtask test` (it starts the engines and sets the
+//! environment); every test covers both engines with one fsmon following both at once.
+
+use std::time::Duration;
+
+use fsmon_tests::{docker, engines, image, Fsmon};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn hosts() -> Vec<String> {
+    engines().into_iter().map(|(_, h)| h).collect()
+}
+
+fn is(kind: &'static str, id: String) -> impl Fn(&Value) -> bool {
+    move |r| r["kind"] == kind && r["container"]["id"] == id.as_str()
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "fsmon-{prefix}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    )
+}
+
+#[test]
+fn run_stop_start_rm_on_both_engines() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let name = unique(label);
+        let id = docker(
+            &host,
+            &[
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                "--name",
+                &name,
+                &image(),
+                "sleep",
+                "1000",
+            ],
+        )?;
+        assert_eq!(id.len(), 64, "{label}: docker run -d prints the id");
+        let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+        assert_eq!(start["container"]["name"], name.as_str(), "{label}");
+        assert_eq!(start["container"]["image"], image().as_str(), "{label}");
+        assert!(
+            start["upperdir"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("/diff")),
+            "{label}: {start}"
+        );
+        assert!(
+            start["time"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z') && t.len() == 30),
+            "{label}: {start}"
+        );
+
+        docker(&host, &["stop", "-t", "1", &id])?;
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+
+        docker(&host, &["start", &id])?;
+        let starts = f.wait_n(WAIT, 2, is("container_start", id.clone()))?;
+        assert_eq!(
+            starts[1]["container"]["name"],
+            name.as_str(),
+            "{label}: armed again after docker start"
+        );
+
+        docker(&host, &["rm", "-f", &id])?;
+        f.wait_n(WAIT, 2, is("container_stop", id.clone()))?;
+    }
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0, "fsmon exits 0 on SIGTERM");
+    Ok(())
+}
+
+#[test]
+fn run_rm_reports_start_and_stop() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let name = unique(label);
+        docker(
+            &host,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                "--name",
+                &name,
+                &image(),
+                "sh",
+                "-c",
+                "true",
+            ],
+        )?;
+        let start = f.wait_for(WAIT, |r| {
+            r["kind"] == "container_start" && r["container"]["name"] == name.as_str()
+        })?;
+        let id = start["container"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        f.settle(Duration::from_millis(1500));
+        let of = f.of(&id);
+        assert_eq!(
+            of.first().map(|r| r["kind"].clone()),
+            Some("container_start".into()),
+            "{label}"
+        );
+        assert_eq!(
+            of.last().map(|r| r["kind"].clone()),
+            Some("container_stop".into()),
+            "{label}: nothing after the stop (no --rm cleanup): {of:#?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn running_containers_are_armed_before_ready() -> anyhow::Result<()> {
+    let mut ids = Vec::new();
+    for (label, host) in engines() {
+        let name = unique(label);
+        ids.push((
+            host.clone(),
+            docker(
+                &host,
+                &[
+                    "run",
+                    "-d",
+                    "--network",
+                    "none",
+                    "--label",
+                    "fsmon-test",
+                    "--name",
+                    &name,
+                    &image(),
+                    "sleep",
+                    "1000",
+                ],
+            )?,
+        ));
+    }
+    let f = Fsmon::start(&hosts(), &[])?;
+    let ready_at = f
+        .records
+        .iter()
+        .position(|r| r["kind"] == "ready")
+        .unwrap_or(usize::MAX);
+    assert_eq!(f.records.iter().filter(|r| r["kind"] == "ready").count(), 1);
+    for (host, id) in &ids {
+        let at = f
+            .records
+            .iter()
+            .position(|r| r["kind"] == "container_start" && r["container"]["id"] == id.as_str());
+        assert!(
+            at.is_some_and(|a| a < ready_at),
+            "{host}: container_start for a running container before ready: {:#?}",
+            f.records
+        );
+        let start = &f.records[at.unwrap_or(0)];
+        assert_eq!(
+            start["freeze_us"],
+            Value::Null,
+            "not frozen: it was already running"
+        );
+        docker(host, &["rm", "-f", id])?;
+    }
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+#[test]
+fn fatal_errors_are_one_clear_line() -> anyhow::Result<()> {
+    let bin = fsmon_tests::env("FSMON_BIN");
+    // Unusable --output.
+    let out = std::process::Command::new(&bin)
+        .args(["run", "--output", "/nonexistent-dir/records.jsonl"])
+        .output()?;
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("fsmon: error: cannot open --output /nonexistent-dir/records.jsonl"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing on the record stream");
+    // Not root.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &bin,
+            "run",
+        ])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("must run as root"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn engine_down_is_not_fatal() -> anyhow::Result<()> {
+    // An engine that does not exist: fsmon says so on stderr, keeps running, and still
+    // reports the engine that works.
+    let mut hosts = hosts();
+    hosts.push("unix:///var/run/fsmon-no-such-engine.sock".into());
+    let mut f = Fsmon::start(&hosts, &[])?;
+    let (label, host) = engines().remove(0);
+    let name = unique(label);
+    let id = docker(
+        &host,
+        &[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--label",
+            "fsmon-test",
+            "--name",
+            &name,
+            &image(),
+            "sleep",
+            "1000",
+        ],
+    )?;
+    f.wait_for(WAIT, is("container_start", id.clone()))?;
+    docker(&host, &["rm", "-f", &id])?;
+    f.wait_for(WAIT, is("container_stop", id))?;
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+/// What every container of the lossless-start tests does first.
+const FIRST: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
+const FIRST_PATHS: [&str; 6] = ["/f0", "/a", "/a/b", "/a/b/c", "/a/b/c/f1", "/a/b/c/f2"];
+
+fn stress_runs() -> usize {
+    std::env::var("FSMON_STRESS_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200)
+}
+
+/// Runs `n` `docker run --rm` of FIRST on `host`, `parallel` at a time; returns the names.
+fn run_many(host: &str, label: &str, n: usize, parallel: usize) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<String> = (i..(i + parallel).min(n))
+            .map(|k| format!("{}-{k}", unique(label)))
+            .collect();
+        let handles: Vec<_> = batch
+            .iter()
+            .map(|name| {
+                let (host, name) = (host.to_owned(), name.clone());
+                std::thread::spawn(move || {
+                    docker(
+                        &host,
+                        &[
+                            "run",
+                            "--rm",
+                            "--network",
+                            "none",
+                            "--label",
+                            "fsmon-test",
+                            "--name",
+                            &name,
+                            &image(),
+                            "sh",
+                            "-c",
+                            FIRST,
+                        ],
+                    )
+                })
+            })
+            .collect();
+        for (h, name) in handles.into_iter().zip(&batch) {
+            let r = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("docker thread panicked"))?;
+            r.map_err(|e| {
+                anyhow::anyhow!("{label}: docker run {name} failed with fsmon running: {e}")
+            })?;
+        }
+        names.extend(batch);
+        i += parallel;
+    }
+    Ok(names)
+}
+
+/// Every container reported every first-instruction path, and nothing after its stop.
+fn check_lossless(f: &mut Fsmon, label: &str, names: &[String]) -> anyhow::Result<()> {
+    f.wait_n(Duration::from_secs(60), names.len(), |r| {
+        r["kind"] == "container_stop"
+            && r["container"]["name"]
+                .as_str()
+                .is_some_and(|n| names.iter().any(|m| m == n))
+    })?;
+    f.settle(Duration::from_secs(2));
+    let mut missing = Vec::new();
+    for name in names {
+        let recs: Vec<&Value> = f
+            .records
+            .iter()
+            .filter(|r| r["container"]["name"] == name.as_str())
+            .collect();
+        assert_eq!(
+            recs.first().map(|r| r["kind"].clone()),
+            Some("container_start".into()),
+            "{label} {name}: {recs:#?}"
+        );
+        assert_eq!(
+            recs.last().map(|r| r["kind"].clone()),
+            Some("container_stop".into()),
+            "{label} {name}: nothing after the stop: {recs:#?}"
+        );
+        assert!(
+            recs.iter().all(|r| r["kind"] != "delete"),
+            "{label} {name}: a delete (from --rm cleanup?): {recs:#?}"
+        );
+        for p in FIRST_PATHS {
+            if !recs.iter().any(|r| r["kind"] == "create" && r["path"] == p) {
+                missing.push(format!("{name}:{p}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{label}: {} of {} first-instruction paths missing: {missing:?}",
+        missing.len(),
+        names.len() * FIRST_PATHS.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn lossless_start_sequential() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let names = run_many(&host, label, stress_runs(), 1)?;
+        check_lossless(&mut f, label, &names)?;
+        let freezes: Vec<u64> = f
+            .records
+            .iter()
+            .filter(|r| {
+                r["kind"] == "container_start"
+                    && r["container"]["name"]
+                        .as_str()
+                        .is_some_and(|n| names.iter().any(|m| m == n))
+            })
+            .filter_map(|r| r["freeze_us"].as_u64())
+            .collect();
+        eprintln!(
+            "{label}: {} containers, {} frozen, freeze_us max {:?}",
+            names.len(),
+            freezes.len(),
+            freezes.iter().max()
+        );
+    }
+    Ok(())
+}
+
+/// Keeps both cores busy until dropped.
+struct CpuHog(Vec<std::process::Child>);
+impl CpuHog {
+    fn start() -> anyhow::Result<Self> {
+        let mut v = Vec::new();
+        for _ in 0..2 {
+            v.push(
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()?,
+            );
+        }
+        Ok(CpuHog(v))
+    }
+}
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn lossless_start_concurrent_under_cpu_load() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let names = run_many(&host, label, stress_runs() / 2, 4)?;
+        check_lossless(&mut f, &format!("{label} 4 at a time"), &names)?;
+        let hog = CpuHog::start()?;
+        let names = run_many(&host, label, stress_runs() / 2, 4)?;
+        drop(hog);
+        check_lossless(&mut f, &format!("{label} 4 at a time, CPU hog"), &names)?;
+    }
+    Ok(())
+}
+
+fn frozen_cgroups() -> Vec<String> {
+    let mut frozen = Vec::new();
+    for (glob_dir, file, thawed) in [
+        ("/sys/fs/cgroup/freezer/docker", "freezer.state", "THAWED"),
+        ("/sys/fs/cgroup/unified/docker", "cgroup.freeze", "0"),
+    ] {
+        let Ok(rd) = std::fs::read_dir(glob_dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path().join(file);
+            if let Ok(s) = std::fs::read_to_string(&p) {
+                if s.trim() != thawed {
+                    frozen.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    frozen
+}
+
+#[test]
+fn pause_is_respected_and_stop_start_restart_rearm() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let name = unique(label);
+        let id = docker(
+            &host,
+            &[
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                "--name",
+                &name,
+                &image(),
+                "sh",
+                "-c",
+                "while :; do sleep 0.2; done",
+            ],
+        )?;
+        f.wait_for(WAIT, is("container_start", id.clone()))?;
+        docker(&host, &["pause", &id])?;
+        std::thread::sleep(Duration::from_secs(2));
+        let status = docker(&host, &["inspect", "-f", "{{.State.Status}}", &id])?;
+        assert_eq!(
+            status, "paused",
+            "{label}: fsmon must not thaw a paused container"
+        );
+        docker(&host, &["unpause", &id])?;
+        docker(&host, &["exec", &id, "touch", "/after-unpause"])?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "create"
+                && r["container"]["id"] == id.as_str()
+                && r["path"] == "/after-unpause"
+        })?;
+
+        docker(&host, &["restart", "-t", "1", &id])?;
+        f.wait_n(WAIT, 2, is("container_start", id.clone()))?;
+        docker(&host, &["exec", &id, "mkdir", "-p", "/after-restart/x"])?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "create"
+                && r["container"]["id"] == id.as_str()
+                && r["path"] == "/after-restart/x"
+        })?;
+        docker(&host, &["rm", "-f", &id])?;
+        f.wait_n(WAIT, 2, is("container_stop", id.clone()))?;
+    }
+    assert!(
+        frozen_cgroups().is_empty(),
+        "left frozen: {:?}",
+        frozen_cgroups()
+    );
+    Ok(())
+}
+
+#[test]
+fn kill_9_during_load_leaves_nothing_frozen_after_restart() -> anyhow::Result<()> {
+    let f = Fsmon::start(&hosts(), &[])?;
+    let state_dir = f.state_dir.path().to_owned();
+    let load: Vec<_> = engines()
+        .into_iter()
+        .map(|(label, host)| std::thread::spawn(move || run_many(&host, label, 16, 2)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: SIGKILL to our own child.
+    unsafe { libc::kill(f.pid() as i32, libc::SIGKILL) };
+    // A new fsmon with the same state directory thaws whatever the killed one left.
+    let mut cmd = std::process::Command::new(fsmon_tests::env("FSMON_BIN"));
+    cmd.arg("run")
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--output")
+        .arg("/dev/null");
+    for h in hosts() {
+        cmd.args(["--docker-host", &h]);
+    }
+    let mut second = cmd.spawn()?;
+    for h in load {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    }
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    assert_eq!(second.wait()?.code(), Some(0));
+    drop(f);
+    assert!(
+        frozen_cgroups().is_empty(),
+        "left frozen: {:?}",
+        frozen_cgroups()
+    );
+    assert_eq!(
+        std::fs::read_dir(&state_dir)?.count(),
+        0,
+        "freeze records left behind"
+    );
+    Ok(())
+}
+
+#[test]
+fn restart_thaws_what_a_killed_fsmon_left_frozen() -> anyhow::Result<()> {
+    // Simulates an fsmon killed while holding a freeze: the record it wrote before freezing
+    // and the frozen cgroup. The next fsmon must thaw it before it is ready.
+    let state = tempfile::tempdir()?;
+    let mut ids = Vec::new();
+    for (label, host) in engines() {
+        let name = unique(label);
+        let id = docker(
+            &host,
+            &[
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                "--name",
+                &name,
+                &image(),
+                "sleep",
+                "1000",
+            ],
+        )?;
+        let (kind, control, value) = if label == "cgroup-v1" {
+            (
+                "v1",
+                format!("/sys/fs/cgroup/freezer/docker/{id}"),
+                "FROZEN",
+            )
+        } else {
+            ("v2", format!("/sys/fs/cgroup/unified/docker/{id}"), "1")
+        };
+        std::fs::write(
+            state.path().join(format!("999999-{}", ids.len() + 1)),
+            format!("{kind} {control}\n"),
+        )?;
+        let file = if kind == "v1" {
+            "freezer.state"
+        } else {
+            "cgroup.freeze"
+        };
+        std::fs::write(format!("{control}/{file}"), value)?;
+        ids.push((host, id));
+    }
+    assert_eq!(frozen_cgroups().len(), 2);
+    let mut cmd = std::process::Command::new(fsmon_tests::env("FSMON_BIN"));
+    cmd.arg("run")
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--output")
+        .arg("/dev/null");
+    let mut child = cmd.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !frozen_cgroups().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait()?;
+    assert!(
+        frozen_cgroups().is_empty(),
+        "still frozen: {:?}",
+        frozen_cgroups()
+    );
+    assert_eq!(
+        std::fs::read_dir(state.path())?.count(),
+        0,
+        "records removed after the thaw"
+    );
+    for (host, id) in ids {
+        docker(&host, &["rm", "-f", &id])?;
+    }
+    Ok(())
+}

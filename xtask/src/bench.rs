@@ -1,0 +1,558 @@
+//! `cargo xtask bench`: fsmon's performance numbers, measured side by side with the
+//! baseline in one run and printed as ratios (never asserted in tests).
+//!
+//! - start latency: `docker run --rm` wall time without a monitor, with fsmon, and with the
+//!   baseline (`inotifywait -r` armed on each container's upperdir at the Docker `start`
+//!   event), in interleaved blocks; plus fsmon's `freeze_us` distribution;
+//! - first-instruction completeness: the paths of a container's first instructions that
+//!   each monitor reports;
+//! - detection latency: a write into a running container's merged view → its record on
+//!   the monitor's stdout;
+//! - throughput: a burst of file creations → how fast all of them are reported, and whether
+//!   anything overflowed;
+//! - memory: fsmon's RSS idle and per 10k watched directories.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{
+    ebpf,
+    engines::{self, TEST_IMAGE, V1_HOST, V2_HOST},
+};
+
+/// `cargo xtask bench` options.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// `docker run` samples per engine and per mode (off / fsmon / baseline).
+    #[arg(long, default_value_t = 40)]
+    pub runs: usize,
+    /// Write → record latency samples.
+    #[arg(long, default_value_t = 300)]
+    pub latency_samples: usize,
+    /// Files in the throughput burst.
+    #[arg(long, default_value_t = 100_000)]
+    pub burst: usize,
+    /// Leave the engines this command started running afterwards.
+    #[arg(long)]
+    pub keep_engines: bool,
+}
+
+const FIRST: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
+const FIRST_PATHS: [&str; 6] = ["/f0", "/a", "/a/b", "/a/b/c", "/a/b/c/f1", "/a/b/c/f2"];
+
+/// A monitor under test, reading its stdout on a thread.
+struct Monitor {
+    child: Child,
+    rx: mpsc::Receiver<(Instant, String)>,
+}
+
+impl Monitor {
+    fn spawn(mut cmd: Command) -> Result<Monitor> {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::with_capacity(1 << 20, out);
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if tx
+                    .send((Instant::now(), std::mem::take(&mut line)))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Monitor { child, rx })
+    }
+
+    fn fsmon(bin: &Path, hosts: &[&str]) -> Result<Monitor> {
+        let mut c = Command::new(bin);
+        c.arg("run").arg("--state-dir").arg("/run/fsmon-bench");
+        for h in hosts {
+            c.args(["--docker-host", h]);
+        }
+        let m = Monitor::spawn(c)?;
+        m.wait(Duration::from_secs(30), |l| {
+            l.contains("\"kind\":\"ready\"")
+        })?;
+        Ok(m)
+    }
+
+    fn wait(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((t, l)) if pred(&l) => return Ok(t),
+                Ok(_) => {}
+                Err(_) => bail!("timed out waiting for the monitor"),
+            }
+        }
+    }
+
+    fn drain(&self, quiet: Duration) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Ok((_, l)) = self.rx.recv_timeout(quiet) {
+            v.push(l);
+        }
+        v
+    }
+
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+
+    fn stop(mut self) {
+        // SAFETY: SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The baseline: `inotifywait -r` on each container's upperdir, armed when the Docker
+/// `start` event arrives (the "generic" algorithm of the research this project builds on).
+struct Baseline {
+    events: Child,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    out_rx: mpsc::Receiver<(Instant, String)>,
+}
+
+impl Baseline {
+    fn start(host: &str) -> Result<Baseline> {
+        let mut events = Command::new("docker")
+            .args([
+                "-H",
+                host,
+                "events",
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=start",
+                "--format",
+                "{{.ID}}",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = events.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let host = host.to_owned();
+        let stop2 = stop.clone();
+        std::thread::spawn(move || {
+            for id in BufReader::new(out).lines().map_while(Result::ok) {
+                if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(o) = Command::new("docker")
+                    .args([
+                        "-H",
+                        &host,
+                        "inspect",
+                        "-f",
+                        "{{.GraphDriver.Data.UpperDir}}",
+                        &id,
+                    ])
+                    .output()
+                else {
+                    continue;
+                };
+                let upper = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+                let Ok(mut w) = Command::new("inotifywait")
+                    .args([
+                        "-r",
+                        "-m",
+                        "-q",
+                        "-e",
+                        "create,modify,attrib,delete,move,close_write",
+                        "--format",
+                        "%w%f %e",
+                    ])
+                    .arg(&upper)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                else {
+                    continue;
+                };
+                let Some(wout) = w.stdout.take() else {
+                    continue;
+                };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for l in BufReader::new(wout).lines().map_while(Result::ok) {
+                        let l = l.strip_prefix(&upper).unwrap_or(&l).to_owned();
+                        if tx.send((Instant::now(), l)).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = w.kill();
+                    let _ = w.wait();
+                });
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Baseline {
+            events,
+            stop,
+            out_rx: rx,
+        })
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.events.kill();
+        let _ = self.events.wait();
+        // The per-container inotifywait processes end when their upperdir is removed.
+    }
+}
+
+fn docker_run(host: &str, script: &str) -> Result<Duration> {
+    let t = Instant::now();
+    let st = Command::new("docker")
+        .args([
+            "-H",
+            host,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--label",
+            "fsmon-test",
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("docker run failed on {host}");
+    }
+    Ok(t.elapsed())
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `cargo xtask bench`.
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let bin = ebpf::build_all()?;
+    let started = engines::start_engines()?;
+    let r = run_all(&bin, args);
+    if !args.keep_engines {
+        started.iter().for_each(engines::stop);
+    }
+    r
+}
+
+fn run_all(bin: &Path, args: &BenchArgs) -> Result<()> {
+    println!(
+        "# fsmon bench — {} (2 cores; one run, modes interleaved)",
+        hostname()
+    );
+    for (label, host) in [("cgroup v1", V1_HOST), ("cgroup v2", V2_HOST)] {
+        start_latency(bin, label, host, args.runs)?;
+    }
+    first_instructions(bin, V1_HOST, 20)?;
+    live_container(bin, args)?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn start_latency(bin: &Path, label: &str, host: &str, runs: usize) -> Result<()> {
+    const BLOCK: usize = 5;
+    let (mut off, mut on, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let mut freeze = Vec::new();
+    for _ in 0..3 {
+        docker_run(host, "true")?; // warm the engine's caches
+    }
+    while off.len() < runs {
+        for _ in 0..BLOCK {
+            off.push(ms(docker_run(host, "true")?));
+        }
+        let m = Monitor::fsmon(bin, &[host])?;
+        for _ in 0..BLOCK {
+            on.push(ms(docker_run(host, "true")?));
+        }
+        for l in m.drain(Duration::from_millis(200)) {
+            if let Ok(v) = serde_json::from_str::<Value>(&l) {
+                if v["kind"] == "container_start" {
+                    if let Some(us) = v["freeze_us"].as_f64() {
+                        freeze.push(us);
+                    }
+                }
+            }
+        }
+        m.stop();
+        let b = Baseline::start(host)?;
+        for _ in 0..BLOCK {
+            base.push(ms(docker_run(host, "true")?));
+        }
+        b.stop();
+    }
+    let (o50, o99) = (pct(&mut off, 0.5), pct(&mut off, 0.99));
+    let (f50, f99) = (pct(&mut on, 0.5), pct(&mut on, 0.99));
+    let (b50, b99) = (pct(&mut base, 0.5), pct(&mut base, 0.99));
+    println!(
+        "\n## docker run --rm wall time, {label} ({} runs per mode)",
+        off.len()
+    );
+    println!("| mode | median ms | p99 ms | added median ms | added p99 ms |");
+    println!("|---|---|---|---|---|");
+    println!("| no monitor | {o50:.1} | {o99:.1} | — | — |");
+    println!(
+        "| fsmon | {f50:.1} | {f99:.1} | {:+.1} | {:+.1} |",
+        f50 - o50,
+        f99 - o99
+    );
+    println!(
+        "| inotifywait -r at start event | {b50:.1} | {b99:.1} | {:+.1} | {:+.1} |",
+        b50 - o50,
+        b99 - o99
+    );
+    println!(
+        "fsmon freeze_us over {} frozen starts: median {:.0}, p99 {:.0}, max {:.0}",
+        freeze.len(),
+        pct(&mut freeze, 0.5),
+        pct(&mut freeze, 0.99),
+        freeze.iter().copied().fold(0.0, f64::max)
+    );
+    Ok(())
+}
+
+fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<()> {
+    let m = Monitor::fsmon(bin, &[host])?;
+    for _ in 0..runs {
+        docker_run(host, FIRST)?;
+    }
+    let lines = m.drain(Duration::from_secs(2));
+    m.stop();
+    let mut seen = 0;
+    let mut cur: HashSet<String> = HashSet::new();
+    for l in &lines {
+        let Ok(v) = serde_json::from_str::<Value>(l) else {
+            continue;
+        };
+        match v["kind"].as_str() {
+            Some("container_start") => cur.clear(),
+            Some("create") => {
+                if let Some(p) = v["path"].as_str() {
+                    cur.insert(p.to_owned());
+                }
+            }
+            Some("container_stop") => {
+                seen += FIRST_PATHS.iter().filter(|p| cur.contains(**p)).count()
+            }
+            _ => {}
+        }
+    }
+    let b = Baseline::start(host)?;
+    for _ in 0..runs {
+        docker_run(host, FIRST)?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let mut bl = Vec::new();
+    while let Ok((_, l)) = b.out_rx.try_recv() {
+        bl.push(l);
+    }
+    b.stop();
+    let base_seen = bl
+        .iter()
+        .filter(|l| l.contains("CREATE"))
+        .filter(|l| FIRST_PATHS.iter().any(|p| l.starts_with(&format!("{p} "))))
+        .count();
+    let total = runs * FIRST_PATHS.len();
+    println!("\n## first-instruction paths reported (`{FIRST}`), {runs} containers");
+    println!("| monitor | seen | of | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| fsmon | {seen} | {total} | {:.2} |",
+        seen as f64 / total as f64
+    );
+    println!(
+        "| inotifywait -r at start event | {base_seen} | {total} | {:.2} |",
+        base_seen as f64 / total as f64
+    );
+    Ok(())
+}
+
+/// A long-running container on the cgroup v1 engine, whose merged view the host can write.
+struct Live {
+    id: String,
+    merged: PathBuf,
+    upper: PathBuf,
+}
+
+impl Live {
+    fn start() -> Result<Live> {
+        let out = Command::new("docker")
+            .args(["-H", V1_HOST, "run", "-d", "--network", "none", "--label", "fsmon-test", TEST_IMAGE, "sleep", "100000"])
+            .output()?;
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if id.len() != 64 {
+            bail!("docker run -d failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let get = |f: &str| -> Result<PathBuf> {
+            let o = Command::new("docker").args(["-H", V1_HOST, "inspect", "-f", f, &id]).output()?;
+            Ok(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        };
+        let merged = get("{{.GraphDriver.Data.MergedDir}}")?;
+        let upper = get("{{.GraphDriver.Data.UpperDir}}")?;
+        Ok(Live { id, merged, upper })
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["-H", V1_HOST, "rm", "-f", &self.id]).stdout(Stdio::null()).status();
+    }
+}
+
+fn inotifywait_on(upper: &Path) -> Result<Monitor> {
+    let mut c = Command::new("inotifywait");
+    c.args(["-r", "-m", "-q", "-e", "create,modify,attrib,delete,move,close_write", "--format", "%w%f %e"]).arg(upper);
+    let m = Monitor::spawn(c)?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(m)
+}
+
+/// Write → record latency: one file at a time, each waited for before the next.
+fn latency(m: &Monitor, live: &Live, tag: &str, samples: usize, fsmon: bool) -> Result<Vec<f64>> {
+    let dir = live.merged.join(format!("lat-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    std::thread::sleep(Duration::from_millis(300));
+    m.drain(Duration::from_millis(100));
+    let mut v = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let needle = if fsmon { format!("\"path\":\"/lat-{tag}/f{i}\"") } else { format!("/lat-{tag}/f{i} CREATE") };
+        let t0 = Instant::now();
+        std::fs::File::create(dir.join(format!("f{i}")))?;
+        let t1 = m.wait(Duration::from_secs(5), |l| l.contains(&needle))?;
+        v.push(t1.saturating_duration_since(t0).as_secs_f64() * 1e6);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(v)
+}
+
+/// A burst of creations; returns (events/s over the burst, creates reported, overflowed).
+fn throughput(m: &Monitor, live: &Live, tag: &str, n: usize, fsmon: bool) -> Result<(f64, usize, bool)> {
+    let dir = live.merged.join(format!("burst-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    std::thread::sleep(Duration::from_millis(300));
+    m.drain(Duration::from_millis(100));
+    let t0 = Instant::now();
+    for i in 0..n {
+        std::fs::File::create(dir.join(format!("f{i}")))?;
+    }
+    let prefix = format!("/burst-{tag}/f");
+    let (mut seen, mut last, mut overflow) = (0usize, t0, false);
+    while let Ok((t, l)) = m.rx.recv_timeout(Duration::from_secs(3)) {
+        if fsmon {
+            if l.contains("\"kind\":\"overflow\"") {
+                overflow = true;
+            } else if l.contains("\"kind\":\"create\"") && l.contains(&prefix) {
+                seen += 1;
+                last = t;
+            }
+        } else if l.contains("Q_OVERFLOW") {
+            overflow = true;
+        } else if l.starts_with(&prefix) && l.contains(" CREATE") {
+            seen += 1;
+            last = t;
+        }
+        if seen >= n {
+            break;
+        }
+    }
+    let secs = last.saturating_duration_since(t0).as_secs_f64().max(1e-9);
+    Ok((seen as f64 / secs, seen, overflow))
+}
+
+fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
+    // fsmon first, so it arms the container at its start.
+    let m = Monitor::fsmon(bin, &[V1_HOST])?;
+    let idle_rss = m.rss_kib();
+    let live = Live::start()?;
+    m.wait(Duration::from_secs(10), |l| l.contains("container_start") && l.contains(&live.id))?;
+    let b = inotifywait_on(&live.upper)?;
+    let mut fl = latency(&m, &live, "fsmon", args.latency_samples, true)?;
+    let mut bl = latency(&b, &live, "base", args.latency_samples, false)?;
+    b.drain(Duration::from_millis(100));
+    m.drain(Duration::from_millis(100));
+    println!("\n## detection latency: host write into a running container → record on stdout (µs, {} samples)", args.latency_samples);
+    println!("| monitor | median | p99 |");
+    println!("|---|---|---|");
+    let (f50, f99) = (pct(&mut fl, 0.5), pct(&mut fl, 0.99));
+    let (b50, b99) = (pct(&mut bl, 0.5), pct(&mut bl, 0.99));
+    println!("| fsmon | {f50:.0} | {f99:.0} |");
+    println!("| inotifywait -r | {b50:.0} | {b99:.0} |");
+    println!("ratio fsmon/baseline: median {:.2}, p99 {:.2}", f50 / b50, f99 / b99);
+
+    // Both monitors watch during both bursts; each burst is counted by its own monitor.
+    let (f_rate, f_seen, f_over) = throughput(&m, &live, "fsmon", args.burst, true)?;
+    b.drain(Duration::from_millis(500));
+    let (b_rate, b_seen, b_over) = throughput(&b, &live, "base", args.burst, false)?;
+    m.drain(Duration::from_millis(500));
+    println!("\n## throughput: {} empty files created as fast as the host can", args.burst);
+    println!("| monitor | creates reported | events/s | overflow |");
+    println!("|---|---|---|---|");
+    println!("| fsmon | {f_seen} | {f_rate:.0} | {f_over} |");
+    println!("| inotifywait -r | {b_seen} | {b_rate:.0} | {b_over} |");
+    b.stop();
+
+    // Memory: 10k directories in the layer, each watched.
+    let before = m.rss_kib();
+    let dirs = live.merged.join("tenk");
+    std::fs::create_dir_all(&dirs)?;
+    for i in 0..10_000 {
+        std::fs::create_dir(dirs.join(format!("d{i}")))?;
+    }
+    let _ = m.wait(Duration::from_secs(30), |l| l.contains("\"path\":\"/tenk/d9999\""));
+    m.drain(Duration::from_millis(500));
+    let after = m.rss_kib();
+    println!("\n## memory (VmRSS of the fsmon process)");
+    println!("idle, no container: {idle_rss} KiB; before 10k dirs: {before} KiB; after 10k watched dirs: {after} KiB; per 10k watches: {} KiB", after.saturating_sub(before));
+    m.stop();
+    Ok(())
+}

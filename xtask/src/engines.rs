@@ -1,0 +1,326 @@
+//! The test bed: Docker engines with cgroup v1 and cgroup v2, test images built from local
+//! files, and the test tiers run in order.
+//!
+//! Engines already answering on their sockets are used as they are and left running;
+//! engines this command starts are stopped at the end (unless `--keep-engines`). Leftovers
+//! of an earlier run (a stale pid file, a dead engine's socket) are cleaned first.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    ebpf,
+    util::{self, cargo, ok, run},
+};
+
+/// Socket of the cgroup v1 engine (the host's default engine).
+pub const V1_HOST: &str = "unix:///var/run/docker.sock";
+/// Socket of the cgroup v2 engine, started in its own mount namespace.
+pub const V2_HOST: &str = "unix:///var/run/docker-v2.sock";
+/// The image the tests run: a busybox root file system imported from local files.
+/// The tag changes whenever the image's content does, so an old image is never reused.
+pub const TEST_IMAGE: &str = "fsmon-test:2";
+
+/// `cargo xtask test` options.
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Leave the engines this command started running afterwards.
+    #[arg(long)]
+    pub keep_engines: bool,
+    /// Only these tiers (1 unit, 2 overlay, 3 docker); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub tier: Vec<u8>,
+    /// Passed to the tier-3 test binary as a filter (test name substring).
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+/// An engine this process started, to stop at the end.
+pub struct Started {
+    pidfile: &'static str,
+    name: &'static str,
+}
+
+fn engine_up(host: &str) -> bool {
+    ok(Command::new("docker").args(["-H", host, "info"]))
+}
+
+fn pid_alive(pidfile: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+fn clean_stale(pidfile: &str, sock: &str) {
+    if pid_alive(pidfile).is_none() {
+        let _ = std::fs::remove_file(pidfile);
+        let _ = std::fs::remove_file(sock);
+    }
+}
+
+fn wait_up(host: &str, log: &str) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(90) {
+        if engine_up(host) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let tail = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+    bail!(
+        "docker engine at {host} did not come up in 90 s; last lines of {log}:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+fn start_v1() -> Result<Option<Started>> {
+    if engine_up(V1_HOST) {
+        eprintln!("xtask: cgroup v1 engine already running at {V1_HOST}");
+        return Ok(None);
+    }
+    clean_stale("/var/run/docker.pid", "/var/run/docker.sock");
+    let log = "/var/log/fsmon-dockerd-v1.log";
+    eprintln!("xtask: starting the cgroup v1 engine (log: {log})");
+    let logf = std::fs::File::create(log)?;
+    Command::new("setsid")
+        .args([
+            "dockerd",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--pidfile",
+            "/var/run/docker.pid",
+            "-H",
+            V1_HOST,
+        ])
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .spawn()
+        .context("cannot start dockerd")?;
+    wait_up(V1_HOST, log)?;
+    Ok(Some(Started {
+        pidfile: "/var/run/docker.pid",
+        name: "cgroup v1 engine",
+    }))
+}
+
+fn start_v2() -> Result<Option<Started>> {
+    if engine_up(V2_HOST) {
+        eprintln!("xtask: cgroup v2 engine already running at {V2_HOST}");
+        return Ok(None);
+    }
+    clean_stale("/var/run/docker-v2.pid", "/var/run/docker-v2.sock");
+    let log = "/var/log/fsmon-dockerd-v2.log";
+    eprintln!("xtask: starting the cgroup v2 engine in its own mount namespace (log: {log})");
+    let logf = std::fs::File::create(log)?;
+    // A private mount namespace where /sys/fs/cgroup is the v2 hierarchy alone, so this
+    // dockerd (and its runc) see a pure cgroup v2 host (ENVIRONMENT.md).
+    let script = "mount --make-rprivate / && \
+        { umount -l /sys/fs/cgroup/unified 2>/dev/null || true; } && \
+        mount -t tmpfs tmpfs /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && \
+        exec dockerd --iptables=false --ip6tables=false --bridge=none --data-root /var/lib/docker-v2 \
+          --exec-root /var/run/docker-v2 -H unix:///var/run/docker-v2.sock --pidfile /var/run/docker-v2.pid";
+    Command::new("setsid")
+        .args(["unshare", "-m", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .spawn()
+        .context("cannot start the cgroup v2 dockerd")?;
+    wait_up(V2_HOST, log)?;
+    Ok(Some(Started {
+        pidfile: "/var/run/docker-v2.pid",
+        name: "cgroup v2 engine",
+    }))
+}
+
+/// Stops an engine this process started.
+pub fn stop(s: &Started) {
+    if let Some(pid) = pid_alive(s.pidfile) {
+        eprintln!("xtask: stopping the {} (pid {pid})", s.name);
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        let start = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && start.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn ensure_image(host: &str) -> Result<()> {
+    if ok(Command::new("docker").args(["-H", host, "image", "inspect", TEST_IMAGE])) {
+        return Ok(());
+    }
+    let dir = tempdir()?;
+    for d in ["bin", "tmp", "etc", "var", "root", "data/sub"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
+        .context("copy /bin/busybox (package busybox-static)")?;
+    // Every applet as its own command (sh, sleep, touch, mkdir, ...).
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .context("busybox --list")?;
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        if applet != "busybox" && !applet.contains('/') {
+            std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet))?;
+        }
+    }
+    // Image content the tests modify, delete and copy up.
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(dir.join("etc/image-file"), "from the image\n")?;
+    std::fs::write(dir.join("data/sub/lower.txt"), "lower\n")?;
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let status = Command::new("docker")
+        .args(["-H", host, "import", "-", TEST_IMAGE])
+        .stdin(tar.stdout.context("tar stdout")?)
+        .stdout(Stdio::null())
+        .status()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !status.success() {
+        bail!("docker import of {TEST_IMAGE} into {host} failed");
+    }
+    Ok(())
+}
+
+fn tempdir() -> Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("fsmon-xtask-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Removes test containers an earlier (interrupted) run left behind.
+fn remove_leftover_containers(host: &str) {
+    let out = Command::new("docker")
+        .args(["-H", host, "ps", "-aq", "--filter", "label=fsmon-test"])
+        .output();
+    if let Ok(o) = out {
+        let ids: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["-H", host, "rm", "-f"])
+                .args(&ids)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Installs what the test bed needs and starts both engines; returns what it started.
+pub fn start_engines() -> Result<Vec<Started>> {
+    util::require_root("the test bed")?;
+    util::apt_install(&["docker.io", "busybox-static", "inotify-tools"])?;
+    if !Path::new("/sys/kernel/tracing/events").is_dir()
+        && !Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        let _ =
+            run(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]));
+    }
+    let mut started = Vec::new();
+    let v1 = start_v1();
+    if let Ok(Some(s)) = &v1 {
+        started.push(Started {
+            pidfile: s.pidfile,
+            name: s.name,
+        });
+    }
+    v1?;
+    match start_v2() {
+        Ok(Some(s)) => started.push(s),
+        Ok(None) => {}
+        Err(e) => {
+            started.iter().for_each(stop);
+            return Err(e);
+        }
+    }
+    for host in [V1_HOST, V2_HOST] {
+        remove_leftover_containers(host);
+        ensure_image(host)?;
+    }
+    Ok(started)
+}
+
+/// `cargo xtask test`.
+pub fn test(args: &TestArgs) -> Result<()> {
+    let want = |t: u8| args.tier.is_empty() || args.tier.contains(&t);
+    let started_at = Instant::now();
+    let mut ran = Vec::new();
+    if want(1) {
+        eprintln!("xtask: tier 1 — unit tests (pure logic)");
+        run(cargo().current_dir(util::root()).args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "fsmon-tests",
+            "--all-features",
+        ]))?;
+        ran.push("tier 1 (unit)");
+    }
+    if !want(2) && !want(3) {
+        return Ok(());
+    }
+    util::require_root("tiers 2 and 3")?;
+    let bin = ebpf::build_all()?;
+    if want(2) {
+        eprintln!("xtask: tier 2 — the watcher on real overlay mounts");
+        run(cargo().current_dir(util::root()).args([
+            "test",
+            "-p",
+            "fsmon-tests",
+            "--test",
+            "watcher_overlay",
+        ]))?;
+        ran.push("tier 2 (overlay)");
+    }
+    if want(3) {
+        let started = start_engines()?;
+        eprintln!("xtask: tier 3 — the fsmon binary against the cgroup v1 and v2 Docker engines");
+        let mut c = cargo();
+        c.current_dir(util::root())
+            .args([
+                "test",
+                "-p",
+                "fsmon-tests",
+                "--test",
+                "docker",
+                "--",
+                "--test-threads=1",
+            ])
+            .env("FSMON_BIN", &bin)
+            .env("FSMON_DOCKER_V1", V1_HOST)
+            .env("FSMON_DOCKER_V2", V2_HOST)
+            .env("FSMON_TEST_IMAGE", TEST_IMAGE);
+        if let Some(f) = &args.filter {
+            c.arg(f);
+        }
+        let r = run(&mut c);
+        if !args.keep_engines {
+            started.iter().for_each(stop);
+        }
+        r?;
+        ran.push("tier 3 (docker v1 + v2)");
+    }
+    eprintln!(
+        "xtask: ran {} in {:.0} s",
+        ran.join(", "),
+        started_at.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
