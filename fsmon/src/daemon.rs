@@ -64,7 +64,7 @@ impl Default for Config {
             output: OutputTarget::Stdout,
             freeze: true,
             freeze_timeout: Duration::from_millis(100),
-            freeze_max_age: Duration::from_millis(20),
+            freeze_max_age: Duration::from_millis(5),
             state_dir: PathBuf::from("/run/fsmon"),
         }
     }
@@ -93,6 +93,9 @@ struct Daemon {
     /// Cgroups recognised as containers that no configured engine knows (podman, ...),
     /// so they are looked up once, not at every mkdir.
     foreign: HashSet<String>,
+    /// Containers of a cgroup v1 engine whose v1 freezer cgroup appeared, waiting for their
+    /// v2 cgroup (value: when the first record fired, CLOCK_MONOTONIC ns).
+    pending: HashMap<String, u64>,
     outputs: Vec<WatchOutput>,
     lifecycle_lost: u64,
 }
@@ -150,6 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         out,
         containers: HashMap::new(),
         foreign: HashSet::new(),
+        pending: HashMap::new(),
         outputs: Vec::new(),
         lifecycle_lost: 0,
     };
@@ -212,6 +216,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     d.emit(&record::overflow(SystemTime::now(), None, "lifecycle"))?;
                     d.resync().await;
                 }
+                d.arm_stale_pending().await;
             }
         }
         d.flush()?;
@@ -291,6 +296,15 @@ impl Daemon {
                 if self.containers.contains_key(&cg.id) || self.foreign.contains(&cg.id) {
                     return Ok(());
                 }
+                // A cgroup v1 engine on a hybrid host: runc makes the container's v2 cgroup
+                // last, right before init joins it. Wait for that one and freeze there:
+                // runc of a v1 engine never reads the v2 freeze state, so that freeze can
+                // never fail a start, however late it lands (ARCHITECTURE.md).
+                if hierarchy == Hierarchy::Freezer && self.unified_parent_exists(&rec.path) {
+                    self.pending.entry(cg.id).or_insert(rec.ktime_ns);
+                    return Ok(());
+                }
+                let v1_engine = self.pending.remove(&cg.id).is_some();
                 let age = Duration::from_nanos(monotonic_ns().saturating_sub(rec.ktime_ns));
                 let target = self
                     .mounts
@@ -302,7 +316,11 @@ impl Daemon {
                             Hierarchy::Unified => FreezerKind::V2,
                         },
                     });
-                let freeze = if self.config.freeze && age <= self.config.freeze_max_age {
+                // Otherwise runc reads this very freezer while it creates the container, and
+                // a freeze held across that read fails the start: freeze only while the
+                // record is fresh, i.e. while runc is still attaching the container's init.
+                let safe = v1_engine || age <= self.config.freeze_max_age;
+                let freeze = if self.config.freeze && safe {
                     target
                 } else {
                     None
@@ -320,9 +338,43 @@ impl Daemon {
                     self.stop(&cg.id)?;
                 }
                 self.foreign.remove(&cg.id);
+                self.pending.remove(&cg.id);
             }
         }
         Ok(())
+    }
+
+    /// Whether the v2 hierarchy has the parent of cgroup `rel` (the engine puts its
+    /// containers' v2 cgroups there too, so one is coming).
+    fn unified_parent_exists(&self, rel: &str) -> bool {
+        let parent = rel
+            .trim_end_matches('/')
+            .rsplit_once('/')
+            .map_or("", |(p, _)| p);
+        !parent.is_empty()
+            && self
+                .mounts
+                .dir(Hierarchy::Unified, parent)
+                .is_some_and(|d| d.is_dir())
+    }
+
+    /// Arms, without freezing, containers whose v2 cgroup never came (a runtime that does
+    /// not use the v2 hierarchy after all).
+    async fn arm_stale_pending(&mut self) {
+        let now = monotonic_ns();
+        let stale: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, &t)| now.saturating_sub(t) > 500_000_000)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            self.pending.remove(&id);
+            tracing::warn!(container_id = %id, "no cgroup v2 directory came for this container; armed without freezing");
+            if let Err(e) = self.arm(&id, None).await {
+                tracing::error!(container_id = %id, error = %e, "cannot arm");
+            }
+        }
     }
 
     /// Freeze (optionally) → resolve upperdir → arm → thaw → `container_start`.
@@ -389,7 +441,9 @@ impl Daemon {
         let line = record::container_start(SystemTime::now(), &cref, &upperdir, freeze_us);
         self.emit(&line)?;
         self.containers.insert(id.to_owned(), Monitored { cref });
-        Ok(())
+        // Arming can itself produce output (a watch-limit overflow) that no fd readiness
+        // will announce: print it now.
+        self.drain_watcher()
     }
 
     fn stop(&mut self, id: &str) -> anyhow::Result<()> {

@@ -200,7 +200,7 @@ impl Freezer {
             path: record.clone(),
             source,
         })?;
-        let since = Instant::now();
+        let asked = Instant::now();
         if let Err(source) = target.write(true) {
             let _ = std::fs::remove_file(&record);
             return Err(FreezeError::Control {
@@ -208,12 +208,19 @@ impl Freezer {
                 source,
             });
         }
+        // The write can wait on the cgroup lock while runc attaches the container's init
+        // (milliseconds on cgroup v2); the container is frozen from when it returns.
+        let since = Instant::now();
+        let waited = since - asked;
+        if waited > Duration::from_millis(2) {
+            tracing::debug!(cgroup = %target.dir.display(), waited_us = waited.as_micros() as u64, "freeze write waited for the cgroup lock");
+        }
         let fired = Arc::new(AtomicBool::new(false));
         let _ = self.watchdog.send(WatchdogCmd::Arm {
             token,
             target: target.clone(),
             record: record.clone(),
-            deadline: since + bound,
+            deadline: asked + bound,
             fired: fired.clone(),
         });
         Ok(Some(Frozen {

@@ -43,10 +43,18 @@
 //!   finds a different object at a known name.
 //! * **Hard links** are `create`s of the new name (the source is copied up first, silently).
 //!
-//! Where an image layer has the path is decided by the watcher with lazy `fstatat` lookups
-//! in the lower layers (see `watcher::lower`), following overlayfs' own rules: layers are
-//! searched top-most first; a whiteout or a non-directory stops the search; an opaque
-//! directory ends the merge below it.
+//! # Image layers: looked up lazily, not indexed
+//!
+//! Whether an image layer has a path is looked up when it matters, with `fstatat` in the
+//! lower layers (opened with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), following overlayfs'
+//! own rules: layers are searched top-most first; a whiteout or a non-directory stops the
+//! search; an opaque directory ends the merge below it. Which layers merge into a watched
+//! directory is computed once per directory and cached in the watcher's node for it.
+//! An index of every image path built at arm time was rejected: arming runs while the
+//! container is frozen, and images hold 10^4–10^5 paths that the container mostly never
+//! touches. Lookups are needed only when an entry appears in a directory that the image
+//! has too (new entries in the container's own directories cost nothing), and since the
+//! layers are read-only their answers never go stale.
 
 use crate::event::FileKind;
 
@@ -211,6 +219,32 @@ pub fn appear(now: EntryKind, prior: Prior, lower: Option<bool>, origin: Origin)
     }
 }
 
+/// How an appearing entry was announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `IN_CREATE`: overlayfs never creates whiteouts this way (they are renamed in).
+    Create,
+    /// `IN_MOVED_TO` without partner.
+    MovedTo,
+}
+
+/// What an appeared entry was when it can no longer be looked at (already replaced by the
+/// time the event is handled): a directory if the event said so; otherwise what overlayfs
+/// can have put there given what was there before. A real entry over a whiteout is a
+/// re-create; over a real entry, or over an image entry nobody touched, only a whiteout is
+/// renamed in (a copy-up of an image file arrives as `IN_CREATE`); elsewhere it is new.
+pub fn infer_kind(is_dir: bool, via: Via, prior: Prior, lower_visible: bool) -> EntryKind {
+    if is_dir {
+        return EntryKind::Dir;
+    }
+    match (via, prior) {
+        (Via::Create, _) | (Via::MovedTo, Prior::Whiteout) => EntryKind::File,
+        (Via::MovedTo, Prior::Real { .. }) => EntryKind::Whiteout,
+        (Via::MovedTo, Prior::Absent) if lower_visible => EntryKind::Whiteout,
+        (Via::MovedTo, Prior::Absent) => EntryKind::File,
+    }
+}
+
 /// What to do about an entry that left an upper directory (`IN_DELETE`, an `IN_MOVED_FROM`
 /// whose partner never came, or a name a rescan no longer finds): `Some(is_dir)` → report
 /// `delete`. `event_is_dir` is the event's `IN_ISDIR`, used when the index did not know the
@@ -227,7 +261,7 @@ pub fn disappear(prior: Prior, event_is_dir: bool) -> Option<bool> {
 /// container's `rename`, or overlayfs moving a whiteout around (when a path is re-created by
 /// a rename, overlayfs exchanges the whiteout out of the way and then removes it).
 pub fn rename_is_visible(moving: Prior, now_at_destination: Option<EntryKind>) -> bool {
-    moving != Prior::Whiteout && now_at_destination.map_or(true, EntryKind::is_real)
+    moving != Prior::Whiteout && now_at_destination.is_none_or(EntryKind::is_real)
 }
 
 /// The few attributes the watcher compares.
@@ -248,14 +282,13 @@ pub struct Meta {
 /// For a copied-up entry found by a scan (its events came before the directory was
 /// watched): what changed compared with the image's copy. Data (size, mtime) → `modify`;
 /// only mode/owner → `attrib`; nothing visible → `None` (e.g. opened for writing, not
-/// written yet: a later `IN_MODIFY` will tell).
+/// written yet: a later `IN_MODIFY` will tell). For a directory only mode and owner count:
+/// its size and mtime move whenever entries are made in it.
 pub fn copy_up_change(upper: &Meta, lower: &Meta) -> Option<FileKind> {
     let is_dir = upper.mode & libc::S_IFMT == libc::S_IFDIR;
     if !is_dir && (upper.size != lower.size || upper.mtime_ns != lower.mtime_ns) {
         Some(FileKind::Modify)
     } else if upper.mode != lower.mode || upper.uid != lower.uid || upper.gid != lower.gid {
-        Some(FileKind::Attrib)
-    } else if is_dir && upper.mtime_ns != lower.mtime_ns {
         Some(FileKind::Attrib)
     } else {
         None
@@ -386,6 +419,37 @@ mod tests {
     }
 
     #[test]
+    fn infer_kind_table() {
+        use EntryKind::{Dir, File, Whiteout};
+        let real = Prior::Real {
+            is_dir: false,
+            same: false,
+        };
+        #[rustfmt::skip]
+        let cases = [
+            (true, Via::MovedTo, real, true, Dir),
+            (true, Via::Create, Prior::Absent, false, Dir),
+            // IN_CREATE: a new file, a copy-up, a hard link; never a whiteout.
+            (false, Via::Create, Prior::Absent, true, File),
+            (false, Via::Create, real, false, File),
+            // Renamed in over a whiteout: a re-create.
+            (false, Via::MovedTo, Prior::Whiteout, true, File),
+            // Renamed in over a copied-up file or an untouched image file: a whiteout.
+            (false, Via::MovedTo, real, false, Whiteout),
+            (false, Via::MovedTo, Prior::Absent, true, Whiteout),
+            // Renamed in where nothing was: something new.
+            (false, Via::MovedTo, Prior::Absent, false, File),
+        ];
+        for (is_dir, via, prior, lower, want) in cases {
+            assert_eq!(
+                infer_kind(is_dir, via, prior, lower),
+                want,
+                "{is_dir} {via:?} {prior:?} {lower}"
+            );
+        }
+    }
+
+    #[test]
     fn disappear_table() {
         assert_eq!(disappear(Prior::Whiteout, false), None);
         assert_eq!(
@@ -464,10 +528,8 @@ mod tests {
             mtime_ns: 100,
         };
         assert_eq!(copy_up_change(&Meta { size: 8192, ..dir }, &dir), None);
-        assert_eq!(
-            copy_up_change(&Meta { mtime_ns: 7, ..dir }, &dir),
-            Some(FileKind::Attrib)
-        );
+        // A directory's mtime moves whenever entries are made in it: not an attrib.
+        assert_eq!(copy_up_change(&Meta { mtime_ns: 7, ..dir }, &dir), None);
         assert_eq!(
             copy_up_change(
                 &Meta {

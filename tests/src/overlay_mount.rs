@@ -19,7 +19,10 @@ fn cpath(p: &Path) -> CString {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "tier-2 tests mount overlayfs: run them as root (cargo xtask test)");
+    assert_eq!(
+        euid, 0,
+        "tier-2 tests mount overlayfs: run them as root (cargo xtask test)"
+    );
 }
 
 /// An overlay mount: `lowers` (top-most first), `upper`, `work`, `merged`, all in one temp
@@ -29,33 +32,45 @@ pub struct OverlayMount {
     pub lowers: Vec<PathBuf>,
     /// The writable layer (what the watcher watches).
     pub upper: PathBuf,
-    /// Overlay's work dir.
-    pub work: PathBuf,
     /// The container's view: tests act through it.
     pub merged: PathBuf,
     /// A directory next to the layers, outside the mount and the upper dir.
     pub outside: PathBuf,
     mounted: bool,
-    dir: tempfile::TempDir,
+    /// Removed (after the unmount) on drop.
+    _dir: tempfile::TempDir,
 }
 
 impl OverlayMount {
     /// Makes `layers` lower dirs, lets `populate` fill them (index 0 is the top-most),
     /// then mounts.
     pub fn new(layers: usize, populate: impl FnOnce(&[PathBuf])) -> OverlayMount {
-        let dir = tempfile::Builder::new().prefix("fsmon-t2-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("fsmon-t2-")
+            .tempdir()
+            .expect("temp dir");
         let root = dir.path().to_path_buf();
-        let lowers: Vec<PathBuf> = (0..layers).map(|i| root.join(format!("lower{i}"))).collect();
+        let lowers: Vec<PathBuf> = (0..layers)
+            .map(|i| root.join(format!("lower{i}")))
+            .collect();
         for l in &lowers {
             std::fs::create_dir(l).expect("lower dir");
         }
         populate(&lowers);
-        let (upper, work, merged, outside) =
-            (root.join("upper"), root.join("work"), root.join("merged"), root.join("outside"));
+        let (upper, work, merged, outside) = (
+            root.join("upper"),
+            root.join("work"),
+            root.join("merged"),
+            root.join("outside"),
+        );
         for d in [&upper, &work, &merged, &outside] {
             std::fs::create_dir(d).expect("overlay dir");
         }
-        let lowerdir = lowers.iter().map(|l| l.display().to_string()).collect::<Vec<_>>().join(":");
+        let lowerdir = lowers
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
         let opts = CString::new(format!(
             "lowerdir={lowerdir},upperdir={},workdir={}",
             upper.display(),
@@ -65,25 +80,36 @@ impl OverlayMount {
         let (src, fstype, target) = (c"overlay", c"overlay", cpath(&merged));
         // SAFETY: all pointers are NUL-terminated strings that outlive the call.
         let r = unsafe {
-            libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, opts.as_ptr().cast())
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
         };
         assert_eq!(r, 0, "mount overlay: {}", std::io::Error::last_os_error());
-        OverlayMount { lowers, upper, work, merged, outside, mounted: true, dir }
+        OverlayMount {
+            lowers,
+            upper,
+            merged,
+            outside,
+            mounted: true,
+            _dir: dir,
+        }
     }
 
     /// The layers as the watcher takes them.
     pub fn layer(&self) -> ContainerLayer {
-        ContainerLayer { upperdir: self.upper.clone(), lowerdirs: self.lowers.clone() }
+        ContainerLayer {
+            upperdir: self.upper.clone(),
+            lowerdirs: self.lowers.clone(),
+        }
     }
 
     /// `merged/<rel>`.
     pub fn m(&self, rel: &str) -> PathBuf {
         self.merged.join(rel)
-    }
-
-    /// The temp dir holding everything.
-    pub fn root(&self) -> &Path {
-        self.dir.path()
     }
 }
 
@@ -101,8 +127,14 @@ impl Drop for OverlayMount {
 pub fn mknod_whiteout(path: &Path) {
     let p = cpath(path);
     // SAFETY: NUL-terminated path.
-    let r = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o000, 0) };
-    assert_eq!(r, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
+    let r = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR, 0) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Marks a directory opaque (`trusted.overlay.opaque=y`), as an image layer would.
@@ -110,8 +142,22 @@ pub fn set_opaque(path: &Path) {
     let p = cpath(path);
     let (name, value) = (c"trusted.overlay.opaque", b"y");
     // SAFETY: NUL-terminated path and name, `value` valid for its length.
-    let r = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    assert_eq!(r, 0, "setxattr {}: {}", path.display(), std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Sets a sysctl under `/proc/sys` and puts the old value back on drop (even on panic).
@@ -128,11 +174,6 @@ impl SysctlGuard {
         std::fs::write(&path, value.to_string()).expect("write sysctl");
         SysctlGuard { path, old }
     }
-
-    /// The value before the guard changed it.
-    pub fn old(&self) -> u64 {
-        self.old.trim().parse().expect("numeric sysctl")
-    }
 }
 
 impl Drop for SysctlGuard {
@@ -143,12 +184,21 @@ impl Drop for SysctlGuard {
     }
 }
 
-/// Number of inotify watches currently held by all processes (from `/proc/*/fdinfo`).
+/// Number of inotify watches currently held by root's processes (from `/proc/*/fdinfo`):
+/// `fs.inotify.max_user_watches` is a per-user limit.
 pub fn inotify_watches_in_use() -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let mut n = 0;
-    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     for p in procs.flatten() {
-        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else { continue };
+        if p.metadata().map_or(true, |m| m.uid() != 0) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if let Ok(s) = std::fs::read_to_string(fd.path()) {
                 n += s.lines().filter(|l| l.starts_with("inotify wd:")).count() as u64;
@@ -165,7 +215,11 @@ pub fn drain(w: &mut Watcher, quiet: Duration, max: Duration) -> Vec<WatchOutput
     w.read_events(&mut out).expect("read_events");
     let quiet_ms = i32::try_from(quiet.as_millis()).unwrap_or(i32::MAX);
     while Instant::now() < deadline {
-        let mut p = libc::pollfd { fd: w.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: w.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let r = unsafe { libc::poll(&mut p, 1, quiet_ms) };
         if r <= 0 {
@@ -190,7 +244,10 @@ pub fn files(outs: &[WatchOutput]) -> Vec<FileEvent> {
 pub fn show(evs: &[FileEvent]) -> String {
     evs.iter()
         .map(|e| {
-            let old = e.old_path.as_ref().map(|o| format!("{} -> ", String::from_utf8_lossy(o)));
+            let old = e
+                .old_path
+                .as_ref()
+                .map(|o| format!("{} -> ", String::from_utf8_lossy(o)));
             format!(
                 "{} {}{}{} [{}] {}",
                 e.container,
@@ -207,10 +264,7 @@ pub fn show(evs: &[FileEvent]) -> String {
 
 /// How many events of `kind` at `path`.
 pub fn count(evs: &[FileEvent], kind: FileKind, path: &[u8]) -> usize {
-    evs.iter().filter(|e| e.kind == kind && e.path == path).count()
-}
-
-/// The events at `path` (as new path or old path).
-pub fn about<'a>(evs: &'a [FileEvent], path: &[u8]) -> Vec<&'a FileEvent> {
-    evs.iter().filter(|e| e.path == path || e.old_path.as_deref() == Some(path)).collect()
+    evs.iter()
+        .filter(|e| e.kind == kind && e.path == path)
+        .count()
 }

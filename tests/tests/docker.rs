@@ -526,7 +526,6 @@ fn kill_9_during_load_leaves_nothing_frozen_after_restart() -> anyhow::Result<()
     // SAFETY: SIGTERM to our own child.
     unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
     assert_eq!(second.wait()?.code(), Some(0));
-    drop(f);
     assert!(
         frozen_cgroups().is_empty(),
         "left frozen: {:?}",
@@ -537,6 +536,7 @@ fn kill_9_during_load_leaves_nothing_frozen_after_restart() -> anyhow::Result<()
         0,
         "freeze records left behind"
     );
+    drop(f);
     Ok(())
 }
 

@@ -427,14 +427,31 @@ struct Live {
 impl Live {
     fn start() -> Result<Live> {
         let out = Command::new("docker")
-            .args(["-H", V1_HOST, "run", "-d", "--network", "none", "--label", "fsmon-test", TEST_IMAGE, "sleep", "100000"])
+            .args([
+                "-H",
+                V1_HOST,
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                TEST_IMAGE,
+                "sleep",
+                "100000",
+            ])
             .output()?;
         let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if id.len() != 64 {
-            bail!("docker run -d failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "docker run -d failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let get = |f: &str| -> Result<PathBuf> {
-            let o = Command::new("docker").args(["-H", V1_HOST, "inspect", "-f", f, &id]).output()?;
+            let o = Command::new("docker")
+                .args(["-H", V1_HOST, "inspect", "-f", f, &id])
+                .output()?;
             Ok(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
         };
         let merged = get("{{.GraphDriver.Data.MergedDir}}")?;
@@ -445,13 +462,25 @@ impl Live {
 
 impl Drop for Live {
     fn drop(&mut self) {
-        let _ = Command::new("docker").args(["-H", V1_HOST, "rm", "-f", &self.id]).stdout(Stdio::null()).status();
+        let _ = Command::new("docker")
+            .args(["-H", V1_HOST, "rm", "-f", &self.id])
+            .stdout(Stdio::null())
+            .status();
     }
 }
 
 fn inotifywait_on(upper: &Path) -> Result<Monitor> {
     let mut c = Command::new("inotifywait");
-    c.args(["-r", "-m", "-q", "-e", "create,modify,attrib,delete,move,close_write", "--format", "%w%f %e"]).arg(upper);
+    c.args([
+        "-r",
+        "-m",
+        "-q",
+        "-e",
+        "create,modify,attrib,delete,move,close_write",
+        "--format",
+        "%w%f %e",
+    ])
+    .arg(upper);
     let m = Monitor::spawn(c)?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(m)
@@ -465,7 +494,11 @@ fn latency(m: &Monitor, live: &Live, tag: &str, samples: usize, fsmon: bool) -> 
     m.drain(Duration::from_millis(100));
     let mut v = Vec::with_capacity(samples);
     for i in 0..samples {
-        let needle = if fsmon { format!("\"path\":\"/lat-{tag}/f{i}\"") } else { format!("/lat-{tag}/f{i} CREATE") };
+        let needle = if fsmon {
+            format!("\"path\":\"/lat-{tag}/f{i}\"")
+        } else {
+            format!("/lat-{tag}/f{i} CREATE")
+        };
         let t0 = Instant::now();
         std::fs::File::create(dir.join(format!("f{i}")))?;
         let t1 = m.wait(Duration::from_secs(5), |l| l.contains(&needle))?;
@@ -476,7 +509,13 @@ fn latency(m: &Monitor, live: &Live, tag: &str, samples: usize, fsmon: bool) -> 
 }
 
 /// A burst of creations; returns (events/s over the burst, creates reported, overflowed).
-fn throughput(m: &Monitor, live: &Live, tag: &str, n: usize, fsmon: bool) -> Result<(f64, usize, bool)> {
+fn throughput(
+    m: &Monitor,
+    live: &Live,
+    tag: &str,
+    n: usize,
+    fsmon: bool,
+) -> Result<(f64, usize, bool)> {
     let dir = live.merged.join(format!("burst-{tag}"));
     std::fs::create_dir_all(&dir)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -514,7 +553,9 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
     let m = Monitor::fsmon(bin, &[V1_HOST])?;
     let idle_rss = m.rss_kib();
     let live = Live::start()?;
-    m.wait(Duration::from_secs(10), |l| l.contains("container_start") && l.contains(&live.id))?;
+    m.wait(Duration::from_secs(10), |l| {
+        l.contains("container_start") && l.contains(&live.id)
+    })?;
     let b = inotifywait_on(&live.upper)?;
     let mut fl = latency(&m, &live, "fsmon", args.latency_samples, true)?;
     let mut bl = latency(&b, &live, "base", args.latency_samples, false)?;
@@ -527,14 +568,21 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
     let (b50, b99) = (pct(&mut bl, 0.5), pct(&mut bl, 0.99));
     println!("| fsmon | {f50:.0} | {f99:.0} |");
     println!("| inotifywait -r | {b50:.0} | {b99:.0} |");
-    println!("ratio fsmon/baseline: median {:.2}, p99 {:.2}", f50 / b50, f99 / b99);
+    println!(
+        "ratio fsmon/baseline: median {:.2}, p99 {:.2}",
+        f50 / b50,
+        f99 / b99
+    );
 
     // Both monitors watch during both bursts; each burst is counted by its own monitor.
     let (f_rate, f_seen, f_over) = throughput(&m, &live, "fsmon", args.burst, true)?;
     b.drain(Duration::from_millis(500));
     let (b_rate, b_seen, b_over) = throughput(&b, &live, "base", args.burst, false)?;
     m.drain(Duration::from_millis(500));
-    println!("\n## throughput: {} empty files created as fast as the host can", args.burst);
+    println!(
+        "\n## throughput: {} empty files created as fast as the host can",
+        args.burst
+    );
     println!("| monitor | creates reported | events/s | overflow |");
     println!("|---|---|---|---|");
     println!("| fsmon | {f_seen} | {f_rate:.0} | {f_over} |");
@@ -548,7 +596,9 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
     for i in 0..10_000 {
         std::fs::create_dir(dirs.join(format!("d{i}")))?;
     }
-    let _ = m.wait(Duration::from_secs(30), |l| l.contains("\"path\":\"/tenk/d9999\""));
+    let _ = m.wait(Duration::from_secs(30), |l| {
+        l.contains("\"path\":\"/tenk/d9999\"")
+    });
     m.drain(Duration::from_millis(500));
     let after = m.rss_kib();
     println!("\n## memory (VmRSS of the fsmon process)");

@@ -20,7 +20,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use crate::event::{FileEvent, FileKind, Source, WatchOutput};
-use crate::overlay::{self, Appear, EntryKind, Meta, Opaque, Origin, Prior};
+use crate::overlay::{self, Appear, EntryKind, Meta, Opaque, Origin, Prior, Via};
 
 use super::rules::{self, Moves, RawEvent, Stamp};
 use super::sys::{self, Dirent, Stat};
@@ -134,7 +134,13 @@ struct Entry {
 
 impl Entry {
     fn new(kind: EntryKind, ino: u64) -> Entry {
-        Entry { kind, child: NO_NODE, ino, stamp: None, burst_ms: 0 }
+        Entry {
+            kind,
+            child: NO_NODE,
+            ino,
+            stamp: None,
+            burst_ms: 0,
+        }
     }
 
     fn from_stat(kind: EntryKind, st: Option<Stat>) -> Entry {
@@ -145,7 +151,10 @@ impl Entry {
 
     fn prior(&self) -> Prior {
         if self.kind.is_real() {
-            Prior::Real { is_dir: self.kind.is_dir(), same: false }
+            Prior::Real {
+                is_dir: self.kind.is_dir(),
+                same: false,
+            }
         } else {
             Prior::Whiteout
         }
@@ -153,7 +162,11 @@ impl Entry {
 }
 
 fn stamp(st: Stat) -> Stamp {
-    Stamp { size: st.size, mtime_ns: st.mtime_ns, ctime_ns: st.ctime_ns }
+    Stamp {
+        size: st.size,
+        mtime_ns: st.mtime_ns,
+        ctime_ns: st.ctime_ns,
+    }
 }
 
 /// An image layer directory merged into an upper directory.
@@ -205,6 +218,9 @@ struct PendingMove {
     /// The tentative `delete` already placed in the output, turned into the `rename`
     /// when the partner comes.
     slot: Option<usize>,
+    /// Outputs about the moved directory's subtree since it left: renamed with it when the
+    /// partner comes, dropped if it never does (they happened outside the container).
+    captured: Vec<usize>,
 }
 
 /// Result of watching a directory that appeared.
@@ -213,7 +229,10 @@ enum Attached {
     New(NodeId),
     /// The directory was already watched: a known node moved here. `old_path` is where
     /// the container last saw it, unless that rename was already reported.
-    Adopted { node: NodeId, old_path: Option<Vec<u8>> },
+    Adopted {
+        node: NodeId,
+        old_path: Option<Vec<u8>>,
+    },
     /// Could not be opened (gone, or no longer a directory): its events will tell.
     Failed,
 }
@@ -242,6 +261,10 @@ pub(super) struct Container {
     to_list: Vec<NodeId>,
     deferred: Vec<(NodeId, u64)>,
     moves: Moves<PendingMove>,
+    /// The last event was an unpaired `IN_MOVED_TO` at (node, name), which replaced this
+    /// index entry: an `IN_MOVED_FROM` of the same name right after is the other half of an
+    /// exchange.
+    last_to: Option<(NodeId, Box<[u8]>, Option<Entry>)>,
     /// Wall-clock ns when monitoring began (minus a margin for coarse fs timestamps).
     armed_ns: i64,
     limit_reported: bool,
@@ -270,6 +293,7 @@ impl Container {
             to_list: Vec::new(),
             deferred: Vec::new(),
             moves: Moves::default(),
+            last_to: None,
             armed_ns,
             limit_reported: false,
             stats: ArmStats::default(),
@@ -281,20 +305,36 @@ impl Container {
     pub fn arm(&mut self, sh: &mut Shared, wd: i32, root: &Stat) {
         let serial = sh.next_serial();
         let node = DirNode::new(serial, Some(wd), NO_NODE, Box::default(), Vec::new(), root);
-        let Some(id) = self.alloc(node, Some(ScanMode::Index)) else { return };
+        let Some(id) = self.alloc(node, Some(ScanMode::Index)) else {
+            return;
+        };
         self.root = id;
-        sh.wds.insert(wd, WdOwner { container: self.key, node: id, serial });
+        sh.wds.insert(
+            wd,
+            WdOwner {
+                container: self.key,
+                node: id,
+                serial,
+            },
+        );
         self.stats.dirs += 1;
         self.process_listings(sh);
     }
 
     /// Every watch descriptor of this container.
     pub fn wds(&self) -> impl Iterator<Item = (i32, u64)> + '_ {
-        self.nodes.iter().flatten().filter_map(|n| n.wd.map(|wd| (wd, n.serial)))
+        self.nodes
+            .iter()
+            .flatten()
+            .filter_map(|n| n.wd.map(|wd| (wd, n.serial)))
     }
 
     pub fn watch_count(&self) -> usize {
-        self.nodes.iter().flatten().filter(|n| n.wd.is_some()).count()
+        self.nodes
+            .iter()
+            .flatten()
+            .filter(|n| n.wd.is_some())
+            .count()
     }
 
     /// Whether an unpaired `IN_MOVED_FROM` of a known entry waits for its partner.
@@ -327,7 +367,9 @@ impl Container {
                 id
             }
             None => {
-                let id = NodeId::try_from(self.nodes.len()).ok().filter(|&i| i != NO_NODE)?;
+                let id = NodeId::try_from(self.nodes.len())
+                    .ok()
+                    .filter(|&i| i != NO_NODE)?;
                 self.nodes.push(Some(node));
                 id
             }
@@ -397,8 +439,12 @@ impl Container {
         }
         for &m in chain.iter().rev() {
             let Some(d) = self.nd(m) else { return false };
-            let Some(pfd) = self.fd_of(d.parent) else { return false };
-            let Ok(fd) = sys::open_child_dir(pfd, &d.name, false) else { return false };
+            let Some(pfd) = self.fd_of(d.parent) else {
+                return false;
+            };
+            let Ok(fd) = sys::open_child_dir(pfd, &d.name, false) else {
+                return false;
+            };
             match sys::stat_fd(fd.as_fd()) {
                 Ok(st) if st.ino == d.ino => {}
                 _ => return false,
@@ -419,8 +465,13 @@ impl Container {
         let mut budget = self.ring.len() * 2;
         while self.open_fds >= FD_CACHE && budget > 0 {
             budget -= 1;
-            let Some((m, serial)) = self.ring.pop_front() else { break };
-            let Some(d) = self.nd_mut(m).filter(|d| d.serial == serial && d.fd.is_some()) else {
+            let Some((m, serial)) = self.ring.pop_front() else {
+                break;
+            };
+            let Some(d) = self
+                .nd_mut(m)
+                .filter(|d| d.serial == serial && d.fd.is_some())
+            else {
                 continue;
             };
             if d.fd_used {
@@ -450,7 +501,14 @@ impl Container {
         is_dir: bool,
         source: Source,
     ) -> WatchOutput {
-        WatchOutput::File(FileEvent { container: self.id.clone(), kind, path, old_path, is_dir, source })
+        WatchOutput::File(FileEvent {
+            container: self.id.clone(),
+            kind,
+            path,
+            old_path,
+            is_dir,
+            source,
+        })
     }
 
     fn emit(
@@ -461,7 +519,8 @@ impl Container {
         is_dir: bool,
         source: Source,
     ) -> usize {
-        sh.out.push(Some(self.file_event(kind, path, None, is_dir, source)));
+        sh.out
+            .push(Some(self.file_event(kind, path, None, is_dir, source)));
         sh.out.len() - 1
     }
 
@@ -484,7 +543,9 @@ impl Container {
         let mut chain = Vec::new();
         let mut cur = n;
         loop {
-            let Some(d) = self.nd(cur) else { return Vec::new() };
+            let Some(d) = self.nd(cur) else {
+                return Vec::new();
+            };
             if d.lower.is_some() {
                 break;
             }
@@ -492,7 +553,9 @@ impl Container {
             if cur == self.root {
                 break;
             }
-            if d.state != NodeState::Attached || d.parent == NO_NODE || chain.len() > self.nodes.len()
+            if d.state != NodeState::Attached
+                || d.parent == NO_NODE
+                || chain.len() > self.nodes.len()
             {
                 return Vec::new();
             }
@@ -511,9 +574,11 @@ impl Container {
     fn compute_lower(&mut self, m: NodeId) -> (Vec<LowerDir>, bool) {
         let mut buf = [0u8; 16];
         let opaque = if self.ensure_fd(m) {
-            let v = self
-                .fd_of(m)
-                .and_then(|fd| sys::xattr_of_fd(fd, &overlay::OPAQUE_XATTRS, &mut buf).ok().flatten());
+            let v = self.fd_of(m).and_then(|fd| {
+                sys::xattr_of_fd(fd, &overlay::OPAQUE_XATTRS, &mut buf)
+                    .ok()
+                    .flatten()
+            });
             overlay::parse_opaque(v)
         } else {
             Opaque::No
@@ -525,9 +590,14 @@ impl Container {
         let mut out = Vec::new();
         if m == self.root {
             for (layer, fd) in self.lowers.iter().enumerate() {
-                let v = sys::xattr_of_fd(fd.as_fd(), &overlay::OPAQUE_XATTRS, &mut buf).ok().flatten();
+                let v = sys::xattr_of_fd(fd.as_fd(), &overlay::OPAQUE_XATTRS, &mut buf)
+                    .ok()
+                    .flatten();
                 let o = overlay::parse_opaque(v);
-                out.push(LowerDir { layer, xwhiteouts: o == Opaque::XWhiteouts });
+                out.push(LowerDir {
+                    layer,
+                    xwhiteouts: o == Opaque::XWhiteouts,
+                });
                 if o == Opaque::Yes {
                     break;
                 }
@@ -535,20 +605,47 @@ impl Container {
             return (out, x);
         }
         let Some(d) = self.nd(m) else { return (out, x) };
-        let Some(p) = self.nd(d.parent) else { return (out, x) };
+        let Some(p) = self.nd(d.parent) else {
+            return (out, x);
+        };
         let parent_lower = p.lower.clone().unwrap_or_default();
-        let prel = p.path.get(1..).unwrap_or_default();
+        let prel = p.path.get(1..).unwrap_or_default().to_vec();
+        let name = d.name.clone();
+        out = self.merge_lower_child(&parent_lower, &prel, &name);
+        (out, x)
+    }
+
+    /// The image layer directories that merge at `name` below a directory whose own are
+    /// `parent_lower` at relative path `prel`: top-most first, stopping at a whiteout, a
+    /// non-directory or an opaque directory.
+    fn merge_lower_child(
+        &self,
+        parent_lower: &[LowerDir],
+        prel: &[u8],
+        name: &[u8],
+    ) -> Vec<LowerDir> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16];
         for ld in parent_lower {
-            let Some(root) = self.lowers.get(ld.layer) else { continue };
-            let Ok(pfd) = sys::open_dir_beneath(root.as_fd(), prel, false) else { continue };
-            let Ok(st) = sys::stat_at(pfd.as_fd(), &d.name) else { continue };
-            match lower_kind(pfd.as_fd(), &d.name, &st, ld.xwhiteouts) {
+            let Some(root) = self.lowers.get(ld.layer) else {
+                continue;
+            };
+            let Ok(pfd) = sys::open_dir_beneath(root.as_fd(), prel, false) else {
+                continue;
+            };
+            let Ok(st) = sys::stat_at(pfd.as_fd(), name) else {
+                continue;
+            };
+            match lower_kind(pfd.as_fd(), name, &st, ld.xwhiteouts) {
                 EntryKind::Dir => {
-                    let v = sys::xattr_at(pfd.as_fd(), &d.name, &overlay::OPAQUE_XATTRS, &mut buf)
+                    let v = sys::xattr_at(pfd.as_fd(), name, &overlay::OPAQUE_XATTRS, &mut buf)
                         .ok()
                         .flatten();
                     let o = overlay::parse_opaque(v);
-                    out.push(LowerDir { layer: ld.layer, xwhiteouts: o == Opaque::XWhiteouts });
+                    out.push(LowerDir {
+                        layer: ld.layer,
+                        xwhiteouts: o == Opaque::XWhiteouts,
+                    });
                     if o == Opaque::Yes {
                         break;
                     }
@@ -557,7 +654,159 @@ impl Container {
                 _ => break,
             }
         }
-        (out, x)
+        out
+    }
+
+    /// Deletes for everything the container still saw below the directory `name` of `n`
+    /// that a whiteout just hid: what the index holds there and what the image layers show
+    /// (the same merge overlayfs does). `rmdir` needed that view empty, so each of those
+    /// was deleted, only too fast for its own event to be seen (overlayfs copies an image
+    /// directory up and whiteouts it before a watch can be added). Deepest first, like
+    /// `rm -r`; `source: scan` since they are inferred.
+    fn report_vanished(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], old_child: NodeId) {
+        /// One name of the merged view being walked.
+        struct View {
+            kind: EntryKind,
+            node: NodeId,
+            lower: Vec<LowerDir>,
+            closed: bool,
+        }
+        let node = if self.valid_child(n, name, old_child) {
+            old_child
+        } else {
+            NO_NODE
+        };
+        let start = if node != NO_NODE {
+            self.lower_dirs(node)
+        } else {
+            let parent_lower = self.lower_dirs(n);
+            let prel = self
+                .nd(n)
+                .map(|d| d.path.get(1..).unwrap_or_default().to_vec())
+                .unwrap_or_default();
+            self.merge_lower_child(&parent_lower, &prel, name)
+        };
+        let mut found: Vec<(Vec<u8>, bool)> = Vec::new();
+        let mut stack = vec![(self.child_path(n, name), node, start)];
+        let mut budget: usize = 1 << 20;
+        let (mut dirbuf, mut dirents) = (Vec::new(), Vec::new());
+        while let Some((path, node, lowers)) = stack.pop() {
+            let mut view: std::collections::BTreeMap<Box<[u8]>, View> =
+                std::collections::BTreeMap::new();
+            let rel = path.get(1..).unwrap_or_default();
+            for ld in &lowers {
+                let Some(root) = self.lowers.get(ld.layer) else {
+                    continue;
+                };
+                let Ok(dfd) = sys::open_dir_beneath(root.as_fd(), rel, true) else {
+                    continue;
+                };
+                dirents.clear();
+                if sys::list_dir(dfd.as_fd(), &mut dirbuf, &mut dirents).is_err() {
+                    continue;
+                }
+                for d in &dirents {
+                    let merge = match view.get(&d.name) {
+                        None => false,
+                        Some(v) if v.kind == EntryKind::Dir && !v.closed => true,
+                        Some(_) => continue,
+                    };
+                    let Ok(st) = sys::stat_at(dfd.as_fd(), &d.name) else {
+                        continue;
+                    };
+                    let kind = lower_kind(dfd.as_fd(), &d.name, &st, ld.xwhiteouts);
+                    let mut buf = [0u8; 16];
+                    let mark = if kind == EntryKind::Dir {
+                        overlay::parse_opaque(
+                            sys::xattr_at(dfd.as_fd(), &d.name, &overlay::OPAQUE_XATTRS, &mut buf)
+                                .ok()
+                                .flatten(),
+                        )
+                    } else {
+                        Opaque::No
+                    };
+                    let opaque = mark == Opaque::Yes;
+                    let here = LowerDir {
+                        layer: ld.layer,
+                        xwhiteouts: mark == Opaque::XWhiteouts,
+                    };
+                    match (merge, kind) {
+                        (true, EntryKind::Dir) => {
+                            if let Some(v) = view.get_mut(&d.name) {
+                                v.lower.push(here);
+                                v.closed = opaque;
+                            }
+                        }
+                        (true, _) => {
+                            if let Some(v) = view.get_mut(&d.name) {
+                                v.closed = true;
+                            }
+                        }
+                        (false, k) => {
+                            let lower = if k == EntryKind::Dir {
+                                vec![here]
+                            } else {
+                                Vec::new()
+                            };
+                            let closed = k != EntryKind::Dir || opaque;
+                            view.insert(
+                                d.name.clone(),
+                                View {
+                                    kind: k,
+                                    node: NO_NODE,
+                                    lower,
+                                    closed,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            let upper: Vec<(Box<[u8]>, Entry)> = match self.nd(node) {
+                Some(x) => x.entries.iter().map(|(k, e)| (k.clone(), *e)).collect(),
+                None => Vec::new(),
+            };
+            for (k, e) in upper {
+                let child = if e.kind.is_dir() && self.valid_child(node, &k, e.child) {
+                    e.child
+                } else {
+                    NO_NODE
+                };
+                let lower = match (e.kind.is_dir(), child) {
+                    (false, _) => Vec::new(),
+                    (true, NO_NODE) => view.get(&k).map(|v| v.lower.clone()).unwrap_or_default(),
+                    (true, c) => self.lower_dirs(c),
+                };
+                view.insert(
+                    k,
+                    View {
+                        kind: e.kind,
+                        node: child,
+                        lower,
+                        closed: true,
+                    },
+                );
+            }
+            for (k, v) in view {
+                if !v.kind.is_real() {
+                    continue;
+                }
+                budget = budget.saturating_sub(1);
+                if budget == 0 {
+                    tracing::warn!(container_id = %self.id, "deleted directory too large to report entry by entry");
+                    stack.clear();
+                    break;
+                }
+                let p = rules::join(&path, &k);
+                found.push((p.clone(), v.kind.is_dir()));
+                if v.kind.is_dir() {
+                    stack.push((p, v.node, v.lower));
+                }
+            }
+        }
+        for (p, is_dir) in found.into_iter().rev() {
+            self.emit(sh, FileKind::Delete, p, is_dir, Source::Scan);
+        }
     }
 
     /// The entry an image layer shows at `name` in node `n`, if any is visible.
@@ -568,9 +817,15 @@ impl Container {
         }
         let rel = self.nd(n)?.path.get(1..).unwrap_or_default().to_vec();
         for ld in dirs {
-            let Some(root) = self.lowers.get(ld.layer) else { continue };
-            let Ok(dfd) = sys::open_dir_beneath(root.as_fd(), &rel, false) else { continue };
-            let Ok(st) = sys::stat_at(dfd.as_fd(), name) else { continue };
+            let Some(root) = self.lowers.get(ld.layer) else {
+                continue;
+            };
+            let Ok(dfd) = sys::open_dir_beneath(root.as_fd(), &rel, false) else {
+                continue;
+            };
+            let Ok(st) = sys::stat_at(dfd.as_fd(), name) else {
+                continue;
+            };
             return match lower_kind(dfd.as_fd(), name, &st, ld.xwhiteouts) {
                 EntryKind::Whiteout => None,
                 _ => Some(st),
@@ -603,7 +858,9 @@ impl Container {
     /// Lists every directory waiting for it (new ones found meanwhile are listed too).
     pub fn process_listings(&mut self, sh: &mut Shared) {
         while let Some(n) = self.to_list.pop() {
-            let Some(mode) = self.nd_mut(n).and_then(|d| d.scan.take()) else { continue };
+            let Some(mode) = self.nd_mut(n).and_then(|d| d.scan.take()) else {
+                continue;
+            };
             if !self.ensure_fd(n) {
                 // Renamed meanwhile (its event is still ahead): retry after the batch.
                 if let Some(d) = self.nd_mut(n) {
@@ -613,13 +870,22 @@ impl Container {
                 }
                 continue;
             }
-            let Some(Ok(rfd)) = self.fd_of(n).map(sys::reopen_dir) else { continue };
+            let Some(Ok(rfd)) = self.fd_of(n).map(sys::reopen_dir) else {
+                continue;
+            };
             let mut dirents = std::mem::take(&mut sh.dirents);
             dirents.clear();
             if let Err(e) = sys::list_dir(rfd.as_fd(), &mut sh.dirbuf, &mut dirents) {
                 tracing::debug!(container_id = %self.id, error = %e, "listing a directory");
             }
             drop(rfd);
+            if mode == ScanMode::Report && !dirents.is_empty() {
+                // Entries were made in it before it was watched: its mtime moved without
+                // an IN_ATTRIB, so it says nothing about attribute changes.
+                if let Some(d) = self.nd_mut(n) {
+                    d.mtime_stale = true;
+                }
+            }
             if mode == ScanMode::Diff {
                 self.diff_node(sh, n, &dirents);
             } else {
@@ -644,7 +910,7 @@ impl Container {
             return;
         }
         if let Some(st) = self.stat_child(n, &d.name) {
-            self.appear(sh, n, &d.name, Some(st), st.is_dir(), Origin::Scan, Source::Scan);
+            self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
         }
     }
 
@@ -706,27 +972,43 @@ impl Container {
                     }
                 }
                 Some(e) if e.kind == EntryKind::File => {
-                    let Some(st) = self.stat_child(n, &d.name) else { continue };
+                    let Some(st) = self.stat_child(n, &d.name) else {
+                        continue;
+                    };
                     if let Some(kind) = rules::rescan_change(e.stamp, stamp(st), self.armed_ns) {
                         let path = self.child_path(n, &d.name);
                         self.emit(sh, kind, path, false, Source::Scan);
                     }
-                    self.set_entry(n, &d.name, Entry { stamp: Some(stamp(st)), ..e });
+                    self.set_entry(
+                        n,
+                        &d.name,
+                        Entry {
+                            stamp: Some(stamp(st)),
+                            ..e
+                        },
+                    );
                 }
                 Some(_) => {}
                 None => {
                     if let Some(st) = self.stat_child(n, &d.name) {
-                        self.appear(sh, n, &d.name, Some(st), st.is_dir(), Origin::Scan, Source::Scan);
+                        self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
                     }
                 }
             }
         }
         let gone: Vec<Box<[u8]>> = match self.nd(n) {
-            Some(x) => x.entries.keys().filter(|k| !present.contains(&k[..])).cloned().collect(),
+            Some(x) => x
+                .entries
+                .keys()
+                .filter(|k| !present.contains(&k[..]))
+                .cloned()
+                .collect(),
             None => return,
         };
         for name in gone {
-            let Some(e) = self.nd_mut(n).and_then(|x| x.entries.remove(&name)) else { continue };
+            let Some(e) = self.nd_mut(n).and_then(|x| x.entries.remove(&name)) else {
+                continue;
+            };
             if let Some(is_dir) = overlay::disappear(e.prior(), e.kind.is_dir()) {
                 let path = self.child_path(n, &name);
                 self.emit(sh, FileKind::Delete, path, is_dir, Source::Scan);
@@ -739,7 +1021,7 @@ impl Container {
 
     /// Retries the watch of an indexed but unwatched directory (after the watch limit).
     fn rewatch(&mut self, sh: &mut Shared, m: NodeId) {
-        if self.nd(m).map_or(true, |d| d.wd.is_some()) || !self.ensure_fd(m) {
+        if self.nd(m).is_none_or(|d| d.wd.is_some()) || !self.ensure_fd(m) {
             return;
         }
         let Some(fd) = self.fd_of(m) else { return };
@@ -748,7 +1030,14 @@ impl Container {
                 if let Some(d) = self.nd_mut(m) {
                     d.wd = Some(wd);
                     let serial = d.serial;
-                    sh.wds.insert(wd, WdOwner { container: self.key, node: m, serial });
+                    sh.wds.insert(
+                        wd,
+                        WdOwner {
+                            container: self.key,
+                            node: m,
+                            serial,
+                        },
+                    );
                 }
             }
             Ok(_) => {}
@@ -771,7 +1060,9 @@ impl Container {
         if !self.ensure_fd(parent) {
             return Attached::Failed;
         }
-        let Some(pfd) = self.fd_of(parent) else { return Attached::Failed };
+        let Some(pfd) = self.fd_of(parent) else {
+            return Attached::Failed;
+        };
         let cfd = match sys::open_child_dir(pfd, name, false) {
             Ok(fd) => fd,
             Err(e) => {
@@ -781,7 +1072,9 @@ impl Container {
                 return Attached::Failed;
             }
         };
-        let Ok(cst) = sys::stat_fd(cfd.as_fd()) else { return Attached::Failed };
+        let Ok(cst) = sys::stat_fd(cfd.as_fd()) else {
+            return Attached::Failed;
+        };
         let mut wd = match sys::add_watch(sh.inotify.as_fd(), cfd.as_fd(), MASK) {
             Ok(wd) => Some(wd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
@@ -819,7 +1112,14 @@ impl Container {
         };
         match wd {
             Some(w) => {
-                sh.wds.insert(w, WdOwner { container: self.key, node: id, serial });
+                sh.wds.insert(
+                    w,
+                    WdOwner {
+                        container: self.key,
+                        node: id,
+                        serial,
+                    },
+                );
             }
             None => self.stats.unwatched_dirs += 1,
         }
@@ -836,11 +1136,21 @@ impl Container {
         name: &[u8],
         fd: OwnedFd,
     ) -> Attached {
-        let Some(d) = self.nd(m) else { return Attached::Failed };
-        let (state, old_parent, old_name, old_path, serial) =
-            (d.state, d.parent, d.name.clone(), rules::dir_path(&d.path), d.serial);
+        let Some(d) = self.nd(m) else {
+            return Attached::Failed;
+        };
+        let (state, old_parent, old_name, old_path, serial) = (
+            d.state,
+            d.parent,
+            d.name.clone(),
+            rules::dir_path(&d.path),
+            d.serial,
+        );
         if state == NodeState::Attached && old_parent == parent && old_name[..] == *name {
-            return Attached::Adopted { node: m, old_path: None };
+            return Attached::Adopted {
+                node: m,
+                old_path: None,
+            };
         }
         let old_path = match state {
             NodeState::InFlight => {
@@ -851,9 +1161,11 @@ impl Container {
                 });
                 match pm {
                     Some(pm) => {
+                        let new_path = self.child_path(parent, name);
+                        Self::rewrite_captured(sh, &pm.captured, &pm.old_path, &new_path);
                         let ev = self.file_event(
                             FileKind::Rename,
-                            self.child_path(parent, name),
+                            new_path,
                             Some(pm.old_path),
                             true,
                             Source::Inotify,
@@ -869,6 +1181,10 @@ impl Container {
             }
             NodeState::Displaced => {
                 self.displaced.retain(|&(x, _)| x != m);
+                // An exchange's leaving half may still hold it: it is not leaving after all.
+                let _ = self.moves.take_where(|pm| {
+                    pm.child_serial == serial && pm.entry.is_some_and(|e| e.child == m)
+                });
                 Some(old_path)
             }
             NodeState::Attached => {
@@ -913,7 +1229,10 @@ impl Container {
             // Which image layers merge here depends on the path.
             d.lower = None;
             for (c, cp) in kids {
-                if self.nd(c).is_some_and(|cd| cd.parent == x && cd.state == NodeState::Attached) {
+                if self
+                    .nd(c)
+                    .is_some_and(|cd| cd.parent == x && cd.state == NodeState::Attached)
+                {
                     stack.push((c, cp));
                 }
             }
@@ -948,12 +1267,19 @@ impl Container {
         }
         let mut stack = vec![m];
         while let Some(x) = stack.pop() {
-            let Some(d) = usize::try_from(x).ok().and_then(|i| self.nodes.get_mut(i)).and_then(Option::take)
+            let Some(d) = usize::try_from(x)
+                .ok()
+                .and_then(|i| self.nodes.get_mut(i))
+                .and_then(Option::take)
             else {
                 continue;
             };
             if let Some(wd) = d.wd {
-                if sh.wds.get(&wd).is_some_and(|o| o.container == self.key && o.serial == d.serial) {
+                if sh
+                    .wds
+                    .get(&wd)
+                    .is_some_and(|o| o.container == self.key && o.serial == d.serial)
+                {
                     sh.wds.remove(&wd);
                     sys::rm_watch(sh.inotify.as_fd(), wd);
                 }
@@ -963,7 +1289,9 @@ impl Container {
             }
             for (k, e) in &d.entries {
                 if e.child != NO_NODE
-                    && self.nd(e.child).is_some_and(|c| c.parent == x && c.name == *k)
+                    && self
+                        .nd(e.child)
+                        .is_some_and(|c| c.parent == x && c.name == *k)
                 {
                     stack.push(e.child);
                 }
@@ -980,7 +1308,9 @@ impl Container {
     /// The kernel dropped watch `wd` (its directory is gone, or we removed it).
     pub fn on_ignored(&mut self, sh: &mut Shared, wd: i32, owner: WdOwner) {
         sh.wds.remove(&wd);
-        let Some(d) = self.nd_mut(owner.node).filter(|d| d.serial == owner.serial) else { return };
+        let Some(d) = self.nd_mut(owner.node).filter(|d| d.serial == owner.serial) else {
+            return;
+        };
         d.wd = None;
         if owner.node != self.root {
             self.remove_subtree(sh, owner.node);
@@ -988,8 +1318,12 @@ impl Container {
     }
 
     /// One inotify event on one of this container's watches.
-    pub fn on_event(&mut self, sh: &mut Shared, owner: WdOwner, ev: &RawEvent<'_>) {
+    ///
+    /// `stale`: a later event of the same batch creates, removes or renames the same name,
+    /// so what is there now is not what this event is about.
+    fn on_event(&mut self, sh: &mut Shared, owner: WdOwner, ev: &RawEvent<'_>, stale: bool) {
         let n = owner.node;
+        let last_to = self.last_to.take();
         match self.nd(n) {
             Some(d) if d.serial == owner.serial && d.state != NodeState::Displaced => {}
             _ => return,
@@ -1003,12 +1337,13 @@ impl Container {
             return;
         }
         if ev.mask & libc::IN_CREATE != 0 {
-            let st = self.stat_child(n, name);
-            self.appear(sh, n, name, st, is_dir, Origin::Event, Source::Inotify);
+            let st = self.event_stat(n, name, is_dir, Via::Create, stale);
+            self.appear(sh, n, name, st, is_dir, Some(Via::Create), Source::Inotify);
         } else if ev.mask & libc::IN_MOVED_FROM != 0 {
-            self.on_moved_from(sh, n, name, ev.cookie);
+            let exchanged = last_to.and_then(|(m, nm, e)| (m == n && *nm == *name).then_some(e));
+            self.on_moved_from(sh, n, name, ev.cookie, stale, exchanged);
         } else if ev.mask & libc::IN_MOVED_TO != 0 {
-            self.on_moved_to(sh, n, name, ev.cookie, is_dir);
+            self.on_moved_to(sh, n, name, ev.cookie, is_dir, stale);
         } else if ev.mask & libc::IN_DELETE != 0 {
             self.on_delete(sh, n, name, is_dir);
         } else if ev.mask & libc::IN_MODIFY != 0 {
@@ -1016,8 +1351,65 @@ impl Container {
         } else if ev.mask & libc::IN_CLOSE_WRITE != 0 {
             self.on_close_write(n, name);
         } else if ev.mask & libc::IN_ATTRIB != 0 {
-            self.on_attrib(sh, n, name, is_dir);
+            self.on_attrib(sh, n, name, is_dir, stale);
         }
+    }
+
+    /// The stat of the object an event is about, or `None` when what is there now cannot be
+    /// it: gone, `stale`, a directory where the event said otherwise (or the reverse), or a
+    /// whiteout where something was created (overlayfs only renames whiteouts in).
+    fn event_stat(
+        &mut self,
+        n: NodeId,
+        name: &[u8],
+        is_dir: bool,
+        via: Via,
+        stale: bool,
+    ) -> Option<Stat> {
+        if stale {
+            return None;
+        }
+        let st = self.stat_child(n, name)?;
+        let whiteout = st.mode & libc::S_IFMT == libc::S_IFCHR && st.rdev == 0;
+        (st.is_dir() == is_dir && !(via == Via::Create && whiteout)).then_some(st)
+    }
+
+    /// Handles one event and the listings it caused. Outputs about a directory that is in
+    /// flight (moved away, partner not seen yet) are set aside with its pending move.
+    pub fn handle(&mut self, sh: &mut Shared, owner: WdOwner, ev: &RawEvent<'_>, stale: bool) {
+        let start = sh.out.len();
+        let inflight = self.inflight_ancestor(owner.node);
+        self.on_event(sh, owner, ev, stale);
+        self.process_listings(sh);
+        if let Some(m) = inflight {
+            let serial = self.serial_of(m);
+            let pm = self.moves.iter_mut().find(|pm| {
+                pm.entry.is_some_and(|e| e.child == m) && Some(pm.child_serial) == serial
+            });
+            if let Some(pm) = pm {
+                pm.captured.extend(start..sh.out.len());
+            }
+        }
+    }
+
+    /// The in-flight directory that node `n` is in (or is), if any.
+    fn inflight_ancestor(&self, mut n: NodeId) -> Option<NodeId> {
+        if !self
+            .moves
+            .iter()
+            .any(|pm| pm.entry.is_some_and(|e| e.child != NO_NODE))
+        {
+            return None;
+        }
+        for _ in 0..=self.nodes.len() {
+            let d = self.nd(n)?;
+            match d.state {
+                NodeState::InFlight => return Some(n),
+                NodeState::Attached if d.parent != NO_NODE => n = d.parent,
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// The index's view of `name` in `n` compared with the object now there (`ino`:
@@ -1032,7 +1424,13 @@ impl Container {
                     Some((_, kind)) if e.ino == 0 => kind == e.kind,
                     Some((ino, kind)) => ino == e.ino && kind == e.kind,
                 };
-                (Prior::Real { is_dir: e.kind.is_dir(), same }, e.child)
+                (
+                    Prior::Real {
+                        is_dir: e.kind.is_dir(),
+                        same,
+                    },
+                    e.child,
+                )
             }
         }
     }
@@ -1046,16 +1444,41 @@ impl Container {
         name: &[u8],
         st: Option<Stat>,
         ev_is_dir: bool,
-        origin: Origin,
+        via: Option<Via>,
         source: Source,
     ) {
+        let origin = if via.is_some() {
+            Origin::Event
+        } else {
+            Origin::Scan
+        };
+        let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        if via == Some(Via::MovedTo) && known.is_some() {
+            // The other half of an exchange (overlayfs swapping a new object in) may follow.
+            self.last_to = Some((n, name.into(), known));
+        }
+        let mut looked_up = None;
         let kind = match &st {
             Some(st) => self.classify(n, name, st),
-            None if ev_is_dir => EntryKind::Dir,
-            None => EntryKind::File,
+            None => {
+                let raw = known.map_or(Prior::Absent, |e| e.prior());
+                let lower_visible =
+                    if raw == Prior::Absent && via == Some(Via::MovedTo) && !ev_is_dir {
+                        let l = self.lower_lookup(n, name);
+                        looked_up = Some(l);
+                        l.is_some()
+                    } else {
+                        false
+                    };
+                overlay::infer_kind(ev_is_dir, via.unwrap_or(Via::Create), raw, lower_visible)
+            }
         };
         let (prior, old_child) = self.prior(n, name, st.map(|s| (s.ino, kind)));
-        let lower = if overlay::appear_needs_lower(prior) { self.lower_lookup(n, name) } else { None };
+        let lower = match looked_up {
+            Some(l) => l,
+            None if overlay::appear_needs_lower(prior) => self.lower_lookup(n, name),
+            None => None,
+        };
         let verdict = overlay::appear(kind, prior, lower.as_ref().map(Stat::is_dir), origin);
         if origin == Origin::Event {
             if let Some(d) = self.nd_mut(n) {
@@ -1070,6 +1493,9 @@ impl Container {
                 }
             }
             Appear::Delete { is_dir } => {
+                if is_dir {
+                    self.report_vanished(sh, n, name, old_child);
+                }
                 self.emit(sh, FileKind::Delete, path, is_dir, source);
                 self.displace(old_child);
                 self.set_entry(n, name, Entry::new(kind, st.map_or(0, |s| s.ino)));
@@ -1083,7 +1509,9 @@ impl Container {
                     let baseline = lower.map(|l| l.meta());
                     entry.child = self.attach(sh, n, name, ScanMode::Report, baseline).node();
                 } else if origin == Origin::Scan {
-                    let change = st.zip(lower).and_then(|(u, l)| overlay::copy_up_change(&u.meta(), &l.meta()));
+                    let change = st
+                        .zip(lower)
+                        .and_then(|(u, l)| overlay::copy_up_change(&u.meta(), &l.meta()));
                     if let Some(k) = change {
                         self.emit(sh, k, path, false, source);
                         if k == FileKind::Modify {
@@ -1129,7 +1557,10 @@ impl Container {
             let attached = self.attach(sh, n, name, ScanMode::Report, None);
             entry.child = attached.node();
             match attached {
-                Attached::Adopted { old_path: Some(old), .. } => {
+                Attached::Adopted {
+                    old_path: Some(old),
+                    ..
+                } => {
                     let ev = self.file_event(FileKind::Rename, path, Some(old), true, source);
                     sh.out.push(Some(ev));
                 }
@@ -1144,9 +1575,47 @@ impl Container {
         self.set_entry(n, name, entry);
     }
 
-    fn on_moved_from(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], cookie: u32) {
-        let st = self.stat_child(n, name);
+    fn on_moved_from(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        cookie: u32,
+        stale: bool,
+        exchanged: Option<Option<Entry>>,
+    ) {
+        let st = if stale {
+            None
+        } else {
+            self.stat_child(n, name)
+        };
         let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        if let Some(displaced) = exchanged {
+            // Right after an unpaired IN_MOVED_TO of the same name that replaced something:
+            // if what it put there is still there, overlayfs exchanged a new object in (a
+            // re-created directory, an empty opaque one, a whiteout) and this is the old
+            // one leaving, already accounted for by that IN_MOVED_TO.
+            let still_there = match (st, known) {
+                (Some(s), Some(e)) => e.ino == 0 || s.ino == e.ino,
+                (None, _) => stale,
+                (Some(_), None) => false,
+            };
+            if still_there {
+                let old_path = self.child_path(n, name);
+                let child_serial = displaced.and_then(|e| self.serial_of(e.child)).unwrap_or(0);
+                self.moves.push(
+                    cookie,
+                    PendingMove {
+                        entry: displaced,
+                        child_serial,
+                        old_path,
+                        slot: None,
+                        captured: Vec::new(),
+                    },
+                );
+                return;
+            }
+        }
         let entry = match known {
             // The indexed object is still there: what left is the object it replaced in an
             // exchange (its IN_MOVED_TO came first), already accounted for.
@@ -1171,7 +1640,15 @@ impl Container {
             }
         }
         let old_path = self.child_path(n, name);
-        let slot = real.map(|e| self.emit(sh, FileKind::Delete, old_path.clone(), e.kind.is_dir(), Source::Inotify));
+        let slot = real.map(|e| {
+            self.emit(
+                sh,
+                FileKind::Delete,
+                old_path.clone(),
+                e.kind.is_dir(),
+                Source::Inotify,
+            )
+        });
         let mut child_serial = 0;
         if let Some(c) = entry.map(|e| e.child).filter(|&c| c != NO_NODE) {
             if let Some(cd) = self.nd_mut(c).filter(|cd| cd.state == NodeState::Attached) {
@@ -1179,16 +1656,32 @@ impl Container {
                 child_serial = cd.serial;
             }
         }
-        self.moves.push(cookie, PendingMove { entry, child_serial, old_path, slot });
+        self.moves.push(
+            cookie,
+            PendingMove {
+                entry,
+                child_serial,
+                old_path,
+                slot,
+                captured: Vec::new(),
+            },
+        );
     }
 
-    fn on_moved_to(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], cookie: u32, is_dir: bool) {
+    fn on_moved_to(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        cookie: u32,
+        is_dir: bool,
+        stale: bool,
+    ) {
+        let st = self.event_stat(n, name, is_dir, Via::MovedTo, stale);
         let Some(pm) = self.moves.take(cookie) else {
-            let st = self.stat_child(n, name);
-            self.appear(sh, n, name, st, is_dir, Origin::Event, Source::Inotify);
+            self.appear(sh, n, name, st, is_dir, Some(Via::MovedTo), Source::Inotify);
             return;
         };
-        let st = self.stat_child(n, name);
         let now_kind = st.map(|s| self.classify(n, name, &s));
         let moving = pm.entry.map_or(Prior::Absent, |e| e.prior());
         if let Some(d) = self.nd_mut(n) {
@@ -1208,12 +1701,27 @@ impl Container {
             if let Some(c) = moving_child {
                 self.remove_subtree(sh, c);
             }
-            self.set_entry(n, name, Entry::new(EntryKind::Whiteout, st.map_or(0, |s| s.ino)));
+            for &i in &pm.captured {
+                if let Some(slot) = sh.out.get_mut(i) {
+                    *slot = None;
+                }
+            }
+            self.set_entry(
+                n,
+                name,
+                Entry::new(EntryKind::Whiteout, st.map_or(0, |s| s.ino)),
+            );
             return;
         }
         let path = self.child_path(n, name);
-        let fallback = if is_dir { EntryKind::Dir } else { EntryKind::File };
-        let mut entry = pm.entry.unwrap_or_else(|| Entry::new(now_kind.unwrap_or(fallback), 0));
+        let fallback = if is_dir {
+            EntryKind::Dir
+        } else {
+            EntryKind::File
+        };
+        let mut entry = pm
+            .entry
+            .unwrap_or_else(|| Entry::new(now_kind.unwrap_or(fallback), 0));
         if let (Some(s), Some(k)) = (st, now_kind) {
             entry.ino = s.ino;
             entry.kind = k;
@@ -1233,7 +1741,14 @@ impl Container {
         }
         let is_dir = entry.kind.is_dir();
         self.set_entry(n, name, entry);
-        let ev = self.file_event(FileKind::Rename, path, Some(pm.old_path), is_dir, Source::Inotify);
+        Self::rewrite_captured(sh, &pm.captured, &pm.old_path, &path);
+        let ev = self.file_event(
+            FileKind::Rename,
+            path,
+            Some(pm.old_path),
+            is_dir,
+            Source::Inotify,
+        );
         match pm.slot.and_then(|i| sh.out.get_mut(i)) {
             Some(slot) => *slot = Some(ev),
             None => sh.out.push(Some(ev)),
@@ -1251,7 +1766,10 @@ impl Container {
             self.emit(sh, FileKind::Delete, path, is_dir, Source::Inotify);
         }
         if let Some(c) = entry.map(|e| e.child).filter(|&c| c != NO_NODE) {
-            if self.nd(c).is_some_and(|cd| cd.parent == n && cd.state == NodeState::Attached) {
+            if self
+                .nd(c)
+                .is_some_and(|cd| cd.parent == n && cd.state == NodeState::Attached)
+            {
                 self.remove_subtree(sh, c);
             }
         }
@@ -1261,9 +1779,12 @@ impl Container {
         let now = sh.now_ms();
         let Some(d) = self.nd_mut(n) else { return };
         if !d.entries.contains_key(name) {
-            d.entries.insert(name.into(), Entry::new(EntryKind::File, 0));
+            d.entries
+                .insert(name.into(), Entry::new(EntryKind::File, 0));
         }
-        let Some(e) = d.entries.get_mut(name) else { return };
+        let Some(e) = d.entries.get_mut(name) else {
+            return;
+        };
         if !e.kind.is_real() || e.kind.is_dir() || !rules::modify_due(e.burst_ms, now) {
             return;
         }
@@ -1287,13 +1808,16 @@ impl Container {
         }
     }
 
-    fn on_attrib(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], is_dir: bool) {
+    fn on_attrib(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], is_dir: bool, stale: bool) {
         let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
         match known {
             Some(e) if !e.kind.is_real() => {}
             Some(e) if e.kind.is_dir() && self.valid_child(n, name, e.child) => {
                 self.dir_attrib(sh, e.child);
             }
+            // An unwatched directory about to be replaced (overlayfs copied it up, and is
+            // already removing it): its attributes are overlay bookkeeping.
+            Some(e) if e.kind.is_dir() && stale => {}
             _ => {
                 let path = self.child_path(n, name);
                 self.emit(sh, FileKind::Attrib, path, is_dir, Source::Inotify);
@@ -1315,9 +1839,12 @@ impl Container {
         if !self.ensure_fd(m) {
             return;
         }
-        let Some(st) = self.fd_of(m).and_then(|fd| sys::stat_fd(fd).ok()) else { return };
+        let Some(st) = self.fd_of(m).and_then(|fd| sys::stat_fd(fd).ok()) else {
+            return;
+        };
         let Some(d) = self.nd_mut(m) else { return };
-        let visible = overlay::dir_attrib_visible(&d.baseline, &st.meta(), d.overlay_touched, d.mtime_stale);
+        let visible =
+            overlay::dir_attrib_visible(&d.baseline, &st.meta(), d.overlay_touched, d.mtime_stale);
         d.baseline = st.meta();
         d.overlay_touched = false;
         d.mtime_stale = false;
@@ -1329,18 +1856,45 @@ impl Container {
 
     // ----- batch boundaries -------------------------------------------------------------
 
+    /// Outputs set aside while a directory was in flight now carry its new path.
+    fn rewrite_captured(sh: &mut Shared, captured: &[usize], old: &[u8], new: &[u8]) {
+        let move_path = |p: &mut Vec<u8>| {
+            if p.starts_with(old) && p.get(old.len()) == Some(&b'/') {
+                let mut q = new.to_vec();
+                q.extend_from_slice(&p[old.len()..]);
+                *p = q;
+            }
+        };
+        for &i in captured {
+            if let Some(Some(WatchOutput::File(f))) = sh.out.get_mut(i) {
+                move_path(&mut f.path);
+                if let Some(o) = f.old_path.as_mut() {
+                    move_path(o);
+                }
+            }
+        }
+    }
+
     /// Settles what waited for later events: unpaired `IN_MOVED_FROM` halves are deletes
     /// (their tentative `delete` stays in the output), displaced directories are gone.
     pub fn settle(&mut self, sh: &mut Shared) {
         let pending: Vec<PendingMove> = self.moves.drain().collect();
         for pm in pending {
+            for &i in &pm.captured {
+                if let Some(slot) = sh.out.get_mut(i) {
+                    *slot = None;
+                }
+            }
             let child = pm.entry.map_or(NO_NODE, |e| e.child);
             if child != NO_NODE && self.serial_of(child) == Some(pm.child_serial) {
                 self.remove_subtree(sh, child);
             }
         }
         for (m, serial) in std::mem::take(&mut self.displaced) {
-            if self.nd(m).is_some_and(|d| d.serial == serial && d.state == NodeState::Displaced) {
+            if self
+                .nd(m)
+                .is_some_and(|d| d.serial == serial && d.state == NodeState::Displaced)
+            {
                 self.remove_subtree(sh, m);
             }
         }
@@ -1403,6 +1957,9 @@ impl DirNode {
 fn lower_kind(dir: BorrowedFd<'_>, name: &[u8], st: &Stat, xwhiteouts: bool) -> EntryKind {
     let mut buf = [0u8; 16];
     let x = overlay::needs_whiteout_xattr(st.mode, st.size, xwhiteouts)
-        && sys::xattr_at(dir, name, &overlay::WHITEOUT_XATTRS, &mut buf).ok().flatten().is_some();
+        && sys::xattr_at(dir, name, &overlay::WHITEOUT_XATTRS, &mut buf)
+            .ok()
+            .flatten()
+            .is_some();
     overlay::classify(st.mode, st.rdev, x)
 }

@@ -24,6 +24,14 @@
 //!   renamed directory follow. An `IN_MOVED_FROM` whose partner has not come when the queue
 //!   is empty gets up to 1 ms more (the kernel queues the two halves back to back); then it
 //!   is a `delete`. An `IN_MOVED_TO` without partner is an appearance (`create`, copy-up...).
+//!   Events from inside a directory between its `IN_MOVED_FROM` and its partner are renamed
+//!   with it, or dropped if it left the upperdir (they happened outside the container).
+//! * **Late handling.** Events are handled after the fact, so a `stat` may show a later
+//!   object than the event's: when a later event of the same read changes the same name, or
+//!   the object's type contradicts the event, the entry's kind is inferred from the index and
+//!   overlayfs' rules instead ([`crate::overlay::infer_kind`]). A directory that overlayfs
+//!   copied up and whited out before it could be watched (`rm -r` of an image directory)
+//!   yields a `delete` for everything the container saw below it, deepest first.
 //! * **`modify` coalescing.** One `modify` per file per write burst: the first `IN_MODIFY`
 //!   is reported, later ones are not until `IN_CLOSE_WRITE`, a delete or a rename of the
 //!   file ends the burst, or until 1 s has passed (a file that is never closed, such as a
@@ -168,7 +176,11 @@ impl Watcher {
     /// reported. On watch-limit exhaustion below the upperdir, it arms what it can and
     /// queues an `Overflow { reason: "watch_limit" }` for this container (returned by the
     /// next [`Watcher::read_events`]). Arming an id that is already armed re-arms it.
-    pub fn add_container(&mut self, id: &str, layer: ContainerLayer) -> Result<ArmStats, WatchError> {
+    pub fn add_container(
+        &mut self,
+        id: &str,
+        layer: ContainerLayer,
+    ) -> Result<ArmStats, WatchError> {
         if self.by_id.contains_key(id) {
             self.remove_container(id);
         }
@@ -190,10 +202,22 @@ impl Watcher {
             .iter()
             .map(|p| sys::open_host_dir(p).map_err(open_err(p)))
             .collect::<Result<Vec<_>, _>>()?;
-        let wd = sys::add_watch(self.sh.inotify.as_fd(), root_fd.as_fd(), MASK | libc::IN_MASK_CREATE)
+        // IN_MASK_CREATE (4.18): fail rather than share a watch with another container id.
+        let ifd = self.sh.inotify.as_fd();
+        let wd = sys::add_watch(ifd, root_fd.as_fd(), MASK | libc::IN_MASK_CREATE)
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => sys::add_watch(ifd, root_fd.as_fd(), MASK),
+                _ => Err(e),
+            })
             .map_err(|source| match source.raw_os_error() {
-                Some(libc::ENOSPC) => WatchError::WatchLimit { path: upper.clone(), source },
-                _ => WatchError::Watch { path: upper.clone(), source },
+                Some(libc::ENOSPC) => WatchError::WatchLimit {
+                    path: upper.clone(),
+                    source,
+                },
+                _ => WatchError::Watch {
+                    path: upper.clone(),
+                    source,
+                },
             })?;
         let key = self.free_keys.pop().unwrap_or(self.containers.len());
         let mut c = Container::new(key, id, root_fd, lowers, armed_ns);
@@ -216,17 +240,28 @@ impl Watcher {
     /// reported for it, including outputs not yet returned by `read_events`; its late
     /// events and `IN_IGNORED`s are dropped.
     pub fn remove_container(&mut self, id: &str) {
-        let Some(key) = self.by_id.remove(id) else { return };
-        let Some(c) = self.containers.get_mut(key).and_then(Option::take) else { return };
+        let Some(key) = self.by_id.remove(id) else {
+            return;
+        };
+        let Some(c) = self.containers.get_mut(key).and_then(Option::take) else {
+            return;
+        };
         for (wd, serial) in c.wds() {
-            if self.sh.wds.get(&wd).is_some_and(|o| o.container == key && o.serial == serial) {
+            if self
+                .sh
+                .wds
+                .get(&wd)
+                .is_some_and(|o| o.container == key && o.serial == serial)
+            {
                 self.sh.wds.remove(&wd);
                 sys::rm_watch(self.sh.inotify.as_fd(), wd);
             }
         }
         self.sh.out.retain(|o| match o {
             Some(WatchOutput::File(f)) => f.container != id,
-            Some(WatchOutput::Overflow { container: Some(c), .. }) => c != id,
+            Some(WatchOutput::Overflow {
+                container: Some(c), ..
+            }) => c != id,
             _ => true,
         });
         self.free_keys.push(key);
@@ -265,12 +300,20 @@ impl Watcher {
             match sys::read(self.sh.inotify.as_fd(), buf) {
                 Ok(0) => return Ok(()),
                 Ok(n) => {
-                    for ev in rules::parse_events(buf.get(..n).unwrap_or_default()) {
-                        self.dispatch(&ev);
+                    let evs: Vec<_> =
+                        rules::parse_events(buf.get(..n).unwrap_or_default()).collect();
+                    let last = rules::last_name_changes(&evs);
+                    for (i, ev) in evs.iter().enumerate() {
+                        let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
+                        self.dispatch(ev, stale);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let waiting = self.containers.iter().flatten().any(Container::moves_waiting);
+                    let waiting = self
+                        .containers
+                        .iter()
+                        .flatten()
+                        .any(Container::moves_waiting);
                     if waiting && !waited {
                         waited = true;
                         if sys::poll_readable(self.sh.inotify.as_fd(), MOVE_PARTNER_WAIT_MS) {
@@ -284,21 +327,26 @@ impl Watcher {
         }
     }
 
-    fn dispatch(&mut self, ev: &rules::RawEvent<'_>) {
+    fn dispatch(&mut self, ev: &rules::RawEvent<'_>, stale: bool) {
         if ev.mask & libc::IN_Q_OVERFLOW != 0 {
             self.queue_overflow();
             return;
         }
-        let Some(owner) = self.sh.wds.get(&ev.wd).copied() else { return };
-        let Some(c) = self.containers.get_mut(owner.container).and_then(Option::as_mut) else {
+        let Some(owner) = self.sh.wds.get(&ev.wd).copied() else {
+            return;
+        };
+        let Some(c) = self
+            .containers
+            .get_mut(owner.container)
+            .and_then(Option::as_mut)
+        else {
             return;
         };
         if ev.mask & libc::IN_IGNORED != 0 {
             c.on_ignored(&mut self.sh, ev.wd, owner);
             return;
         }
-        c.on_event(&mut self.sh, owner, ev);
-        c.process_listings(&mut self.sh);
+        c.handle(&mut self.sh, owner, ev, stale);
     }
 
     /// The kernel queue overflowed: anything may have been lost, for any container.
@@ -307,7 +355,10 @@ impl Watcher {
         for c in self.containers.iter_mut().flatten() {
             c.settle(&mut self.sh);
         }
-        self.sh.out.push(Some(WatchOutput::Overflow { container: None, reason: "queue" }));
+        self.sh.out.push(Some(WatchOutput::Overflow {
+            container: None,
+            reason: "queue",
+        }));
         for c in self.containers.iter_mut().flatten() {
             c.rescan(&mut self.sh);
         }

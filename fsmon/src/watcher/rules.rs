@@ -3,6 +3,8 @@
 //!
 //! Kernel feature: the inotify(7) event record layout (`struct inotify_event`, 2.6.13).
 
+use std::collections::HashMap;
+
 use crate::event::FileKind;
 
 /// Size of the fixed part of `struct inotify_event` (wd, mask, cookie, len).
@@ -38,8 +40,30 @@ pub(crate) fn parse_events(buf: &[u8]) -> impl Iterator<Item = RawEvent<'_>> {
         let raw = buf.get(start..start.checked_add(len)?)?;
         off = start + len;
         let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
-        Some(RawEvent { wd, mask, cookie, name })
+        Some(RawEvent {
+            wd,
+            mask,
+            cookie,
+            name,
+        })
     })
+}
+
+/// Events that change what a name refers to.
+const NAME_CHANGES: u32 =
+    libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_FROM | libc::IN_MOVED_TO;
+
+/// For each (wd, name), the index of the last event in `evs` that creates, removes or
+/// renames it. An event with a later one for its name is handled knowing that a `stat` now
+/// would describe a later object, not its own.
+pub(crate) fn last_name_changes<'a>(evs: &[RawEvent<'a>]) -> HashMap<(i32, &'a [u8]), usize> {
+    let mut last = HashMap::new();
+    for (i, ev) in evs.iter().enumerate() {
+        if ev.mask & NAME_CHANGES != 0 && !ev.name.is_empty() {
+            last.insert((ev.wd, ev.name), i);
+        }
+    }
+    last
 }
 
 /// The container path of `name` inside the directory at container path `dir` (`b""` is the
@@ -73,7 +97,9 @@ pub(crate) struct Moves<T> {
 
 impl<T> Default for Moves<T> {
     fn default() -> Self {
-        Moves { pending: Vec::new() }
+        Moves {
+            pending: Vec::new(),
+        }
     }
 }
 
@@ -104,6 +130,10 @@ impl<T> Moves<T> {
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.pending.iter().map(|(_, t)| t)
     }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.pending.iter_mut().map(|(_, t)| t)
+    }
 }
 
 /// How long a write burst may last before another `modify` is reported for a file that is
@@ -130,9 +160,7 @@ pub(crate) struct Stamp {
 /// when monitoring of the container began (anything whose ctime is older predates it).
 pub(crate) fn rescan_change(old: Option<Stamp>, now: Stamp, armed_ns: i64) -> Option<FileKind> {
     match old {
-        Some(old) if old.size != now.size || old.mtime_ns != now.mtime_ns => {
-            Some(FileKind::Modify)
-        }
+        Some(old) if old.size != now.size || old.mtime_ns != now.mtime_ns => Some(FileKind::Modify),
         Some(old) if old.ctime_ns != now.ctime_ns => Some(FileKind::Attrib),
         Some(_) => None,
         None if now.ctime_ns < armed_ns => None,
@@ -165,7 +193,15 @@ mod tests {
         buf.extend(record(-1, libc::IN_Q_OVERFLOW, 0, b"", 0));
         let evs: Vec<_> = parse_events(&buf).collect();
         assert_eq!(evs.len(), 4);
-        assert_eq!(evs[0], RawEvent { wd: 1, mask: libc::IN_CREATE, cookie: 0, name: b"a" });
+        assert_eq!(
+            evs[0],
+            RawEvent {
+                wd: 1,
+                mask: libc::IN_CREATE,
+                cookie: 0,
+                name: b"a"
+            }
+        );
         assert_eq!(evs[1].name, b"");
         assert_eq!(evs[2].name, b"new\nline\xff");
         assert_eq!(evs[2].cookie, 77);
@@ -180,6 +216,28 @@ mod tests {
         buf.extend(second);
         assert_eq!(parse_events(&buf).count(), 1);
         assert_eq!(parse_events(&buf[..7]).count(), 0);
+    }
+
+    #[test]
+    fn finds_the_last_change_of_each_name() {
+        let ev = |wd, mask, name: &'static [u8]| RawEvent {
+            wd,
+            mask,
+            cookie: 0,
+            name,
+        };
+        let evs = [
+            ev(1, libc::IN_CREATE, b"a"),
+            ev(1, libc::IN_MODIFY, b"a"),
+            ev(2, libc::IN_CREATE, b"a"),
+            ev(1, libc::IN_MOVED_FROM, b"a"),
+            ev(1, libc::IN_ATTRIB, b""),
+            ev(1, libc::IN_CLOSE_WRITE, b"a"),
+        ];
+        let last = last_name_changes(&evs);
+        assert_eq!(last.get(&(1, &b"a"[..])), Some(&3));
+        assert_eq!(last.get(&(2, &b"a"[..])), Some(&2));
+        assert_eq!(last.len(), 2);
     }
 
     #[test]
@@ -221,14 +279,38 @@ mod tests {
 
     #[test]
     fn rescan_comparison() {
-        let s = Stamp { size: 3, mtime_ns: 100, ctime_ns: 100 };
+        let s = Stamp {
+            size: 3,
+            mtime_ns: 100,
+            ctime_ns: 100,
+        };
         assert_eq!(rescan_change(Some(s), s, 50), None);
-        assert_eq!(rescan_change(Some(s), Stamp { size: 4, ..s }, 50), Some(FileKind::Modify));
-        assert_eq!(rescan_change(Some(s), Stamp { mtime_ns: 101, ctime_ns: 101, ..s }, 50), Some(FileKind::Modify));
-        assert_eq!(rescan_change(Some(s), Stamp { ctime_ns: 101, ..s }, 50), Some(FileKind::Attrib));
+        assert_eq!(
+            rescan_change(Some(s), Stamp { size: 4, ..s }, 50),
+            Some(FileKind::Modify)
+        );
+        assert_eq!(
+            rescan_change(
+                Some(s),
+                Stamp {
+                    mtime_ns: 101,
+                    ctime_ns: 101,
+                    ..s
+                },
+                50
+            ),
+            Some(FileKind::Modify)
+        );
+        assert_eq!(
+            rescan_change(Some(s), Stamp { ctime_ns: 101, ..s }, 50),
+            Some(FileKind::Attrib)
+        );
         // Indexed at arm time without a stat: only changes after arming count.
         assert_eq!(rescan_change(None, s, 200), None);
         assert_eq!(rescan_change(None, s, 100), Some(FileKind::Modify));
-        assert_eq!(rescan_change(None, Stamp { mtime_ns: 10, ..s }, 100), Some(FileKind::Attrib));
+        assert_eq!(
+            rescan_change(None, Stamp { mtime_ns: 10, ..s }, 100),
+            Some(FileKind::Attrib)
+        );
     }
 }

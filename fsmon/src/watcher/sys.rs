@@ -2,7 +2,9 @@
 //!
 //! Kernel features: inotify(7) (`inotify_init1` 2.6.27, `IN_EXCL_UNLINK` 2.6.36),
 //! openat2(2) with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
-//! RESOLVE_NO_XDEV` (5.6), getdents64(2), the `*xattr(2)` family, procfs magic links
+//! RESOLVE_NO_XDEV` (5.6; before that, or where seccomp hides it, every path is opened one
+//! component at a time with `openat(O_NOFOLLOW | O_DIRECTORY)`, which is as strict for
+//! names without `/`), getdents64(2), the `*xattr(2)` family, procfs magic links
 //! (`/proc/self/fd/N`).
 //!
 //! Names handed to these functions come from the kernel (inotify events, directory
@@ -15,6 +17,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Longest file name Linux allows (`NAME_MAX`).
 const NAME_MAX: usize = 255;
@@ -91,7 +94,11 @@ pub(crate) fn inotify_init() -> io::Result<OwnedFd> {
 /// watch lands on the directory that was opened and checked, even if its name has since
 /// been replaced by a symlink. (`IN_DONT_FOLLOW` must not be used here: it would watch the
 /// magic link itself.)
-pub(crate) fn add_watch(inotify: BorrowedFd<'_>, dir: BorrowedFd<'_>, mask: u32) -> io::Result<i32> {
+pub(crate) fn add_watch(
+    inotify: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    mask: u32,
+) -> io::Result<i32> {
     let path = proc_fd_path(dir.as_raw_fd(), None)?;
     let path = cstr(&path)?;
     // SAFETY: both descriptors are valid for the call, `path` is NUL-terminated.
@@ -121,13 +128,74 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Waits up to `timeout_ms` for `fd` to become readable.
 pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     r > 0 && p.revents & libc::POLLIN != 0
 }
 
+/// openat2(2) turned out not to exist here (`ENOSYS`).
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// Opens `path` below `dirfd` refusing symlinks, `..` and mount crossings: openat2 with
+/// `resolve`, or, without openat2, one component at a time.
 fn openat2(dirfd: RawFd, path: &CStr, flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        match openat2_raw(dirfd, path, flags, resolve) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+            }
+            r => return r,
+        }
+    }
+    open_by_components(dirfd, path.to_bytes(), flags)
+}
+
+fn openat_raw(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    loop {
+        // SAFETY: `name` is NUL-terminated; the call only creates a descriptor.
+        let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor that nothing else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The openat2 fallback: every component is a plain name (no `..`, no `/`), opened with
+/// `O_NOFOLLOW | O_DIRECTORY` relative to the previous one (mount crossings are not
+/// detected here).
+fn open_by_components(dirfd: RawFd, path: &[u8], flags: libc::c_int) -> io::Result<OwnedFd> {
+    let parts: Vec<&[u8]> = path
+        .split(|&c| c == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    let last_flags = flags | libc::O_NOFOLLOW;
+    if parts.is_empty() {
+        return openat_raw(dirfd, c".", flags);
+    }
+    let mut cur: Option<OwnedFd> = None;
+    for (i, part) in parts.iter().enumerate() {
+        let at = cur.as_ref().map_or(dirfd, AsRawFd::as_raw_fd);
+        let f = if i + 1 == parts.len() {
+            last_flags
+        } else {
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW
+        };
+        cur = Some(with_name(part, |c| openat_raw(at, c, f))?);
+    }
+    cur.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+fn openat2_raw(dirfd: RawFd, path: &CStr, flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
     let how = OpenHow {
         flags: u64::from((flags | libc::O_CLOEXEC).unsigned_abs()),
         mode: 0,
@@ -172,12 +240,21 @@ pub(crate) fn open_child_dir(dir: BorrowedFd<'_>, name: &[u8], read: bool) -> io
 
 /// Re-opens the directory `dir` refers to, for reading (to list it).
 pub(crate) fn reopen_dir(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    openat2(dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, RESOLVE_STRICT)
+    openat2(
+        dir.as_raw_fd(),
+        c".",
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        RESOLVE_STRICT,
+    )
 }
 
 /// Opens `rel` (a relative path of several components, `b""` for `root` itself) below
 /// `root` as a directory, refusing symlinks anywhere on the way.
-pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[u8], read: bool) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_beneath(
+    root: BorrowedFd<'_>,
+    rel: &[u8],
+    read: bool,
+) -> io::Result<OwnedFd> {
     let mode = if read { libc::O_RDONLY } else { libc::O_PATH };
     let mut p = Vec::with_capacity(rel.len() + 2);
     if rel.is_empty() {
@@ -186,7 +263,12 @@ pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[u8], read: bool) -> 
         p.extend_from_slice(rel);
     }
     p.push(0);
-    openat2(root.as_raw_fd(), cstr(&p)?, mode | libc::O_DIRECTORY, RESOLVE_STRICT)
+    openat2(
+        root.as_raw_fd(),
+        cstr(&p)?,
+        mode | libc::O_DIRECTORY,
+        RESOLVE_STRICT,
+    )
 }
 
 /// Opens a trusted host path given by the container engine (an upperdir, an image layer):
@@ -230,8 +312,14 @@ impl Stat {
             gid: st.st_gid,
             rdev: st.st_rdev,
             size: u64::try_from(st.st_size).unwrap_or(0),
-            mtime_ns: st.st_mtime.saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec),
-            ctime_ns: st.st_ctime.saturating_mul(1_000_000_000).saturating_add(st.st_ctime_nsec),
+            mtime_ns: st
+                .st_mtime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec),
+            ctime_ns: st
+                .st_ctime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_ctime_nsec),
         }
     }
 
@@ -260,12 +348,18 @@ fn fstatat_raw(dirfd: RawFd, path: &CStr, flags: libc::c_int) -> io::Result<Stat
 
 /// `lstat` of the entry `name` in `dir` (never follows a symlink).
 pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Stat> {
-    with_name(name, |c| fstatat_raw(dir.as_raw_fd(), c, libc::AT_SYMLINK_NOFOLLOW))
+    with_name(name, |c| {
+        fstatat_raw(dir.as_raw_fd(), c, libc::AT_SYMLINK_NOFOLLOW)
+    })
 }
 
 /// `fstat` of an fd (also works on `O_PATH` fds).
 pub(crate) fn stat_fd(fd: BorrowedFd<'_>) -> io::Result<Stat> {
-    fstatat_raw(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    fstatat_raw(
+        fd.as_raw_fd(),
+        c"",
+        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+    )
 }
 
 fn xattr_result(r: isize) -> io::Result<Option<usize>> {
@@ -316,9 +410,19 @@ fn xattr_path<'b>(
         // SAFETY: `path` and `a` are NUL-terminated, `buf` is valid for `buf.len()` bytes.
         let r = unsafe {
             if follow_last {
-                libc::getxattr(path.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                libc::getxattr(
+                    path.as_ptr(),
+                    a.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
             } else {
-                libc::lgetxattr(path.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                libc::lgetxattr(
+                    path.as_ptr(),
+                    a.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
             }
         };
         if let Some(n) = xattr_result(r)? {
@@ -337,7 +441,11 @@ pub(crate) struct Dirent {
 }
 
 /// Lists a directory opened for reading (`.` and `..` left out).
-pub(crate) fn list_dir(dir: BorrowedFd<'_>, buf: &mut Vec<u8>, out: &mut Vec<Dirent>) -> io::Result<()> {
+pub(crate) fn list_dir(
+    dir: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    out: &mut Vec<Dirent>,
+) -> io::Result<()> {
     const HEADER: usize = 19; // d_ino (8) + d_off (8) + d_reclen (2) + d_type (1)
     if buf.len() < 32 * 1024 {
         buf.resize(32 * 1024, 0);
@@ -346,7 +454,12 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>, buf: &mut Vec<u8>, out: &mut Vec<Dir
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the kernel writes whole
         // `linux_dirent64` records into it.
         let n = unsafe {
-            libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len())
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -371,9 +484,96 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>, buf: &mut Vec<u8>, out: &mut Vec<Dir
             let raw = &rec[HEADER..reclen];
             let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
             if name != b"." && name != b".." && !name.is_empty() {
-                out.push(Dirent { ino, dtype, name: name.into() });
+                out.push(Dirent {
+                    ino,
+                    dtype,
+                    name: name.into(),
+                });
             }
             off += reclen;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+
+    use super::*;
+
+    fn fixture() -> (tempfile::TempDir, OwnedFd) {
+        let t = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(t.path().join("a/b")).expect("mkdir");
+        std::os::unix::fs::symlink("a", t.path().join("link")).expect("symlink");
+        std::os::unix::fs::symlink("/", t.path().join("a/root")).expect("symlink");
+        let fd = open_host_dir(t.path()).expect("open");
+        (t, fd)
+    }
+
+    #[test]
+    fn opens_only_real_directories_below() {
+        let (_t, root) = fixture();
+        for via_openat2 in [true, false] {
+            let open = |rel: &[u8]| {
+                if via_openat2 {
+                    open_dir_beneath(root.as_fd(), rel, false)
+                } else {
+                    let mut p = rel.to_vec();
+                    p.push(0);
+                    let c = CStr::from_bytes_with_nul(&p).expect("cstr");
+                    open_by_components(
+                        root.as_raw_fd(),
+                        c.to_bytes(),
+                        libc::O_PATH | libc::O_DIRECTORY,
+                    )
+                }
+            };
+            assert!(open(b"a/b").is_ok());
+            assert!(open(b"").is_ok());
+            for bad in [
+                &b"link"[..],
+                b"link/b",
+                b"a/root",
+                b"a/root/etc",
+                b"../a",
+                b"a/../..",
+            ] {
+                assert!(
+                    open(bad).is_err(),
+                    "{} opened (openat2: {via_openat2})",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+        let a = open_child_dir(root.as_fd(), b"a", false).expect("a");
+        assert!(open_child_dir(a.as_fd(), b"b", true).is_ok());
+        for bad in [&b"root"[..], b"..", b".", b"b/..", b"", b"x\0y"] {
+            assert!(open_child_dir(a.as_fd(), bad, false).is_err());
+        }
+    }
+
+    #[test]
+    fn stats_and_lists_hostile_names() {
+        let t = tempfile::tempdir().expect("temp dir");
+        let names: [&[u8]; 3] = [b"new\nline", b"bad\xff", b"plain"];
+        for n in names {
+            std::fs::write(t.path().join(std::ffi::OsStr::from_bytes(n)), "x").expect("write");
+        }
+        std::os::unix::fs::symlink("/", t.path().join("sym")).expect("symlink");
+        let root = open_host_dir(t.path()).expect("open");
+        let st = stat_at(root.as_fd(), b"sym").expect("lstat");
+        assert_eq!(st.mode & libc::S_IFMT, libc::S_IFLNK, "never followed");
+        assert_eq!(stat_at(root.as_fd(), b"new\nline").expect("stat").size, 1);
+        assert!(stat_fd(root.as_fd()).expect("fstat").is_dir());
+        let rd = reopen_dir(root.as_fd()).expect("reopen");
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        list_dir(rd.as_fd(), &mut buf, &mut out).expect("list");
+        let mut got: Vec<&[u8]> = out.iter().map(|d| &d.name[..]).collect();
+        got.sort();
+        let mut want = vec![&b"bad\xff"[..], b"new\nline", b"plain", b"sym"];
+        want.sort();
+        assert_eq!(got, want);
+        assert!(out.iter().all(|d| d.ino != 0));
     }
 }

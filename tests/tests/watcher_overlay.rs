@@ -1,0 +1,907 @@
+//! Tier 2: the watcher against real overlayfs mounts in temp dirs (root, no Docker).
+//!
+//! Each test mounts its own overlay, arms a `Watcher` on the upperdir, acts through the
+//! merged dir as a container would, drains the watcher until it is quiet, and checks what a
+//! user would check in fsmon's output. Run with
+//! `cargo test -p fsmon-tests --test watcher_overlay` as root.
+//!
+//! Tests that change inotify sysctls take the `LIMITS` lock for writing (every other test
+//! takes it for reading), so a lowered limit never leaks into another test; the sysctl is
+//! restored by a guard even when the test fails.
+
+#[path = "../src/overlay_mount.rs"]
+mod overlay_mount;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use fsmon::event::{FileEvent, FileKind, Source, WatchOutput};
+use fsmon::watcher::Watcher;
+use overlay_mount::*;
+
+static LIMITS: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    require_root();
+    LIMITS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    require_root();
+    LIMITS.write().unwrap_or_else(|e| e.into_inner())
+}
+
+const QUIET: Duration = Duration::from_millis(300);
+const MAX: Duration = Duration::from_secs(300);
+
+/// Lower layer used by most tests: an image with /etc, /topf, /d/e/g, /d/h.
+fn image(lowers: &[std::path::PathBuf]) {
+    let l = &lowers[0];
+    std::fs::create_dir_all(l.join("etc/sub")).expect("mkdir");
+    std::fs::write(l.join("etc/passwd"), "root:x:0:0\n").expect("write");
+    std::fs::write(l.join("etc/sub/f"), "x\n").expect("write");
+    std::fs::write(l.join("topf"), "top\n").expect("write");
+    std::fs::write(l.join("topf2"), "top2\n").expect("write");
+    std::fs::create_dir_all(l.join("d/e")).expect("mkdir");
+    std::fs::write(l.join("d/e/g"), "g\n").expect("write");
+    std::fs::write(l.join("d/h"), "h\n").expect("write");
+}
+
+fn armed(id: &str, m: &OverlayMount) -> Watcher {
+    let mut w = Watcher::new().expect("inotify");
+    w.add_container(id, m.layer()).expect("arm");
+    w
+}
+
+fn events(w: &mut Watcher) -> Vec<FileEvent> {
+    files(&drain(w, QUIET, MAX))
+}
+
+fn b(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+fn touch(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    // SAFETY: NUL-terminated path; a null `times` means "now".
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) };
+    assert_eq!(r, 0, "utimensat {}", p.display());
+}
+
+/// Every create must be reported exactly once.
+fn assert_no_duplicate_creates(evs: &[FileEvent]) {
+    let mut seen: HashMap<&[u8], usize> = HashMap::new();
+    for e in evs.iter().filter(|e| e.kind == FileKind::Create) {
+        *seen.entry(&e.path).or_default() += 1;
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(dups.is_empty(), "duplicate creates: {dups:?}");
+}
+
+#[test]
+fn arming_indexes_existing_content_without_reporting_it() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    // What a stopped container left behind: created files, a copied-up file, a deletion.
+    std::fs::create_dir_all(m.m("old/dir")).expect("mkdir");
+    std::fs::write(m.m("old/dir/f"), "1").expect("write");
+    std::fs::write(m.m("etc/passwd"), "changed").expect("write");
+    std::fs::remove_file(m.m("topf")).expect("rm");
+    let mut w = Watcher::new().expect("inotify");
+    let stats = w.add_container("c", m.layer()).expect("arm");
+    assert_eq!(stats.dirs, 4, "/, /old, /old/dir, /etc: {stats:?}");
+    assert_eq!(stats.files, 2, "{stats:?}");
+    assert_eq!(stats.whiteouts, 1, "{stats:?}");
+    assert_eq!(w.container_watch_count("c"), 4);
+    assert_eq!(w.watch_count(), 4);
+    let evs = events(&mut w);
+    assert!(
+        evs.is_empty(),
+        "content predating arm must not be reported:\n{}",
+        show(&evs)
+    );
+
+    std::fs::write(m.m("old/dir/g"), "2").expect("write");
+    std::fs::write(m.m("topf"), "back").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/old/dir/g"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/topf"),
+        1,
+        "re-create after delete:\n{}",
+        show(&evs)
+    );
+    assert!(
+        evs.iter()
+            .all(|e| e.container == "c" && e.source == Source::Inotify),
+        "{}",
+        show(&evs)
+    );
+}
+
+#[test]
+fn deep_mkdir_p_with_immediate_writes_loses_nothing() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    for round in 0..3 {
+        let mut rel = format!("deep{round}");
+        let mut dirs = Vec::new();
+        for level in 0..50 {
+            rel.push_str(&format!("/l{level}"));
+            dirs.push(rel.clone());
+        }
+        std::fs::create_dir_all(m.m(&rel)).expect("mkdir -p");
+        for d in &dirs {
+            std::fs::write(m.m(d).join("f"), "x").expect("write");
+        }
+        let evs = events(&mut w);
+        assert_no_duplicate_creates(&evs);
+        let mut want = vec![format!("/deep{round}")];
+        for d in &dirs {
+            want.push(format!("/{d}"));
+            want.push(format!("/{d}/f"));
+        }
+        for p in &want {
+            assert_eq!(
+                count(&evs, FileKind::Create, p.as_bytes()),
+                1,
+                "{p} not reported once:\n{}",
+                show(&evs)
+            );
+        }
+        let creates = evs.iter().filter(|e| e.kind == FileKind::Create).count();
+        assert_eq!(creates, want.len(), "{}", show(&evs));
+        assert!(
+            evs.iter()
+                .all(|e| matches!(e.kind, FileKind::Create | FileKind::Modify)),
+            "{}",
+            show(&evs)
+        );
+        assert!(
+            evs.iter()
+                .filter(|e| e.kind == FileKind::Create)
+                .all(|e| e.is_dir != e.path.ends_with(b"/f")),
+            "{}",
+            show(&evs)
+        );
+    }
+    assert_eq!(w.container_watch_count("c"), 1 + 3 * 51);
+}
+
+#[test]
+fn tree_moved_in_is_watched_then_scanned() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+
+    // Moved into the upperdir from outside the watched tree (what overlay does for a
+    // copied-up directory): an IN_MOVED_TO without IN_MOVED_FROM.
+    let t = m.outside.join("tree");
+    let mut want = vec![b("/tree")];
+    for i in 0..20 {
+        let d = t.join(format!("d{i}/sub"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        want.push(b(&format!("/tree/d{i}")));
+        want.push(b(&format!("/tree/d{i}/sub")));
+        for j in 0..25 {
+            std::fs::write(d.join(format!("f{j}")), "x").expect("write");
+            want.push(b(&format!("/tree/d{i}/sub/f{j}")));
+        }
+    }
+    std::fs::rename(&t, m.upper.join("tree")).expect("move in");
+    let evs = events(&mut w);
+    assert_no_duplicate_creates(&evs);
+    for p in &want {
+        assert_eq!(
+            count(&evs, FileKind::Create, p),
+            1,
+            "{}",
+            String::from_utf8_lossy(p)
+        );
+    }
+    assert_eq!(evs.len(), want.len(), "{}", show(&evs));
+    assert!(
+        evs.iter().skip(1).all(|e| e.source == Source::Scan),
+        "content comes from the scan"
+    );
+    // The moved-in tree is watched.
+    std::fs::write(m.m("tree/d3/sub/new"), "y").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/tree/d3/sub/new"),
+        1,
+        "{}",
+        show(&evs)
+    );
+
+    // Moved out of the upperdir (no IN_MOVED_TO ever comes): a delete, and its watches go.
+    let watches = w.container_watch_count("c");
+    std::fs::rename(m.upper.join("tree"), m.outside.join("gone")).expect("move out");
+    std::fs::write(m.outside.join("gone/d3/sub/after"), "z").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(evs.len(), 1, "{}", show(&evs));
+    assert_eq!(
+        (evs[0].kind, &evs[0].path[..], evs[0].is_dir),
+        (FileKind::Delete, &b"/tree"[..], true)
+    );
+    assert_eq!(w.container_watch_count("c"), watches - 41);
+
+    // A populated tree moved through the merged view: one rename, later paths follow.
+    std::fs::create_dir_all(m.m("stage/x/y")).expect("mkdir");
+    std::fs::write(m.m("stage/x/y/f"), "1").expect("write");
+    let _ = events(&mut w);
+    std::fs::rename(m.m("stage"), m.m("moved")).expect("mv");
+    std::fs::write(m.m("moved/x/y/f2"), "2").expect("write");
+    let evs = events(&mut w);
+    let r: Vec<_> = evs.iter().filter(|e| e.kind == FileKind::Rename).collect();
+    assert_eq!(r.len(), 1, "{}", show(&evs));
+    assert_eq!(
+        (r[0].old_path.as_deref(), &r[0].path[..], r[0].is_dir),
+        (Some(&b"/stage"[..]), &b"/moved"[..], true)
+    );
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/moved/x/y/f2"),
+        1,
+        "{}",
+        show(&evs)
+    );
+}
+
+#[test]
+fn moved_in_dir_of_100k_files_is_reported_once_each() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    let big = m.outside.join("big");
+    std::fs::create_dir(&big).expect("mkdir");
+    const N: usize = 100_000;
+    for i in 0..N {
+        std::fs::File::create(big.join(format!("file-{i:06}"))).expect("create");
+    }
+    std::fs::rename(&big, m.upper.join("big")).expect("move in");
+    let evs = events(&mut w);
+    assert_no_duplicate_creates(&evs);
+    assert_eq!(evs.len(), N + 1, "the dir and every file, once");
+    let paths: HashSet<&[u8]> = evs.iter().map(|e| &e.path[..]).collect();
+    for i in (0..N).step_by(997) {
+        assert!(paths.contains(format!("/big/file-{i:06}").as_bytes()));
+    }
+}
+
+#[test]
+fn copy_up_of_image_files_is_not_a_create() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    std::fs::set_permissions(m.m("etc/passwd"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Attrib, b"/etc/passwd"),
+        1,
+        "chmod:\n{}",
+        show(&evs)
+    );
+    assert_eq!(
+        evs.len(),
+        1,
+        "only the attrib (no create, no /etc):\n{}",
+        show(&evs)
+    );
+
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.m("etc/sub/f"))
+        .expect("open");
+    std::io::Write::write_all(&mut f, b"more\n").expect("write");
+    drop(f);
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Modify, b"/etc/sub/f"),
+        1,
+        "append:\n{}",
+        show(&evs)
+    );
+    assert_eq!(evs.len(), 1, "only the modify:\n{}", show(&evs));
+
+    touch(&m.m("topf"));
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Attrib, b"/topf"),
+        1,
+        "touch:\n{}",
+        show(&evs)
+    );
+    assert_eq!(evs.len(), 1, "only the attrib:\n{}", show(&evs));
+
+    // chmod of an image directory: copy-up of the dir, reported as its attrib.
+    std::fs::set_permissions(m.m("d"), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Attrib, b"/d"),
+        1,
+        "chmod dir:\n{}",
+        show(&evs)
+    );
+    assert_eq!(evs.len(), 1, "{}", show(&evs));
+    assert!(evs[0].is_dir);
+
+    // Writing an image file in a never-touched image dir (dir and file copied up at once).
+    std::fs::write(m.m("d/e/g"), "new content").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Modify, b"/d/e/g"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    assert!(
+        evs.iter().all(|e| e.kind != FileKind::Create),
+        "{}",
+        show(&evs)
+    );
+}
+
+#[test]
+fn deletes_of_image_entries_and_recreates() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    std::fs::remove_file(m.m("topf")).expect("rm");
+    let evs = events(&mut w);
+    assert_eq!(evs.len(), 1, "{}", show(&evs));
+    assert_eq!(
+        (evs[0].kind, &evs[0].path[..], evs[0].is_dir),
+        (FileKind::Delete, &b"/topf"[..], false)
+    );
+
+    std::fs::remove_dir_all(m.m("d")).expect("rm -r");
+    let evs = events(&mut w);
+    for (p, is_dir) in [
+        ("/d/e/g", false),
+        ("/d/e", true),
+        ("/d/h", false),
+        ("/d", true),
+    ] {
+        let hits: Vec<_> = evs.iter().filter(|e| e.path == p.as_bytes()).collect();
+        assert_eq!(hits.len(), 1, "{p}:\n{}", show(&evs));
+        assert_eq!(
+            (hits[0].kind, hits[0].is_dir),
+            (FileKind::Delete, is_dir),
+            "{p}:\n{}",
+            show(&evs)
+        );
+    }
+    assert_eq!(
+        evs.len(),
+        4,
+        "nothing but the four deletes:\n{}",
+        show(&evs)
+    );
+
+    // A copied-up file deleted: one delete.
+    std::fs::write(m.m("etc/passwd"), "x").expect("write");
+    let _ = events(&mut w);
+    std::fs::remove_file(m.m("etc/passwd")).expect("rm");
+    let evs = events(&mut w);
+    assert_eq!(evs.len(), 1, "{}", show(&evs));
+    assert_eq!(evs[0].kind, FileKind::Delete);
+
+    // Re-create after delete.
+    std::fs::write(m.m("topf"), "again").expect("write");
+    std::fs::create_dir(m.m("d")).expect("mkdir");
+    std::fs::write(m.m("etc/passwd"), "again").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(count(&evs, FileKind::Create, b"/topf"), 1, "{}", show(&evs));
+    assert_eq!(count(&evs, FileKind::Create, b"/d"), 1, "{}", show(&evs));
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/etc/passwd"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    assert!(evs.iter().any(|e| e.path == b"/d" && e.is_dir));
+    assert!(
+        evs.iter().all(|e| e.kind != FileKind::Delete),
+        "{}",
+        show(&evs)
+    );
+    assert_eq!(
+        std::fs::read_dir(m.m("d")).expect("ls").count(),
+        0,
+        "opaque: old content hidden"
+    );
+    // The re-created (opaque) directory is watched.
+    std::fs::write(m.m("d/h"), "new h").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(count(&evs, FileKind::Create, b"/d/h"), 1, "{}", show(&evs));
+}
+
+#[test]
+fn renames_pair_and_paths_follow() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    std::fs::create_dir_all(m.m("ra/q/r")).expect("mkdir");
+    std::fs::write(m.m("ra/f"), "1").expect("write");
+    std::fs::write(m.m("x1"), "1").expect("write");
+    std::fs::write(m.m("x2"), "2").expect("write");
+    let _ = events(&mut w);
+
+    let rename = |evs: &[FileEvent], old: &str, new: &str, is_dir: bool| {
+        let hits: Vec<_> = evs
+            .iter()
+            .filter(|e| e.kind == FileKind::Rename && e.old_path.as_deref() == Some(old.as_bytes()))
+            .collect();
+        assert_eq!(hits.len(), 1, "rename {old}:\n{}", show(evs));
+        assert_eq!(
+            (&hits[0].path[..], hits[0].is_dir),
+            (new.as_bytes(), is_dir),
+            "{}",
+            show(evs)
+        );
+    };
+
+    std::fs::rename(m.m("ra"), m.m("rb")).expect("mv dir");
+    std::fs::write(m.m("rb/f"), "2").expect("write");
+    std::fs::write(m.m("rb/q/r/deep"), "3").expect("write");
+    let evs = events(&mut w);
+    rename(&evs, "/ra", "/rb", true);
+    assert_eq!(count(&evs, FileKind::Modify, b"/rb/f"), 1, "{}", show(&evs));
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/rb/q/r/deep"),
+        1,
+        "descendant paths follow:\n{}",
+        show(&evs)
+    );
+    assert!(
+        evs.iter().all(|e| !e.path.starts_with(b"/ra/")),
+        "{}",
+        show(&evs)
+    );
+
+    std::fs::rename(m.m("rb/f"), m.m("rb/g")).expect("mv file");
+    std::fs::rename(m.m("x1"), m.m("x2")).expect("mv over existing");
+    std::fs::create_dir_all(m.m("n1/n2")).expect("mkdir");
+    std::fs::rename(m.m("rb"), m.m("n1/n2/rc")).expect("mv into subdir");
+    std::fs::write(m.m("n1/n2/rc/q/r/deeper"), "4").expect("write");
+    let evs = events(&mut w);
+    rename(&evs, "/rb/f", "/rb/g", false);
+    rename(&evs, "/x1", "/x2", false);
+    rename(&evs, "/rb", "/n1/n2/rc", true);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/n1/n2/rc/q/r/deeper"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    assert!(
+        evs.iter().all(|e| e.kind != FileKind::Delete),
+        "{}",
+        show(&evs)
+    );
+
+    // An image file renamed: overlay leaves a whiteout behind without telling; a new file
+    // at the old name is then a create. (/etc is copied up and watched first: when the
+    // rename itself copies the directory up, it is over before the directory can be
+    // watched and the scan can only tell a create and a delete, see below.)
+    touch(&m.m("etc/sub/f"));
+    let _ = events(&mut w);
+    std::fs::rename(m.m("etc/passwd"), m.m("etc/pw2")).expect("mv image file");
+    let evs = events(&mut w);
+    rename(&evs, "/etc/passwd", "/etc/pw2", false);
+    assert_eq!(evs.len(), 1, "{}", show(&evs));
+    std::fs::write(m.m("etc/passwd"), "new").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/etc/passwd"),
+        1,
+        "{}",
+        show(&evs)
+    );
+
+    // Renamed in a directory copied up by that very rename: a delete and a create.
+    std::fs::rename(m.m("d/h"), m.m("d/h2")).expect("mv image file");
+    let evs = events(&mut w);
+    assert_eq!(count(&evs, FileKind::Delete, b"/d/h"), 1, "{}", show(&evs));
+    assert_eq!(count(&evs, FileKind::Create, b"/d/h2"), 1, "{}", show(&evs));
+    assert_eq!(evs.len(), 2, "{}", show(&evs));
+}
+
+#[test]
+fn hard_links_are_creates() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    std::fs::hard_link(m.m("topf"), m.m("hl")).expect("ln image file");
+    std::fs::write(m.m("newf"), "n").expect("write");
+    std::fs::hard_link(m.m("newf"), m.m("hl2")).expect("ln new file");
+    let evs = events(&mut w);
+    assert_eq!(count(&evs, FileKind::Create, b"/hl"), 1, "{}", show(&evs));
+    assert_eq!(count(&evs, FileKind::Create, b"/hl2"), 1, "{}", show(&evs));
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/topf"),
+        0,
+        "copy-up of the source:\n{}",
+        show(&evs)
+    );
+}
+
+#[test]
+fn modify_is_coalesced_per_write_burst() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    for burst in 1..=2 {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.m("log"))
+            .expect("open");
+        for i in 0..1000 {
+            std::io::Write::write_all(&mut f, format!("line {i}\n").as_bytes()).expect("write");
+        }
+        drop(f);
+        let evs = events(&mut w);
+        assert_eq!(
+            count(&evs, FileKind::Modify, b"/log"),
+            1,
+            "burst {burst}:\n{}",
+            show(&evs)
+        );
+        assert_eq!(
+            count(&evs, FileKind::Create, b"/log"),
+            usize::from(burst == 1),
+            "{}",
+            show(&evs)
+        );
+    }
+}
+
+#[test]
+fn symlinks_are_never_followed_nor_swapped_into_a_watch() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    std::fs::write(m.outside.join("canary"), "host secret").expect("write");
+    let mut w = armed("c", &m);
+
+    // A symlink to / is an entry, never a directory to descend into.
+    std::os::unix::fs::symlink("/", m.m("rootlink")).expect("symlink");
+    std::os::unix::fs::symlink(&m.outside, m.m("hostlink")).expect("symlink");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/rootlink"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/hostlink"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    assert!(evs.iter().all(|e| !e.is_dir), "{}", show(&evs));
+    assert_eq!(evs.len(), 2, "{}", show(&evs));
+
+    // Directories replaced by symlinks to a host dir before their event is handled, through
+    // the merged view and directly in the upperdir; and a directory renamed away and
+    // replaced by such a symlink.
+    for i in 0..100 {
+        let d = m.m(&format!("sw{i}"));
+        std::fs::create_dir(&d).expect("mkdir");
+        std::fs::write(d.join("inner"), "x").expect("write");
+        std::fs::remove_dir_all(&d).expect("rm");
+        std::os::unix::fs::symlink(&m.outside, &d).expect("symlink");
+
+        let u = m.upper.join(format!("hw{i}"));
+        std::fs::create_dir(&u).expect("mkdir");
+        std::fs::remove_dir(&u).expect("rmdir");
+        std::os::unix::fs::symlink(&m.outside, &u).expect("symlink");
+
+        let r = m.m(&format!("rn{i}"));
+        std::fs::create_dir_all(r.join("y")).expect("mkdir");
+        std::fs::rename(&r, m.m(&format!("rn{i}.real"))).expect("mv");
+        std::os::unix::fs::symlink(&m.outside, &r).expect("symlink");
+    }
+    let evs = events(&mut w);
+    std::fs::write(m.outside.join("canary2"), "more").expect("write");
+    std::fs::create_dir(m.outside.join("newdir")).expect("mkdir");
+    let later = events(&mut w);
+    let all: Vec<_> = evs.iter().chain(&later).collect();
+    for e in &all {
+        let hay = [&e.path[..], e.old_path.as_deref().unwrap_or_default()];
+        for p in hay {
+            assert!(
+                !p.windows(6).any(|x| x == b"canary") && !p.ends_with(b"newdir"),
+                "host content leaked: {}",
+                String::from_utf8_lossy(p)
+            );
+            let first = p.split(|&c| c == b'/').nth(1).unwrap_or_default();
+            let is_link = first.starts_with(b"sw")
+                || first.starts_with(b"hw")
+                || (first.starts_with(b"rn") && !first.ends_with(b".real"));
+            assert!(
+                !(is_link && p.iter().filter(|&&c| c == b'/').count() > 1),
+                "descended into a symlink: {}",
+                String::from_utf8_lossy(p)
+            );
+        }
+    }
+    assert!(later.is_empty(), "{}", show(&later));
+    for i in 0..100 {
+        assert!(count(&evs, FileKind::Create, format!("/rn{i}.real/y").as_bytes()) <= 1);
+    }
+    // Watches: the root, and each rn*.real with its y; nothing else.
+    assert_eq!(w.container_watch_count("c"), 1 + 2 * 100);
+}
+
+#[test]
+fn hostile_names_are_reported_byte_exact() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    let long = "L".repeat(255);
+    let names: Vec<&[u8]> = vec![
+        b"bad\xff\xfename",
+        b"new\nline",
+        b" lead space",
+        b"back\\slash\"q",
+        long.as_bytes(),
+    ];
+    let dir = std::ffi::OsStr::from_bytes(b"dir\xc3\x28\n");
+    std::fs::create_dir(m.merged.join(dir)).expect("mkdir");
+    for n in &names {
+        let n = std::ffi::OsStr::from_bytes(n);
+        std::fs::write(m.merged.join(n), "x").expect("write");
+        std::fs::write(m.merged.join(dir).join(n), "y").expect("write");
+    }
+    let evs = events(&mut w);
+    assert_no_duplicate_creates(&evs);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/dir\xc3\x28\n"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    for n in &names {
+        let mut top = b"/".to_vec();
+        top.extend_from_slice(n);
+        let mut inner = b"/dir\xc3\x28\n/".to_vec();
+        inner.extend_from_slice(n);
+        assert_eq!(count(&evs, FileKind::Create, &top), 1, "{}", show(&evs));
+        assert_eq!(count(&evs, FileKind::Create, &inner), 1, "{}", show(&evs));
+    }
+}
+
+#[test]
+fn image_layers_whiteouts_and_opaque_dirs_are_honoured() {
+    let _l = shared();
+    // lower0 (top): deletes /x/gone, replaces /o by an opaque dir holding /o/a.
+    // lower1 (bottom): /x/gone, /x/kept, /o/a, /o/b.
+    let m = OverlayMount::new(2, |l| {
+        std::fs::create_dir_all(l[1].join("x")).expect("mkdir");
+        std::fs::create_dir_all(l[1].join("o")).expect("mkdir");
+        for f in ["x/gone", "x/kept", "o/a", "o/b"] {
+            std::fs::write(l[1].join(f), "bottom").expect("write");
+        }
+        std::fs::create_dir_all(l[0].join("x")).expect("mkdir");
+        mknod_whiteout(&l[0].join("x/gone"));
+        std::fs::create_dir_all(l[0].join("o")).expect("mkdir");
+        set_opaque(&l[0].join("o"));
+        std::fs::write(l[0].join("o/a"), "top").expect("write");
+    });
+    assert!(!m.m("x/gone").exists() && !m.m("o/b").exists() && m.m("x/kept").exists());
+    let mut w = armed("c", &m);
+    std::fs::write(m.m("x/gone"), "new").expect("write");
+    std::fs::write(m.m("o/b"), "new").expect("write");
+    std::fs::set_permissions(m.m("o/a"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(m.m("x/kept"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/x/gone"),
+        1,
+        "hidden by a whiteout in a higher layer:\n{}",
+        show(&evs)
+    );
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/o/b"),
+        1,
+        "hidden by an opaque dir:\n{}",
+        show(&evs)
+    );
+    assert_eq!(count(&evs, FileKind::Attrib, b"/o/a"), 1, "{}", show(&evs));
+    assert_eq!(
+        count(&evs, FileKind::Attrib, b"/x/kept"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    let creates: Vec<_> = evs.iter().filter(|e| e.kind == FileKind::Create).collect();
+    assert_eq!(creates.len(), 2, "{}", show(&evs));
+    std::fs::remove_file(m.m("x/kept")).expect("rm");
+    let evs = events(&mut w);
+    assert_eq!(evs.len(), 1, "{}", show(&evs));
+    assert_eq!(
+        (evs[0].kind, &evs[0].path[..]),
+        (FileKind::Delete, &b"/x/kept"[..])
+    );
+}
+
+#[test]
+fn removed_container_reports_nothing_more() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    std::fs::write(m.m("a"), "1").expect("write");
+    w.remove_container("c");
+    std::fs::write(m.m("b"), "2").expect("write");
+    std::fs::create_dir(m.m("dd")).expect("mkdir");
+    let outs = drain(&mut w, QUIET, MAX);
+    assert!(outs.is_empty(), "{outs:?}");
+    assert_eq!(w.watch_count(), 0);
+    assert_eq!(w.container_watch_count("c"), 0);
+}
+
+#[test]
+fn queue_overflow_is_reported_and_the_rescan_finds_everything() {
+    let _l = exclusive();
+    let m = OverlayMount::new(1, image);
+    // A small queue so that the overflow certainly happens (the value is read when the
+    // inotify instance is created), restored right after.
+    let mut w = {
+        let _q = SysctlGuard::set("fs/inotify/max_queued_events", 4096);
+        armed("c", &m)
+    };
+    const DIRS: usize = 50;
+    const PER_DIR: usize = 4000;
+    let mut want: Vec<Vec<u8>> = Vec::new();
+    for d in 0..DIRS {
+        std::fs::create_dir(m.m(&format!("burst{d}"))).expect("mkdir");
+        want.push(b(&format!("/burst{d}")));
+    }
+    // Watched directories first, so that the burst lands in the queue.
+    let first = events(&mut w);
+    assert_eq!(first.len(), DIRS, "{}", show(&first));
+    for d in 0..DIRS {
+        for f in 0..PER_DIR {
+            let rel = format!("burst{d}/f{f}");
+            std::fs::File::create(m.m(&rel)).expect("create");
+            want.push(b(&format!("/{rel}")));
+        }
+    }
+    let outs = drain(&mut w, QUIET, MAX);
+    let overflows: Vec<_> = outs
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                WatchOutput::Overflow {
+                    container: None,
+                    reason: "queue"
+                }
+            )
+        })
+        .collect();
+    assert!(!overflows.is_empty(), "no overflow record");
+    let evs: Vec<FileEvent> = first.into_iter().chain(files(&outs)).collect();
+    assert_no_duplicate_creates(&evs);
+    let created: HashSet<&[u8]> = evs
+        .iter()
+        .filter(|e| e.kind == FileKind::Create)
+        .map(|e| &e.path[..])
+        .collect();
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|p| !created.contains(&p[..]))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} paths never reported, e.g. {missing:?}",
+        want.len() - created.len()
+    );
+    assert!(
+        evs.iter().any(|e| e.source == Source::Scan),
+        "the rescan reported something"
+    );
+    assert!(
+        evs.iter().all(|e| e.kind == FileKind::Create),
+        "nothing but creates"
+    );
+    // Still watching after the rescan.
+    std::fs::write(m.m("burst7/after"), "x").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/burst7/after"),
+        1,
+        "{}",
+        show(&evs)
+    );
+}
+
+#[test]
+fn watch_limit_overflows_one_container_and_not_the_other() {
+    let _l = exclusive();
+    let ma = OverlayMount::new(1, image);
+    let mb = OverlayMount::new(1, image);
+    let mc = OverlayMount::new(1, image);
+    for i in 0..20 {
+        std::fs::create_dir_all(mc.upper.join(format!("pre/p{i}"))).expect("mkdir");
+    }
+    let mut w = Watcher::new().expect("inotify");
+    w.add_container("a", ma.layer()).expect("arm a");
+    w.add_container("b", mb.layer()).expect("arm b");
+    // Deep and wide, so that the limit is hit even if other processes free a few watches.
+    let mut dirs = vec!["l0".to_owned(), "l0/l1".to_owned(), "l0/l1/l2".to_owned()];
+    dirs.extend((0..100).map(|i| format!("l0/l1/l2/w{i}")));
+    let (c_stats, outs) = {
+        // Room for 2 more watches (a per-user limit, so machine-wide for root), for as
+        // short a time as possible.
+        let _g = SysctlGuard::set("fs/inotify/max_user_watches", inotify_watches_in_use() + 2);
+        // Arming under the limit: what can be armed is, the rest is indexed and reported.
+        let c_stats = w.add_container("c", mc.layer()).expect("arm c");
+        for d in &dirs {
+            std::fs::create_dir_all(ma.m(d)).expect("mkdir -p");
+            std::fs::write(ma.m(d).join("f"), "x").expect("write");
+        }
+        std::fs::write(mb.m("bfile"), "y").expect("write");
+        (c_stats, drain(&mut w, QUIET, MAX))
+    };
+    assert_eq!(c_stats.dirs, 22, "{c_stats:?}");
+    assert!(c_stats.unwatched_dirs > 0, "{c_stats:?}");
+    assert!(
+        outs.iter().any(|o| matches!(o, WatchOutput::Overflow { container: Some(c), reason: "watch_limit" } if c == "c")),
+        "{outs:?}"
+    );
+    let limit: Vec<_> = outs
+        .iter()
+        .filter(|o| matches!(o, WatchOutput::Overflow { container: Some(c), reason: "watch_limit" } if c == "a"))
+        .collect();
+    assert_eq!(limit.len(), 1, "{outs:?}");
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, WatchOutput::Overflow { container: Some(c), .. } if c == "b")),
+        "{outs:?}"
+    );
+    let evs = files(&outs);
+    let (a, bb): (Vec<_>, Vec<_>) = evs.into_iter().partition(|e| e.container == "a");
+    assert_eq!(count(&bb, FileKind::Create, b"/bfile"), 1, "{}", show(&bb));
+    // What the unwatched directories held when listed is still reported.
+    assert_no_duplicate_creates(&a);
+    for d in &dirs {
+        assert_eq!(
+            count(&a, FileKind::Create, format!("/{d}").as_bytes()),
+            1,
+            "{}",
+            show(&a)
+        );
+        assert_eq!(
+            count(&a, FileKind::Create, format!("/{d}/f").as_bytes()),
+            1,
+            "{}",
+            show(&a)
+        );
+    }
+    assert!(w.container_watch_count("a") < 1 + dirs.len());
+    // Limit restored: b keeps working.
+    std::fs::write(mb.m("bfile2"), "z").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Create, b"/bfile2"),
+        1,
+        "{}",
+        show(&evs)
+    );
+}
