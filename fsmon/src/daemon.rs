@@ -266,6 +266,11 @@ impl Daemon {
                     let line = record::file(now, &c.cref, &ev);
                     self.emit(&line)?;
                 }
+                WatchOutput::Exited { container } => {
+                    if self.containers.contains_key(&container) {
+                        self.stop(&container)?;
+                    }
+                }
                 WatchOutput::Overflow { container, reason } => {
                     let c = container
                         .as_ref()
@@ -328,7 +333,14 @@ impl Daemon {
                 if self.config.freeze && freeze.is_none() {
                     tracing::info!(container_id = %cg.id, age_us = age.as_micros() as u64, "lifecycle record too old to freeze safely; arming without freezing");
                 }
-                self.arm(&cg.id, freeze).await?;
+                self.arm(
+                    &cg.id,
+                    freeze,
+                    self.mounts
+                        .dir(Hierarchy::Unified, &rec.path)
+                        .filter(|_| hierarchy == Hierarchy::Unified),
+                )
+                .await?;
             }
             CgroupOp::Rmdir => {
                 if self.containers.contains_key(&cg.id) {
@@ -342,6 +354,18 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// The v2 cgroup of a container found by listing (not by its mkdir): Docker's cgroupfs
+    /// and systemd driver names.
+    fn unified_cgroup_of(&self, id: &str) -> Option<PathBuf> {
+        [
+            format!("/docker/{id}"),
+            format!("/system.slice/docker-{id}.scope"),
+        ]
+        .iter()
+        .filter_map(|rel| self.mounts.dir(Hierarchy::Unified, rel))
+        .find(|d| d.is_dir())
     }
 
     /// Whether the v2 hierarchy has the parent of cgroup `rel` (the engine puts its
@@ -371,14 +395,19 @@ impl Daemon {
         for id in stale {
             self.pending.remove(&id);
             tracing::warn!(container_id = %id, "no cgroup v2 directory came for this container; armed without freezing");
-            if let Err(e) = self.arm(&id, None).await {
+            if let Err(e) = self.arm(&id, None, self.unified_cgroup_of(&id)).await {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
             }
         }
     }
 
     /// Freeze (optionally) → resolve upperdir → arm → thaw → `container_start`.
-    async fn arm(&mut self, id: &str, freeze: Option<FreezeTarget>) -> anyhow::Result<()> {
+    async fn arm(
+        &mut self,
+        id: &str,
+        freeze: Option<FreezeTarget>,
+        unified_cgroup: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
         let frozen = match &freeze {
             Some(t) => match self.freezer.freeze(t, self.config.freeze_timeout) {
                 Ok(f) => f,
@@ -440,6 +469,14 @@ impl Daemon {
         };
         let line = record::container_start(SystemTime::now(), &cref, &upperdir, freeze_us);
         self.emit(&line)?;
+        // The container's exit, in order with its file events, so that nothing the engine
+        // does afterwards (removing a --rm container's layer) is reported as its doing.
+        // Without a v2 cgroup, the cgroup's rmdir record ends monitoring instead.
+        if let Some(dir) = unified_cgroup {
+            if let Err(e) = self.watcher.watch_exit(id, &dir) {
+                tracing::debug!(container_id = %id, cgroup = %dir.display(), error = %e, "cannot watch the container's cgroup.events");
+            }
+        }
         self.containers.insert(id.to_owned(), Monitored { cref });
         // Arming can itself produce output (a watch-limit overflow) that no fd readiness
         // will announce: print it now.
@@ -461,7 +498,7 @@ impl Daemon {
         for engine in 0..self.runtime.len() {
             for id in self.runtime.running(engine).await {
                 if !self.containers.contains_key(&id) {
-                    if let Err(e) = self.arm(&id, None).await {
+                    if let Err(e) = self.arm(&id, None, self.unified_cgroup_of(&id)).await {
                         tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
                     }
                 }

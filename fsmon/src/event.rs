@@ -85,4 +85,11 @@ pub enum WatchOutput {
         /// watch), ... Printed as the record's `reason`.
         reason: &'static str,
     },
+    /// The container's last process exited (its cgroup v2 `cgroup.events` says
+    /// `populated 0`). Everything before this in the stream is the container's own doing;
+    /// nothing after it is (e.g. the engine removing a `--rm` container's layer).
+    Exited {
+        /// The container.
+        container: ContainerId,
+    },
 }

@@ -275,18 +275,31 @@ pub struct Meta {
     pub gid: u32,
     /// Size in bytes (ignored for directories).
     pub size: u64,
+    /// Access time, ns since the epoch.
+    pub atime_ns: i64,
     /// Modification time, ns since the epoch.
     pub mtime_ns: i64,
 }
 
 /// For a copied-up entry found by a scan (its events came before the directory was
 /// watched): what changed compared with the image's copy. Data (size, mtime) → `modify`;
-/// only mode/owner → `attrib`; nothing visible → `None` (e.g. opened for writing, not
-/// written yet: a later `IN_MODIFY` will tell). For a directory only mode and owner count:
-/// its size and mtime move whenever entries are made in it.
+/// only mode/owner, or the times set together (`touch`, `utimes`) → `attrib`; nothing
+/// visible → `None` (e.g. opened for writing, not written yet: a later `IN_MODIFY` will
+/// tell). For a directory only mode and owner count: its size and mtime move whenever
+/// entries are made in it.
+///
+/// `touch` is told from a write by the access time: the copy-up keeps the image's atime
+/// and mtime, `touch` sets both to one same new value, a write moves the mtime alone.
+/// (A write of the same size followed by a read within one timestamp tick looks like a
+/// `touch`: reported as `attrib`.)
 pub fn copy_up_change(upper: &Meta, lower: &Meta) -> Option<FileKind> {
     let is_dir = upper.mode & libc::S_IFMT == libc::S_IFDIR;
-    if !is_dir && (upper.size != lower.size || upper.mtime_ns != lower.mtime_ns) {
+    let times_set = upper.size == lower.size
+        && upper.atime_ns == upper.mtime_ns
+        && upper.atime_ns != lower.atime_ns;
+    if !is_dir && times_set {
+        Some(FileKind::Attrib)
+    } else if !is_dir && (upper.size != lower.size || upper.mtime_ns != lower.mtime_ns) {
         Some(FileKind::Modify)
     } else if upper.mode != lower.mode || upper.uid != lower.uid || upper.gid != lower.gid {
         Some(FileKind::Attrib)
@@ -496,6 +509,7 @@ mod tests {
             uid: 0,
             gid: 0,
             size: 3,
+            atime_ns: 90,
             mtime_ns: 100,
         };
         let with = |f: fn(&mut Meta)| {
@@ -512,6 +526,37 @@ mod tests {
             copy_up_change(&with(|m| m.mtime_ns = 5), &lower),
             Some(FileKind::Modify)
         );
+        // touch: atime and mtime set together, size kept.
+        let touched = |m: &mut Meta| {
+            m.atime_ns = 500;
+            m.mtime_ns = 500;
+        };
+        assert_eq!(
+            copy_up_change(&with(touched), &lower),
+            Some(FileKind::Attrib)
+        );
+        // A write after which atime happens to equal mtime, but the size changed.
+        let grown = |m: &mut Meta| {
+            m.atime_ns = 500;
+            m.mtime_ns = 500;
+            m.size = 9;
+        };
+        assert_eq!(copy_up_change(&with(grown), &lower), Some(FileKind::Modify));
+        // An image file whose atime equals its mtime, written (atime kept).
+        let same = Meta {
+            atime_ns: 100,
+            ..lower
+        };
+        assert_eq!(
+            copy_up_change(
+                &Meta {
+                    mtime_ns: 500,
+                    ..same
+                },
+                &same
+            ),
+            Some(FileKind::Modify)
+        );
         assert_eq!(
             copy_up_change(&with(|m| m.mode = REG & !0o044), &lower),
             Some(FileKind::Attrib)
@@ -525,6 +570,7 @@ mod tests {
             uid: 0,
             gid: 0,
             size: 4096,
+            atime_ns: 100,
             mtime_ns: 100,
         };
         assert_eq!(copy_up_change(&Meta { size: 8192, ..dir }, &dir), None);
@@ -549,6 +595,7 @@ mod tests {
             uid: 0,
             gid: 0,
             size: 4096,
+            atime_ns: 100,
             mtime_ns: 100,
         };
         let chmod = Meta {

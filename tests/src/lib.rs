@@ -4,6 +4,8 @@
 //! Tier 3 (`tests/docker.rs`) needs the environment `cargo xtask test` sets up:
 //! `FSMON_BIN`, `FSMON_DOCKER_V1`, `FSMON_DOCKER_V2`, `FSMON_TEST_IMAGE`.
 
+pub mod overlay_mount;
+
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},

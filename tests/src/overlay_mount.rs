@@ -235,7 +235,7 @@ pub fn files(outs: &[WatchOutput]) -> Vec<FileEvent> {
     outs.iter()
         .filter_map(|o| match o {
             WatchOutput::File(f) => Some(f.clone()),
-            WatchOutput::Overflow { .. } => None,
+            WatchOutput::Overflow { .. } | WatchOutput::Exited { .. } => None,
         })
         .collect()
 }

@@ -615,3 +615,211 @@ fn restart_thaws_what_a_killed_fsmon_left_frozen() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+fn path_of(r: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    match r["path_b64"].as_str() {
+        Some(b) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .unwrap_or_default(),
+        None => r["path"].as_str().unwrap_or_default().as_bytes().to_vec(),
+    }
+}
+
+fn count(recs: &[&Value], kind: &str, path: &[u8]) -> usize {
+    recs.iter()
+        .filter(|r| r["kind"] == kind && path_of(r) == path)
+        .count()
+}
+
+/// What a container does to its own layer, reported in its own terms.
+const SCRIPT: &str = r#"
+set -e
+mkdir -p /deep/1/2/3/4/5/6/7/8/9/10/11/12/13/14/15/16/17/18/19/20 && echo x > /deep/1/2/3/4/5/6/7/8/9/10/11/12/13/14/15/16/17/18/19/20/f
+mkdir -p /dev/shm/t/u && echo y > /dev/shm/t/u/v && mv /dev/shm/t /moved
+echo more >> /etc/image-file
+chmod 600 /etc/passwd
+touch /data/sub/lower.txt
+rm /bin/yes
+rm -r /data
+echo again > /bin/yes
+echo f1 > /f1 && ln /f1 /f1-link
+mv /f1 /f1-renamed
+mv /deep/1 /deep/one
+echo later > /deep/one/2/after-rename
+ln -s / /rootlink
+touch "$(printf '/bad\377name')" "$(printf '/new\nline')"
+sleep 1
+"#;
+
+#[test]
+fn container_changes_are_reported_in_its_own_terms() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let name = unique(label);
+        docker(
+            &host,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                "--name",
+                &name,
+                &image(),
+                "sh",
+                "-c",
+                SCRIPT,
+            ],
+        )?;
+        let start = f.wait_for(WAIT, |r| {
+            r["kind"] == "container_start" && r["container"]["name"] == name.as_str()
+        })?;
+        let id = start["container"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        let recs = f.of(&id);
+        let show = || {
+            recs.iter()
+                .map(|r| format!("{} {} {}", r["kind"], r["path"], r["source"]))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let deep = "/deep/1/2/3/4/5/6/7/8/9/10/11/12/13/14/15/16/17/18/19/20/f";
+        for (kind, path, n) in [
+            ("create", deep.as_bytes(), 1),
+            ("create", b"/moved".as_slice(), 1),
+            ("create", b"/moved/u/v".as_slice(), 1),
+            // Copy-ups are the change that caused them, never a create.
+            ("modify", b"/etc/image-file".as_slice(), 1),
+            ("create", b"/etc/image-file".as_slice(), 0),
+            ("attrib", b"/etc/passwd".as_slice(), 1),
+            ("create", b"/etc/passwd".as_slice(), 0),
+            ("create", b"/data/sub/lower.txt".as_slice(), 0),
+            // Deletes of image files and directories.
+            ("delete", b"/data".as_slice(), 1),
+            ("delete", b"/data/sub".as_slice(), 1),
+            // A re-created image file is a create after its delete.
+            ("delete", b"/bin/yes".as_slice(), 1),
+            ("create", b"/bin/yes".as_slice(), 1),
+            ("create", b"/f1-link".as_slice(), 1),
+            ("rename", b"/f1-renamed".as_slice(), 1),
+            ("rename", b"/deep/one".as_slice(), 1),
+            ("create", b"/deep/one/2/after-rename".as_slice(), 1),
+            ("create", b"/rootlink".as_slice(), 1),
+            ("create", b"/bad\xffname".as_slice(), 1),
+            ("create", b"/new\nline".as_slice(), 1),
+        ] {
+            assert_eq!(
+                count(&recs, kind, path),
+                n,
+                "{label}: {kind} {:?}\n{}",
+                String::from_utf8_lossy(path),
+                show()
+            );
+        }
+        assert!(
+            recs.iter().all(|r| !path_of(r).starts_with(b"/rootlink/")),
+            "{label}: never through a symlink\n{}",
+            show()
+        );
+        let renamed = recs
+            .iter()
+            .find(|r| r["kind"] == "rename" && r["path"] == "/deep/one")
+            .copied();
+        assert_eq!(
+            renamed.map(|r| r["old_path"].clone()),
+            Some("/deep/1".into()),
+            "{label}"
+        );
+        let bad = recs.iter().find(|r| path_of(r) == b"/bad\xffname").copied();
+        assert_eq!(
+            bad.map(|r| r["path"].clone()),
+            Some("/bad\u{fffd}name".into()),
+            "{label}: lossy path for humans"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn queue_overflow_in_a_container_is_reported_and_rescanned() -> anyhow::Result<()> {
+    // A small kernel queue (it applies to inotify instances created after the change, so
+    // fsmon is started under it), fsmon stopped (SIGSTOP) while a container makes 200k
+    // files: the queue must overflow, and fsmon must say so and find every file.
+    let guard = fsmon_tests::overlay_mount::SysctlGuard::set("fs/inotify/max_queued_events", 4096);
+    let f = Fsmon::start(&hosts(), &[]);
+    drop(guard);
+    let mut f = f?;
+    let (label, host) = engines().remove(0);
+    let name = unique(label);
+    let n = 200_000;
+    let script = format!("mkdir /burst && sleep 2 && cd /burst && seq 1 {n} | xargs touch && touch /done && sleep 1000");
+    let id = docker(
+        &host,
+        &[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--label",
+            "fsmon-test",
+            "--name",
+            &name,
+            &image(),
+            "sh",
+            "-c",
+            &script,
+        ],
+    )?;
+    let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+    let upper = std::path::PathBuf::from(start["upperdir"].as_str().unwrap_or_default());
+    // The burst goes into a directory fsmon already watches.
+    f.wait_for(WAIT, |r| {
+        r["container"]["id"] == id.as_str() && r["path"] == "/burst"
+    })?;
+    // SAFETY: SIGSTOP to our own child.
+    unsafe { libc::kill(f.pid() as i32, libc::SIGSTOP) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !upper.join("done").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: SIGCONT to our own child.
+    unsafe { libc::kill(f.pid() as i32, libc::SIGCONT) };
+    assert!(
+        upper.join("done").exists(),
+        "{label}: the burst did not finish"
+    );
+    f.wait_for(Duration::from_secs(120), |r| {
+        r["container"]["id"] == id.as_str() && r["path"] == "/done"
+    })?;
+    f.settle(Duration::from_secs(1));
+    docker(&host, &["rm", "-f", &id])?;
+    let recs = f.of(&id);
+    assert!(
+        f.records.iter().any(|r| r["kind"] == "overflow"),
+        "{label}: a 200k burst into a stopped reader's 4096-event queue overflows, and fsmon says so"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for r in &recs {
+        if r["kind"] == "create" {
+            if let Some(p) = r["path"].as_str().and_then(|p| p.strip_prefix("/burst/")) {
+                seen.insert(p.to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        n,
+        "{label}: every file of the burst reported (inotify or rescan)"
+    );
+    assert!(
+        recs.iter().any(|r| r["source"] == "scan"),
+        "{label}: the rescan reported what the queue lost"
+    );
+    Ok(())
+}

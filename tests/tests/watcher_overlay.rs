@@ -9,9 +9,6 @@
 //! takes it for reading), so a lowered limit never leaks into another test; the sysctl is
 //! restored by a guard even when the test fails.
 
-#[path = "../src/overlay_mount.rs"]
-mod overlay_mount;
-
 use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -21,7 +18,7 @@ use std::time::Duration;
 
 use fsmon::event::{FileEvent, FileKind, Source, WatchOutput};
 use fsmon::watcher::Watcher;
-use overlay_mount::*;
+use fsmon_tests::overlay_mount::*;
 
 static LIMITS: RwLock<()> = RwLock::new(());
 
@@ -904,4 +901,229 @@ fn watch_limit_overflows_one_container_and_not_the_other() {
         "{}",
         show(&evs)
     );
+}
+
+/// Removes a tree the way `rm -r` does: depth first, each file unlinked, each directory
+/// removed once empty.
+fn rm_r(p: &Path) {
+    for e in std::fs::read_dir(p).expect("ls") {
+        let e = e.expect("dirent");
+        if e.file_type().expect("type").is_dir() {
+            rm_r(&e.path());
+        } else {
+            std::fs::remove_file(e.path()).expect("unlink");
+        }
+    }
+    std::fs::remove_dir(p).expect("rmdir");
+}
+
+/// The events, as (kind, path, is_dir), sorted: sources left out.
+fn summary(evs: &[FileEvent]) -> Vec<(&'static str, String, bool)> {
+    let mut v: Vec<_> = evs
+        .iter()
+        .map(|e| {
+            (
+                e.kind.as_str(),
+                String::from_utf8_lossy(&e.path).into_owned(),
+                e.is_dir,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn want(list: &[(&'static str, &str, bool)]) -> Vec<(&'static str, String, bool)> {
+    let mut v: Vec<_> = list.iter().map(|&(k, p, d)| (k, p.to_owned(), d)).collect();
+    v.sort();
+    v
+}
+
+/// An image with /data/sub/lower.txt, /data/sub/other.txt, /data/sub/deep/x and /data/top.
+fn data_image(lowers: &[std::path::PathBuf]) {
+    let l = &lowers[0];
+    std::fs::create_dir_all(l.join("data/sub/deep")).expect("mkdir");
+    for f in [
+        "data/sub/lower.txt",
+        "data/sub/other.txt",
+        "data/sub/deep/x",
+        "data/top",
+    ] {
+        std::fs::write(l.join(f), "image\n").expect("write");
+    }
+}
+
+const DATA_DELETES: [(&str, &str, bool); 7] = [
+    ("delete", "/data/sub/lower.txt", false),
+    ("delete", "/data/sub/other.txt", false),
+    ("delete", "/data/sub/deep/x", false),
+    ("delete", "/data/sub/deep", true),
+    ("delete", "/data/sub", true),
+    ("delete", "/data/top", false),
+    ("delete", "/data", true),
+];
+
+#[test]
+fn delete_after_copy_up_is_reported_once() {
+    let _l = shared();
+    // The reported case: touch of an image file (copy-up of /data, /data/sub and the file),
+    // then `rm -r` of the tree; read between the two, and both in one go.
+    for drain_between in [true, false] {
+        let m = OverlayMount::new(1, data_image);
+        let mut w = armed("c", &m);
+        touch(&m.m("data/sub/lower.txt"));
+        let mut evs = Vec::new();
+        if drain_between {
+            evs = events(&mut w);
+            assert_eq!(
+                summary(&evs),
+                want(&[("attrib", "/data/sub/lower.txt", false)]),
+                "touch:\n{}",
+                show(&evs)
+            );
+            evs.clear();
+        }
+        rm_r(&m.m("data"));
+        evs.extend(events(&mut w));
+        // Both at once: the copy-up and the attrib happened in directories deleted before
+        // they could be watched, so the attrib may not be seen at all.
+        let attribs = count(&evs, FileKind::Attrib, b"/data/sub/lower.txt");
+        assert!(attribs <= usize::from(!drain_between), "{}", show(&evs));
+        evs.retain(|e| e.kind != FileKind::Attrib);
+        assert_eq!(
+            summary(&evs),
+            want(&DATA_DELETES),
+            "drain between: {drain_between}:\n{}",
+            show(&evs)
+        );
+        // Nothing is left to report.
+        let evs = events(&mut w);
+        assert!(evs.is_empty(), "{}", show(&evs));
+    }
+}
+
+#[test]
+fn delete_after_chmod_or_append_is_reported_once() {
+    let _l = shared();
+    let m = OverlayMount::new(1, data_image);
+    let mut w = armed("c", &m);
+    std::fs::set_permissions(
+        m.m("data/sub/lower.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.m("data/sub/deep/x"))
+        .expect("open");
+    std::io::Write::write_all(&mut f, b"more\n").expect("write");
+    drop(f);
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[
+            ("attrib", "/data/sub/lower.txt", false),
+            ("modify", "/data/sub/deep/x", false),
+        ]),
+        "{}",
+        show(&evs)
+    );
+    rm_r(&m.m("data/sub"));
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&DATA_DELETES[..5]),
+        "rm -r /data/sub:\n{}",
+        show(&evs)
+    );
+    rm_r(&m.m("data"));
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&DATA_DELETES[5..]),
+        "rm -r /data:\n{}",
+        show(&evs)
+    );
+}
+
+#[test]
+fn copied_up_file_then_its_emptied_dir_are_deleted_once_each() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    // /d/e holds only g: copy it up, delete it, then the now-empty /d/e.
+    touch(&m.m("d/e/g"));
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[("attrib", "/d/e/g", false)]),
+        "{}",
+        show(&evs)
+    );
+    std::fs::remove_file(m.m("d/e/g")).expect("rm");
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[("delete", "/d/e/g", false)]),
+        "{}",
+        show(&evs)
+    );
+    std::fs::remove_dir(m.m("d/e")).expect("rmdir");
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[("delete", "/d/e", true)]),
+        "{}",
+        show(&evs)
+    );
+    // An image file never touched before: one delete.
+    std::fs::remove_file(m.m("topf2")).expect("rm");
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[("delete", "/topf2", false)]),
+        "{}",
+        show(&evs)
+    );
+    // And a path deleted twice over (re-created, then removed again): one delete each time.
+    std::fs::write(m.m("topf2"), "again").expect("write");
+    std::fs::remove_file(m.m("topf2")).expect("rm");
+    std::fs::create_dir(m.m("d/e")).expect("mkdir");
+    std::fs::remove_dir(m.m("d/e")).expect("rmdir");
+    let evs = events(&mut w);
+    assert_eq!(
+        count(&evs, FileKind::Delete, b"/topf2"),
+        1,
+        "{}",
+        show(&evs)
+    );
+    assert_eq!(count(&evs, FileKind::Delete, b"/d/e"), 1, "{}", show(&evs));
+}
+
+#[test]
+fn zz_scratch_concurrent_rm() {
+    let _l = shared();
+    for round in 0..200 {
+        let m = OverlayMount::new(1, data_image);
+        let mut w = armed("c", &m);
+        touch(&m.m("data/sub/lower.txt"));
+        let first = events(&mut w);
+        eprintln!("ROUND {round}");
+        let target = m.m("data");
+        let t = std::thread::spawn(move || rm_r(&target));
+        let mut outs = Vec::new();
+        for _ in 0..(round % 7) * 50 {
+            w.read_events(&mut outs).expect("read");
+        }
+        t.join().expect("join");
+        outs.extend(drain(&mut w, QUIET, MAX));
+        let evs = files(&outs);
+        assert_eq!(
+            summary(&evs),
+            want(&DATA_DELETES),
+            "round {round}, first:\n{}\nthen:\n{}",
+            show(&first),
+            show(&evs)
+        );
+    }
 }

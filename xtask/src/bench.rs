@@ -556,6 +556,7 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
     m.wait(Duration::from_secs(10), |l| {
         l.contains("container_start") && l.contains(&live.id)
     })?;
+    resolve_cost(&live)?;
     let b = inotifywait_on(&live.upper)?;
     let mut fl = latency(&m, &live, "fsmon", args.latency_samples, true)?;
     let mut bl = latency(&b, &live, "base", args.latency_samples, false)?;
@@ -604,5 +605,52 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
     println!("\n## memory (VmRSS of the fsmon process)");
     println!("idle, no container: {idle_rss} KiB; before 10k dirs: {before} KiB; after 10k watched dirs: {after} KiB; per 10k watches: {} KiB", after.saturating_sub(before));
     m.stop();
+    Ok(())
+}
+
+/// Upperdir resolution: overlay2's on-disk metadata (what fsmon reads while a container is
+/// frozen) against the engine's inspect API (the fallback), per lookup.
+fn resolve_cost(live: &Live) -> Result<()> {
+    use std::io::{Read, Write};
+    let root = PathBuf::from("/var/lib/docker");
+    let n = 2000;
+    let t = Instant::now();
+    for _ in 0..n {
+        let mount = std::fs::read_to_string(
+            root.join("image/overlay2/layerdb/mounts")
+                .join(&live.id)
+                .join("mount-id"),
+        )?;
+        let layer = root.join("overlay2").join(mount.trim());
+        let lower = std::fs::read_to_string(layer.join("lower"))?;
+        for short in lower.trim().split(':') {
+            std::fs::read_link(root.join("overlay2").join(short))?;
+        }
+        if !layer.join("diff").is_dir() {
+            bail!("no diff dir");
+        }
+    }
+    let disk_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let m = 200;
+    let t = Instant::now();
+    for _ in 0..m {
+        let mut s = std::os::unix::net::UnixStream::connect("/var/run/docker.sock")?;
+        write!(
+            s,
+            "GET /containers/{}/json HTTP/1.0\r\nHost: docker\r\n\r\n",
+            live.id
+        )?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body)?;
+        if !body.windows(8).any(|w| w == b"UpperDir") {
+            bail!("inspect answer without UpperDir");
+        }
+    }
+    let api_us = t.elapsed().as_secs_f64() * 1e6 / m as f64;
+    println!("\n## upperdir resolution (per lookup)");
+    println!("| method | µs |");
+    println!("|---|---|");
+    println!("| overlay2 on-disk metadata (fsmon's choice) | {disk_us:.1} |");
+    println!("| inspect API over the socket (fallback) | {api_us:.0} |");
     Ok(())
 }

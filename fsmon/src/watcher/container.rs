@@ -130,6 +130,10 @@ struct Entry {
     stamp: Option<Stamp>,
     /// When the current write burst was reported (0: none), see [`rules::modify_due`].
     burst_ms: u32,
+    /// A directory that overlayfs exchanged in for an emptied one (before an `rmdir`, or a
+    /// rename over it): it is opaque and empty, so the container sees nothing below it,
+    /// even while it is not watched.
+    emptied: bool,
 }
 
 impl Entry {
@@ -140,6 +144,7 @@ impl Entry {
             ino,
             stamp: None,
             burst_ms: 0,
+            emptied: false,
         }
     }
 
@@ -147,6 +152,11 @@ impl Entry {
         let mut e = Entry::new(kind, st.map_or(0, |s| s.ino));
         e.stamp = st.filter(|_| kind == EntryKind::File).map(stamp);
         e
+    }
+
+    /// Whether `other` is this very entry (same object, same node).
+    fn same_object(&self, other: &Entry) -> bool {
+        self.kind == other.kind && self.ino == other.ino && self.child == other.child
     }
 
     fn prior(&self) -> Prior {
@@ -221,6 +231,9 @@ struct PendingMove {
     /// Outputs about the moved directory's subtree since it left: renamed with it when the
     /// partner comes, dropped if it never does (they happened outside the container).
     captured: Vec<usize>,
+    /// Deletes of what was below a directory taken for emptied by overlayfs (the leaving
+    /// half of its exchange): dropped if a partner comes after all (it was a rename).
+    vanished: std::ops::Range<usize>,
 }
 
 /// Result of watching a directory that appeared.
@@ -657,13 +670,27 @@ impl Container {
         out
     }
 
-    /// Deletes for everything the container still saw below the directory `name` of `n`
-    /// that a whiteout just hid: what the index holds there and what the image layers show
-    /// (the same merge overlayfs does). `rmdir` needed that view empty, so each of those
-    /// was deleted, only too fast for its own event to be seen (overlayfs copies an image
-    /// directory up and whiteouts it before a watch can be added). Deepest first, like
-    /// `rm -r`; `source: scan` since they are inferred.
-    fn report_vanished(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], old_child: NodeId) {
+    /// Deletes for everything the container still saw below the directory `old` at `name`
+    /// of `n`, which overlayfs just emptied (exchanged for an empty opaque directory) or hid
+    /// with a whiteout: what the index holds there and what the image layers show (the same
+    /// merge overlayfs does). `rmdir` needed that view empty, so each of those was deleted,
+    /// only too fast for its own event to be seen (overlayfs copies an image directory up
+    /// and whiteouts it before a watch can be added). What the index knows as deleted
+    /// (whiteouts, names gone) is not reported again, and nothing is below an emptied
+    /// directory. Deepest first, like `rm -r`; `source: scan` since they are inferred.
+    /// Returns the output slots used.
+    fn report_vanished(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        old: Entry,
+    ) -> std::ops::Range<usize> {
+        let first = sh.out.len();
+        if old.emptied || !old.kind.is_dir() {
+            return first..first;
+        }
+        let old_child = old.child;
         /// One name of the merged view being walked.
         struct View {
             kind: EntryKind,
@@ -807,6 +834,22 @@ impl Container {
         for (p, is_dir) in found.into_iter().rev() {
             self.emit(sh, FileKind::Delete, p, is_dir, Source::Scan);
         }
+        first..sh.out.len()
+    }
+
+    /// Overlayfs exchanged an empty opaque directory in for the directory `old` at `name`
+    /// of `n` (`ovl_clear_empty`, before an `rmdir` or a rename over it, when the upper
+    /// directory holds whiteouts): the container's view below `name` is empty now, so what
+    /// it still saw there was deleted ([`Self::report_vanished`]), and the old directory
+    /// went to overlayfs' workdir: its node is displaced, so that overlayfs' cleanup of it
+    /// there (its whiteouts removed, then itself) is not taken for the container's doing.
+    /// Returns the output slots of the deletes.
+    fn emptied(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], old: Entry) -> std::ops::Range<usize> {
+        let slots = self.report_vanished(sh, n, name, old);
+        if self.valid_child(n, name, old.child) {
+            self.displace(old.child);
+        }
+        slots
     }
 
     /// The entry an image layer shows at `name` in node `n`, if any is visible.
@@ -1182,9 +1225,12 @@ impl Container {
             NodeState::Displaced => {
                 self.displaced.retain(|&(x, _)| x != m);
                 // An exchange's leaving half may still hold it: it is not leaving after all.
-                let _ = self.moves.take_where(|pm| {
+                let pm = self.moves.take_where(|pm| {
                     pm.child_serial == serial && pm.entry.is_some_and(|e| e.child == m)
                 });
+                if let Some(pm) = pm {
+                    Self::withdraw(sh, pm.vanished);
+                }
                 Some(old_path)
             }
             NodeState::Attached => {
@@ -1341,7 +1387,7 @@ impl Container {
             self.appear(sh, n, name, st, is_dir, Some(Via::Create), Source::Inotify);
         } else if ev.mask & libc::IN_MOVED_FROM != 0 {
             let exchanged = last_to.and_then(|(m, nm, e)| (m == n && *nm == *name).then_some(e));
-            self.on_moved_from(sh, n, name, ev.cookie, stale, exchanged);
+            self.on_moved_from(sh, n, name, ev.cookie, is_dir, stale, exchanged);
         } else if ev.mask & libc::IN_MOVED_TO != 0 {
             self.on_moved_to(sh, n, name, ev.cookie, is_dir, stale);
         } else if ev.mask & libc::IN_DELETE != 0 {
@@ -1378,6 +1424,9 @@ impl Container {
     /// flight (moved away, partner not seen yet) are set aside with its pending move.
     pub fn handle(&mut self, sh: &mut Shared, owner: WdOwner, ev: &RawEvent<'_>, stale: bool) {
         let start = sh.out.len();
+        if std::env::var_os("FSMON_RAW").is_some() {
+            eprintln!("RAW node={} path={:?} mask={:#x} cookie={} name={:?} stale={}", owner.node, self.nd(owner.node).map(|d| String::from_utf8_lossy(&d.path).into_owned()), ev.mask, ev.cookie, String::from_utf8_lossy(ev.name), stale);
+        }
         let inflight = self.inflight_ancestor(owner.node);
         self.on_event(sh, owner, ev, stale);
         self.process_listings(sh);
@@ -1494,7 +1543,10 @@ impl Container {
             }
             Appear::Delete { is_dir } => {
                 if is_dir {
-                    self.report_vanished(sh, n, name, old_child);
+                    let old = known
+                        .filter(|e| e.kind.is_dir())
+                        .unwrap_or_else(|| Entry::new(EntryKind::Dir, 0));
+                    self.report_vanished(sh, n, name, old);
                 }
                 self.emit(sh, FileKind::Delete, path, is_dir, source);
                 self.displace(old_child);
@@ -1522,11 +1574,17 @@ impl Container {
                 self.set_entry(n, name, entry);
             }
             Appear::Replace => {
-                self.displace(old_child);
                 let mut entry = Entry::from_stat(kind, st);
                 if kind.is_dir() {
+                    // The empty opaque directory of `ovl_clear_empty`.
+                    if let Some(old) = known {
+                        self.emptied(sh, n, name, old);
+                    }
+                    self.displace(old_child);
+                    entry.emptied = true;
                     entry.child = self.attach(sh, n, name, ScanMode::Report, None).node();
                 } else {
+                    self.displace(old_child);
                     self.emit(sh, FileKind::Modify, path, false, source);
                     entry.burst_ms = sh.now_ms();
                 }
@@ -1575,12 +1633,14 @@ impl Container {
         self.set_entry(n, name, entry);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_moved_from(
         &mut self,
         sh: &mut Shared,
         n: NodeId,
         name: &[u8],
         cookie: u32,
+        is_dir: bool,
         stale: bool,
         exchanged: Option<Option<Entry>>,
     ) {
@@ -1590,17 +1650,36 @@ impl Container {
             self.stat_child(n, name)
         };
         let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        if let (Some(Some(old)), Some(now)) = (exchanged, known) {
+            if is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(&now) {
+                // A directory left right after an unpaired IN_MOVED_TO of a directory at its
+                // name that the index took for the known one (it could not be looked at:
+                // stale, or already replaced): that was overlayfs exchanging an empty opaque
+                // directory in, and this is the known one leaving for the workdir.
+                self.exchanged_out(sh, n, name, cookie, old, stale);
+                return;
+            }
+        }
         if let Some(displaced) = exchanged {
             // Right after an unpaired IN_MOVED_TO of the same name that replaced something:
             // if what it put there is still there, overlayfs exchanged a new object in (a
             // re-created directory, an empty opaque one, a whiteout) and this is the old
             // one leaving, already accounted for by that IN_MOVED_TO.
+            // Overlayfs exchanges only when a directory is involved, and the container
+            // cannot rename a whiteout: when the event's kind is that of the replaced entry
+            // and not that of the new one, or the new one is a whiteout, this is surely the
+            // replaced one leaving, whatever is there now.
+            let leaving_is_old = match (displaced, known) {
+                (_, Some(e)) if !e.kind.is_real() => true,
+                (Some(d), Some(e)) => d.kind.is_dir() == is_dir && e.kind.is_dir() != is_dir,
+                _ => false,
+            };
             let still_there = match (st, known) {
                 (Some(s), Some(e)) => e.ino == 0 || s.ino == e.ino,
                 (None, _) => stale,
                 (Some(_), None) => false,
             };
-            if still_there {
+            if leaving_is_old || still_there {
                 let old_path = self.child_path(n, name);
                 let child_serial = displaced.and_then(|e| self.serial_of(e.child)).unwrap_or(0);
                 self.moves.push(
@@ -1611,6 +1690,7 @@ impl Container {
                         old_path,
                         slot: None,
                         captured: Vec::new(),
+                        vanished: 0..0,
                     },
                 );
                 return;
@@ -1664,6 +1744,48 @@ impl Container {
                 old_path,
                 slot,
                 captured: Vec::new(),
+                vanished: 0..0,
+            },
+        );
+    }
+
+    /// The second half of `ovl_clear_empty`'s exchange, recognised only now (see
+    /// [`Self::on_moved_from`]): the directory `old` left `name` of `n`, an empty opaque
+    /// one is there instead. Waits as a pending move in case a partner comes after all (a
+    /// rename of `old`: its deletes are then withdrawn).
+    fn exchanged_out(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        cookie: u32,
+        old: Entry,
+        stale: bool,
+    ) {
+        let child_serial = self
+            .serial_of(old.child)
+            .filter(|_| self.valid_child(n, name, old.child))
+            .unwrap_or(0);
+        let vanished = self.emptied(sh, n, name, old);
+        let mut entry = Entry::new(EntryKind::Dir, 0);
+        entry.emptied = true;
+        if !stale {
+            entry.child = self.attach(sh, n, name, ScanMode::Report, None).node();
+        }
+        self.set_entry(n, name, entry);
+        if let Some(d) = self.nd_mut(n) {
+            d.mtime_stale = true;
+        }
+        let old_path = self.child_path(n, name);
+        self.moves.push(
+            cookie,
+            PendingMove {
+                entry: Some(old),
+                child_serial,
+                old_path,
+                slot: None,
+                captured: Vec::new(),
+                vanished,
             },
         );
     }
@@ -1682,6 +1804,7 @@ impl Container {
             self.appear(sh, n, name, st, is_dir, Some(Via::MovedTo), Source::Inotify);
             return;
         };
+        Self::withdraw(sh, pm.vanished.clone());
         let now_kind = st.map(|s| self.classify(n, name, &s));
         let moving = pm.entry.map_or(Prior::Absent, |e| e.prior());
         if let Some(d) = self.nd_mut(n) {
@@ -1855,6 +1978,15 @@ impl Container {
     }
 
     // ----- batch boundaries -------------------------------------------------------------
+
+    /// Cancels outputs already placed.
+    fn withdraw(sh: &mut Shared, slots: std::ops::Range<usize>) {
+        for i in slots {
+            if let Some(slot) = sh.out.get_mut(i) {
+                *slot = None;
+            }
+        }
+    }
 
     /// Outputs set aside while a directory was in flight now carry its new path.
     fn rewrite_captured(sh: &mut Shared, captured: &[usize], old: &[u8], new: &[u8]) {

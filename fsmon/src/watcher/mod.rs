@@ -54,7 +54,7 @@ mod sys;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::event::WatchOutput;
@@ -148,6 +148,39 @@ pub struct Watcher {
     free_keys: Vec<usize>,
     by_id: HashMap<String, usize>,
     buf: Vec<u8>,
+    /// Watches on containers' `cgroup.events` files, by wd. In the same inotify instance as
+    /// the layers' watches, so a container's exit is ordered with its file events.
+    exits: HashMap<i32, ExitWatch>,
+}
+
+/// A watch on one container's cgroup v2 `cgroup.events`.
+struct ExitWatch {
+    id: String,
+    file: std::fs::File,
+    /// Whether a process was ever seen in the cgroup. The cgroup can be empty at arm time
+    /// (init not joined yet) and its freeze/thaw also modify `cgroup.events`, so only a
+    /// change from populated to empty is an exit.
+    seen_populated: bool,
+}
+
+impl ExitWatch {
+    /// Reads `cgroup.events`; returns true when this read shows the exit.
+    fn exited_now(&mut self) -> bool {
+        let mut text = [0u8; 256];
+        let n = std::os::unix::fs::FileExt::read_at(&self.file, &mut text, 0).unwrap_or(0);
+        let text = String::from_utf8_lossy(text.get(..n).unwrap_or_default()).into_owned();
+        if text.lines().any(|l| l.trim() == "populated 1") {
+            self.seen_populated = true;
+            false
+        } else {
+            self.seen_populated && unpopulated(&text)
+        }
+    }
+}
+
+/// Whether a `cgroup.events` text says the cgroup has no process left.
+fn unpopulated(events: &str) -> bool {
+    events.lines().any(|l| l.trim() == "populated 0")
 }
 
 impl Watcher {
@@ -163,6 +196,7 @@ impl Watcher {
             free_keys: Vec::new(),
             by_id: HashMap::new(),
             buf: vec![0; READ_BUF],
+            exits: HashMap::new(),
         })
     }
 
@@ -236,10 +270,28 @@ impl Watcher {
         Ok(stats)
     }
 
+    /// Reports the container's exit in order with its file events: watches `cgroup.events`
+    /// in `cgroup_dir` (a cgroup v2 directory: a host path fsmon chose, not container
+    /// content) and emits [`WatchOutput::Exited`] when it says `populated 0`.
+    pub fn watch_exit(&mut self, id: &str, cgroup_dir: &Path) -> io::Result<()> {
+        let file = std::fs::File::open(cgroup_dir.join("cgroup.events"))?;
+        let wd = sys::add_watch(self.sh.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
+        let mut exit = ExitWatch { id: id.to_owned(), file, seen_populated: false };
+        // Watch first, then read: a change after this read is an event.
+        let _ = exit.exited_now();
+        self.exits.insert(wd, exit);
+        Ok(())
+    }
+
     /// Stops watching a container: removes its watches and forgets it. Nothing more is
     /// reported for it, including outputs not yet returned by `read_events`; its late
     /// events and `IN_IGNORED`s are dropped.
     pub fn remove_container(&mut self, id: &str) {
+        let exit_wds: Vec<i32> = self.exits.iter().filter(|(_, e)| e.id == id).map(|(wd, _)| *wd).collect();
+        for wd in exit_wds {
+            self.exits.remove(&wd);
+            sys::rm_watch(self.sh.inotify.as_fd(), wd);
+        }
         let Some(key) = self.by_id.remove(id) else {
             return;
         };
@@ -330,6 +382,25 @@ impl Watcher {
     fn dispatch(&mut self, ev: &rules::RawEvent<'_>, stale: bool) {
         if ev.mask & libc::IN_Q_OVERFLOW != 0 {
             self.queue_overflow();
+            return;
+        }
+        if let Some(exit) = self.exits.get_mut(&ev.wd) {
+            if ev.mask & libc::IN_IGNORED != 0 {
+                self.exits.remove(&ev.wd);
+            } else if ev.mask & libc::IN_MODIFY != 0 && exit.exited_now() {
+                let container = exit.id.clone();
+                // Pending rename halves of this container are its own: settle them
+                // before the exit, so they are not lost with the container.
+                if let Some(c) = self
+                    .by_id
+                    .get(&container)
+                    .and_then(|&k| self.containers.get_mut(k))
+                    .and_then(Option::as_mut)
+                {
+                    c.finish(&mut self.sh);
+                }
+                self.sh.out.push(Some(WatchOutput::Exited { container }));
+            }
             return;
         }
         let Some(owner) = self.sh.wds.get(&ev.wd).copied() else {

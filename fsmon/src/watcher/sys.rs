@@ -298,6 +298,7 @@ pub(crate) struct Stat {
     pub gid: u32,
     pub rdev: u64,
     pub size: u64,
+    pub atime_ns: i64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
 }
@@ -312,6 +313,10 @@ impl Stat {
             gid: st.st_gid,
             rdev: st.st_rdev,
             size: u64::try_from(st.st_size).unwrap_or(0),
+            atime_ns: st
+                .st_atime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_atime_nsec),
             mtime_ns: st
                 .st_mtime
                 .saturating_mul(1_000_000_000)
@@ -333,6 +338,7 @@ impl Stat {
             uid: self.uid,
             gid: self.gid,
             size: self.size,
+            atime_ns: self.atime_ns,
             mtime_ns: self.mtime_ns,
         }
     }
