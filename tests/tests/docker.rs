@@ -823,3 +823,134 @@ fn queue_overflow_in_a_container_is_reported_and_rescanned() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[test]
+fn symlink_swaps_never_lead_outside_the_layer() -> anyhow::Result<()> {
+    let canary_dir = tempfile::tempdir()?;
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let name = unique(label);
+        // Directories swapped for symlinks to host-looking paths, as fast as the shell can.
+        let script =
+            "for i in $(seq 300); do mkdir -p /s/d; touch /s/d/x; rm -rf /s; ln -s / /s; rm /s; \
+                      mkdir /t; mv /t /t2; ln -s /etc /t; rm -rf /t /t2; done; sleep 1";
+        let id = docker(
+            &host,
+            &[
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                "--name",
+                &name,
+                &image(),
+                "sh",
+                "-c",
+                script,
+            ],
+        )?;
+        f.wait_for(WAIT, is("container_start", id.clone()))?;
+        docker(&host, &["wait", &id])?;
+        // Host writes in the places the symlinks pointed at are never the container's.
+        std::fs::write(canary_dir.path().join("canary"), "host")?;
+        std::fs::write("/etc/fsmon-test-canary", "host")?;
+        let _ = std::fs::remove_file("/etc/fsmon-test-canary");
+        docker(&host, &["rm", "-f", &id])?;
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        let recs = f.of(&id);
+        for r in &recs {
+            let p = path_of(r);
+            let allowed = [b"/s".as_slice(), b"/t", b"/t2"];
+            assert!(
+                r["path"].is_null()
+                    || allowed.iter().any(|a| p == *a
+                        || (p.starts_with(a)
+                            && p.get(a.len()) == Some(&b'/')
+                            && !p.starts_with(b"/s/etc")
+                            && !p.starts_with(b"/t/"))),
+                "{label}: a record outside what the container made, or through a symlink: {r}"
+            );
+        }
+        assert!(
+            recs.iter()
+                .any(|r| r["kind"] == "create" && r["path"] == "/s/d/x"),
+            "{label}: the real files are still reported"
+        );
+    }
+    f.settle(Duration::from_millis(500));
+    assert!(
+        f.records
+            .iter()
+            .all(|r| !r["path"].as_str().is_some_and(|p| p.contains("canary"))),
+        "host writes were reported"
+    );
+    Ok(())
+}
+
+#[test]
+fn watch_limit_hits_one_container_and_not_the_others() -> anyhow::Result<()> {
+    use fsmon_tests::overlay_mount::{inotify_watches_in_use, SysctlGuard};
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    let engines = engines();
+    let (big_label, big_host) = &engines[0];
+    let (small_label, small_host) = &engines[1];
+    let small_name = unique(small_label);
+    let small = docker(
+        small_host,
+        &[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--label",
+            "fsmon-test",
+            "--name",
+            &small_name,
+            &image(),
+            "sleep",
+            "1000",
+        ],
+    )?;
+    f.wait_for(WAIT, is("container_start", small.clone()))?;
+    let big_name = unique(big_label);
+    let big = {
+        // Room for ~30 more watches for every root process together, then a container that
+        // makes 200 directories.
+        let _limit = SysctlGuard::set("fs/inotify/max_user_watches", inotify_watches_in_use() + 30);
+        let big = docker(big_host, &["run", "-d", "--network", "none", "--label", "fsmon-test", "--name", &big_name, &image(), "sh", "-c", "mkdir -p /many && cd /many && for i in $(seq 200); do mkdir d$i; echo x > d$i/f; done; touch /many-done; sleep 1000"])?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "overflow"
+                && r["reason"] == "watch_limit"
+                && r["container"]["id"] == big.as_str()
+        })?;
+        f.wait_for(Duration::from_secs(60), |r| {
+            r["container"]["id"] == big.as_str() && r["path"] == "/many-done"
+        })?;
+        // The other container is still reported while the limit holds.
+        docker(small_host, &["exec", &small, "touch", "/still-watched"])?;
+        f.wait_for(WAIT, |r| {
+            r["container"]["id"] == small.as_str() && r["path"] == "/still-watched"
+        })?;
+        big
+    };
+    let recs = f.of(&big);
+    let dirs = recs
+        .iter()
+        .filter(|r| {
+            r["kind"] == "create"
+                && r["is_dir"] == true
+                && r["path"].as_str().is_some_and(|p| p.starts_with("/many/d"))
+        })
+        .count();
+    assert_eq!(
+        dirs, 200,
+        "{big_label}: every directory is still reported (indexed when it cannot be watched)"
+    );
+    for id in [&big, &small] {
+        let host = if id == &big { big_host } else { small_host };
+        docker(host, &["rm", "-f", id])?;
+    }
+    Ok(())
+}
