@@ -52,6 +52,33 @@ pub fn docker(host: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// `docker run -d` of the test image, labelled for clean-up; returns the container id.
+pub fn run_detached(host: &str, name: &str, cmd: &[&str]) -> Result<String> {
+    run_test_image(host, "-d", name, cmd)
+}
+
+/// `docker run --rm` of the test image (waits for it to exit).
+pub fn run_rm(host: &str, name: &str, cmd: &[&str]) -> Result<String> {
+    run_test_image(host, "--rm", name, cmd)
+}
+
+fn run_test_image(host: &str, mode: &str, name: &str, cmd: &[&str]) -> Result<String> {
+    let image = image();
+    let mut args = vec![
+        "run",
+        mode,
+        "--network",
+        "none",
+        "--label",
+        "fsmon-test",
+        "--name",
+        name,
+        &image,
+    ];
+    args.extend_from_slice(cmd);
+    docker(host, &args)
+}
+
 /// A running `fsmon run`, with its records collected by a reader thread.
 pub struct Fsmon {
     child: Child,
@@ -200,4 +227,19 @@ fn tail(v: &[Value]) -> &[Value] {
 /// A container id's records of kind `kind`.
 pub fn kinds<'a>(recs: &[&'a Value], kind: &str) -> Vec<&'a Value> {
     recs.iter().copied().filter(|r| r["kind"] == kind).collect()
+}
+
+/// A container's records start with `container_start` and end with `container_stop`:
+/// nothing is reported before it is armed or after it is gone (e.g. `--rm` cleanup).
+pub fn assert_bracketed(recs: &[&Value], what: &str) {
+    assert_eq!(
+        recs.first().map(|r| r["kind"].clone()),
+        Some("container_start".into()),
+        "{what}"
+    );
+    assert_eq!(
+        recs.last().map(|r| r["kind"].clone()),
+        Some("container_stop".into()),
+        "{what}"
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fsmon_tests::{docker, engines, image, Fsmon};
+use fsmon_tests::{assert_bracketed, docker, engines, image, run_detached, run_rm, Fsmon};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -33,22 +33,7 @@ fn run_stop_start_rm_on_both_engines() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts(), &[])?;
     for (label, host) in engines() {
         let name = unique(label);
-        let id = docker(
-            &host,
-            &[
-                "run",
-                "-d",
-                "--network",
-                "none",
-                "--label",
-                "fsmon-test",
-                "--name",
-                &name,
-                &image(),
-                "sleep",
-                "1000",
-            ],
-        )?;
+        let id = run_detached(&host, &name, &["sleep", "1000"])?;
         assert_eq!(id.len(), 64, "{label}: docker run -d prints the id");
         let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
         assert_eq!(start["container"]["name"], name.as_str(), "{label}");
@@ -90,23 +75,7 @@ fn run_rm_reports_start_and_stop() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts(), &[])?;
     for (label, host) in engines() {
         let name = unique(label);
-        docker(
-            &host,
-            &[
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "--label",
-                "fsmon-test",
-                "--name",
-                &name,
-                &image(),
-                "sh",
-                "-c",
-                "true",
-            ],
-        )?;
+        run_rm(&host, &name, &["sh", "-c", "true"])?;
         let start = f.wait_for(WAIT, |r| {
             r["kind"] == "container_start" && r["container"]["name"] == name.as_str()
         })?;
@@ -117,15 +86,9 @@ fn run_rm_reports_start_and_stop() -> anyhow::Result<()> {
         f.wait_for(WAIT, is("container_stop", id.clone()))?;
         f.settle(Duration::from_millis(1500));
         let of = f.of(&id);
-        assert_eq!(
-            of.first().map(|r| r["kind"].clone()),
-            Some("container_start".into()),
-            "{label}"
-        );
-        assert_eq!(
-            of.last().map(|r| r["kind"].clone()),
-            Some("container_stop".into()),
-            "{label}: nothing after the stop (no --rm cleanup): {of:#?}"
+        assert_bracketed(
+            &of,
+            &format!("{label}: nothing after the stop (no --rm cleanup): {of:#?}"),
         );
     }
     Ok(())
@@ -138,22 +101,7 @@ fn running_containers_are_armed_before_ready() -> anyhow::Result<()> {
         let name = unique(label);
         ids.push((
             host.clone(),
-            docker(
-                &host,
-                &[
-                    "run",
-                    "-d",
-                    "--network",
-                    "none",
-                    "--label",
-                    "fsmon-test",
-                    "--name",
-                    &name,
-                    &image(),
-                    "sleep",
-                    "1000",
-                ],
-            )?,
+            run_detached(&host, &name, &["sleep", "1000"])?,
         ));
     }
     let f = Fsmon::start(&hosts(), &[])?;
@@ -227,22 +175,7 @@ fn engine_down_is_not_fatal() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts, &[])?;
     let (label, host) = engines().remove(0);
     let name = unique(label);
-    let id = docker(
-        &host,
-        &[
-            "run",
-            "-d",
-            "--network",
-            "none",
-            "--label",
-            "fsmon-test",
-            "--name",
-            &name,
-            &image(),
-            "sleep",
-            "1000",
-        ],
-    )?;
+    let id = run_detached(&host, &name, &["sleep", "1000"])?;
     f.wait_for(WAIT, is("container_start", id.clone()))?;
     docker(&host, &["rm", "-f", &id])?;
     f.wait_for(WAIT, is("container_stop", id))?;
@@ -274,25 +207,7 @@ fn run_many(host: &str, label: &str, n: usize, parallel: usize) -> anyhow::Resul
             .iter()
             .map(|name| {
                 let (host, name) = (host.to_owned(), name.clone());
-                std::thread::spawn(move || {
-                    docker(
-                        &host,
-                        &[
-                            "run",
-                            "--rm",
-                            "--network",
-                            "none",
-                            "--label",
-                            "fsmon-test",
-                            "--name",
-                            &name,
-                            &image(),
-                            "sh",
-                            "-c",
-                            FIRST,
-                        ],
-                    )
-                })
+                std::thread::spawn(move || run_rm(&host, &name, &["sh", "-c", FIRST]))
             })
             .collect();
         for (h, name) in handles.into_iter().zip(&batch) {
@@ -325,15 +240,9 @@ fn check_lossless(f: &mut Fsmon, label: &str, names: &[String]) -> anyhow::Resul
             .iter()
             .filter(|r| r["container"]["name"] == name.as_str())
             .collect();
-        assert_eq!(
-            recs.first().map(|r| r["kind"].clone()),
-            Some("container_start".into()),
-            "{label} {name}: {recs:#?}"
-        );
-        assert_eq!(
-            recs.last().map(|r| r["kind"].clone()),
-            Some("container_stop".into()),
-            "{label} {name}: nothing after the stop: {recs:#?}"
+        assert_bracketed(
+            &recs,
+            &format!("{label} {name}: nothing after the stop: {recs:#?}"),
         );
         assert!(
             recs.iter().all(|r| r["kind"] != "delete"),
@@ -445,23 +354,7 @@ fn pause_is_respected_and_stop_start_restart_rearm() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts(), &[])?;
     for (label, host) in engines() {
         let name = unique(label);
-        let id = docker(
-            &host,
-            &[
-                "run",
-                "-d",
-                "--network",
-                "none",
-                "--label",
-                "fsmon-test",
-                "--name",
-                &name,
-                &image(),
-                "sh",
-                "-c",
-                "while :; do sleep 0.2; done",
-            ],
-        )?;
+        let id = run_detached(&host, &name, &["sh", "-c", "while :; do sleep 0.2; done"])?;
         f.wait_for(WAIT, is("container_start", id.clone()))?;
         docker(&host, &["pause", &id])?;
         std::thread::sleep(Duration::from_secs(2));
@@ -548,22 +441,7 @@ fn restart_thaws_what_a_killed_fsmon_left_frozen() -> anyhow::Result<()> {
     let mut ids = Vec::new();
     for (label, host) in engines() {
         let name = unique(label);
-        let id = docker(
-            &host,
-            &[
-                "run",
-                "-d",
-                "--network",
-                "none",
-                "--label",
-                "fsmon-test",
-                "--name",
-                &name,
-                &image(),
-                "sleep",
-                "1000",
-            ],
-        )?;
+        let id = run_detached(&host, &name, &["sleep", "1000"])?;
         let (kind, control, value) = if label == "cgroup-v1" {
             (
                 "v1",
@@ -657,23 +535,7 @@ fn container_changes_are_reported_in_its_own_terms() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts(), &[])?;
     for (label, host) in engines() {
         let name = unique(label);
-        docker(
-            &host,
-            &[
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "--label",
-                "fsmon-test",
-                "--name",
-                &name,
-                &image(),
-                "sh",
-                "-c",
-                SCRIPT,
-            ],
-        )?;
+        run_rm(&host, &name, &["sh", "-c", SCRIPT])?;
         let start = f.wait_for(WAIT, |r| {
             r["kind"] == "container_start" && r["container"]["name"] == name.as_str()
         })?;
@@ -759,23 +621,7 @@ fn queue_overflow_in_a_container_is_reported_and_rescanned() -> anyhow::Result<(
     let name = unique(label);
     let n = 200_000;
     let script = format!("mkdir /burst && sleep 2 && cd /burst && seq 1 {n} | xargs touch && touch /done && sleep 1000");
-    let id = docker(
-        &host,
-        &[
-            "run",
-            "-d",
-            "--network",
-            "none",
-            "--label",
-            "fsmon-test",
-            "--name",
-            &name,
-            &image(),
-            "sh",
-            "-c",
-            &script,
-        ],
-    )?;
+    let id = run_detached(&host, &name, &["sh", "-c", &script])?;
     let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
     let upper = std::path::PathBuf::from(start["upperdir"].as_str().unwrap_or_default());
     // The burst goes into a directory fsmon already watches.
@@ -834,23 +680,7 @@ fn symlink_swaps_never_lead_outside_the_layer() -> anyhow::Result<()> {
         let script =
             "for i in $(seq 300); do mkdir -p /s/d; touch /s/d/x; rm -rf /s; ln -s / /s; rm /s; \
                       mkdir /t; mv /t /t2; ln -s /etc /t; rm -rf /t /t2; done; sleep 1";
-        let id = docker(
-            &host,
-            &[
-                "run",
-                "-d",
-                "--network",
-                "none",
-                "--label",
-                "fsmon-test",
-                "--name",
-                &name,
-                &image(),
-                "sh",
-                "-c",
-                script,
-            ],
-        )?;
+        let id = run_detached(&host, &name, &["sh", "-c", script])?;
         f.wait_for(WAIT, is("container_start", id.clone()))?;
         docker(&host, &["wait", &id])?;
         // Host writes in the places the symlinks pointed at are never the container's.
@@ -897,29 +727,14 @@ fn watch_limit_hits_one_container_and_not_the_others() -> anyhow::Result<()> {
     let (big_label, big_host) = &engines[0];
     let (small_label, small_host) = &engines[1];
     let small_name = unique(small_label);
-    let small = docker(
-        small_host,
-        &[
-            "run",
-            "-d",
-            "--network",
-            "none",
-            "--label",
-            "fsmon-test",
-            "--name",
-            &small_name,
-            &image(),
-            "sleep",
-            "1000",
-        ],
-    )?;
+    let small = run_detached(small_host, &small_name, &["sleep", "1000"])?;
     f.wait_for(WAIT, is("container_start", small.clone()))?;
     let big_name = unique(big_label);
     let big = {
         // Room for ~30 more watches for every root process together, then a container that
         // makes 200 directories.
         let _limit = SysctlGuard::set("fs/inotify/max_user_watches", inotify_watches_in_use() + 30);
-        let big = docker(big_host, &["run", "-d", "--network", "none", "--label", "fsmon-test", "--name", &big_name, &image(), "sh", "-c", "mkdir -p /many && cd /many && for i in $(seq 200); do mkdir d$i; echo x > d$i/f; done; touch /many-done; sleep 1000"])?;
+        let big = run_detached(big_host, &big_name, &["sh", "-c", "mkdir -p /many && cd /many && for i in $(seq 200); do mkdir d$i; echo x > d$i/f; done; touch /many-done; sleep 1000"])?;
         f.wait_for(WAIT, |r| {
             r["kind"] == "overflow"
                 && r["reason"] == "watch_limit"
