@@ -321,16 +321,22 @@ impl Daemon {
                             Hierarchy::Unified => FreezerKind::V2,
                         },
                     });
-                // Otherwise runc reads this very freezer while it creates the container, and
-                // a freeze held across that read fails the start: freeze only while the
-                // record is fresh, i.e. while runc is still attaching the container's init.
-                let safe = v1_engine || age <= self.config.freeze_max_age;
+                // Otherwise runc reads this very freezer right after it attaches the
+                // container's init, and a freeze held across that read fails the start
+                // ("timeout of 10s reached waiting for the cgroup to freeze"). On cgroup v2
+                // our write queues behind that attach on the cgroup lock and lands in exactly
+                // that window (seen: 2 failed starts in ~300), so a v2-only container is
+                // armed without freezing: arming takes ~0.3 ms, its first instruction comes
+                // tens of ms later. A v1 freezer (pure v1 host) is frozen only while the
+                // record is fresh, before runc gets there.
+                let safe = v1_engine
+                    || (hierarchy == Hierarchy::Freezer && age <= self.config.freeze_max_age);
                 let freeze = if self.config.freeze && safe {
                     target
                 } else {
                     None
                 };
-                if self.config.freeze && freeze.is_none() {
+                if self.config.freeze && freeze.is_none() && hierarchy == Hierarchy::Freezer {
                     tracing::info!(container_id = %cg.id, age_us = age.as_micros() as u64, "lifecycle record too old to freeze safely; arming without freezing");
                 }
                 self.arm(

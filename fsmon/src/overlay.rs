@@ -39,8 +39,15 @@
 //!   directory in an image directory is also made opaque; it hides nothing.)
 //! * **Replacing a real entry** by a moved-in one with no matching `IN_MOVED_FROM` is overlay
 //!   bookkeeping when it comes from an event (the empty-opaque-dir exchange above: nothing to
-//!   report for a directory, `modify` for a file), and a `delete` + `create` when a rescan
-//!   finds a different object at a known name.
+//!   report for the directory itself, `modify` for a file), and a `delete` + `create` when a
+//!   rescan finds a different object at a known name.
+//! * **Each delete once.** The container's view below a directory that overlayfs exchanged
+//!   for an empty opaque one is empty from then on: whatever it still showed there (entries
+//!   deleted too fast for their own events, in a directory not yet watched) is reported
+//!   deleted at that point, and nothing below it at the whiteout that follows. The old
+//!   directory goes to overlayfs' workdir, where its whiteouts are removed: that is not the
+//!   container's doing, and what is known deleted (a whiteout in the index) is never
+//!   reported again until something re-creates it.
 //! * **Hard links** are `create`s of the new name (the source is copied up first, silently).
 //!
 //! # Image layers: looked up lazily, not indexed
@@ -168,7 +175,8 @@ pub enum Appear {
         is_dir: bool,
     },
     /// A real entry replaced another real entry of the same kind through overlay
-    /// bookkeeping: nothing for a directory, `modify` for anything else.
+    /// bookkeeping: nothing for a directory (but what the container still saw below the
+    /// old one is gone), `modify` for anything else.
     Replace,
     /// A different object replaced a known one: report `delete` of the old one, then
     /// `create` of the new one.

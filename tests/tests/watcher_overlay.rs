@@ -1076,12 +1076,14 @@ fn copied_up_file_then_its_emptied_dir_are_deleted_once_each() {
         "{}",
         show(&evs)
     );
-    // An image file never touched before: one delete.
+    // An image file never touched before: one delete, at the root and in image
+    // directories never touched (copied up silently on the way).
     std::fs::remove_file(m.m("topf2")).expect("rm");
+    std::fs::remove_file(m.m("etc/sub/f")).expect("rm");
     let evs = events(&mut w);
     assert_eq!(
         summary(&evs),
-        want(&[("delete", "/topf2", false)]),
+        want(&[("delete", "/topf2", false), ("delete", "/etc/sub/f", false)]),
         "{}",
         show(&evs)
     );
@@ -1101,29 +1103,62 @@ fn copied_up_file_then_its_emptied_dir_are_deleted_once_each() {
 }
 
 #[test]
-fn zz_scratch_concurrent_rm() {
+fn rm_r_read_while_it_runs_reports_each_delete_once() {
     let _l = shared();
-    for round in 0..200 {
+    // The same `rm -r` of a copied-up tree, read while it runs (as the daemon does), with
+    // varied pacing: events are handled in every order relative to overlayfs' own steps
+    // (copy-up, exchange with an empty opaque dir, whiteout, cleanup in the workdir).
+    fn rm_paced(p: &Path, pace: usize) {
+        let pause = || match pace {
+            1 => std::thread::yield_now(),
+            2 => std::thread::sleep(Duration::from_micros(50)),
+            3 => std::thread::sleep(Duration::from_millis(1)),
+            _ => {}
+        };
+        for e in std::fs::read_dir(p).expect("ls") {
+            let e = e.expect("dirent");
+            if e.file_type().expect("type").is_dir() {
+                rm_paced(&e.path(), pace);
+            } else {
+                std::fs::remove_file(e.path()).expect("unlink");
+            }
+            pause();
+        }
+        std::fs::remove_dir(p).expect("rmdir");
+        pause();
+    }
+    const QUICK: Duration = Duration::from_millis(50);
+    for round in 0..48 {
         let m = OverlayMount::new(1, data_image);
         let mut w = armed("c", &m);
-        touch(&m.m("data/sub/lower.txt"));
-        let first = events(&mut w);
-        eprintln!("ROUND {round}");
-        let target = m.m("data");
-        let t = std::thread::spawn(move || rm_r(&target));
-        let mut outs = Vec::new();
-        for _ in 0..(round % 7) * 50 {
-            w.read_events(&mut outs).expect("read");
+        match round % 3 {
+            0 => touch(&m.m("data/sub/lower.txt")),
+            1 => std::fs::set_permissions(
+                m.m("data/sub/deep/x"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .expect("chmod"),
+            _ => std::fs::write(m.m("data/sub/other.txt"), "new").expect("write"),
         }
-        t.join().expect("join");
-        outs.extend(drain(&mut w, QUIET, MAX));
-        let evs = files(&outs);
+        let mut outs = Vec::new();
+        if round % 2 == 0 {
+            outs = drain(&mut w, QUICK, MAX);
+        }
+        let target = m.m("data");
+        let pace = (round / 6) % 4;
+        let t = std::thread::spawn(move || rm_paced(&target, pace));
+        while !t.is_finished() {
+            w.read_events(&mut outs).expect("read_events");
+        }
+        t.join().expect("rm thread");
+        outs.extend(drain(&mut w, QUICK, MAX));
+        let mut evs = files(&outs);
+        evs.retain(|e| e.kind == FileKind::Delete);
         assert_eq!(
             summary(&evs),
             want(&DATA_DELETES),
-            "round {round}, first:\n{}\nthen:\n{}",
-            show(&first),
-            show(&evs)
+            "round {round}:\n{}",
+            show(&files(&outs))
         );
     }
 }

@@ -628,6 +628,17 @@ impl Container {
         (out, x)
     }
 
+    /// The image layer directories that merge at `name` of node `n` (what the container
+    /// sees there when the upper directory has no opaque one).
+    fn child_lower(&mut self, n: NodeId, name: &[u8]) -> Vec<LowerDir> {
+        let parent_lower = self.lower_dirs(n);
+        let prel = self
+            .nd(n)
+            .map(|d| d.path.get(1..).unwrap_or_default().to_vec())
+            .unwrap_or_default();
+        self.merge_lower_child(&parent_lower, &prel, name)
+    }
+
     /// The image layer directories that merge at `name` below a directory whose own are
     /// `parent_lower` at relative path `prel`: top-most first, stopping at a whiteout, a
     /// non-directory or an opaque directory.
@@ -706,12 +717,7 @@ impl Container {
         let start = if node != NO_NODE {
             self.lower_dirs(node)
         } else {
-            let parent_lower = self.lower_dirs(n);
-            let prel = self
-                .nd(n)
-                .map(|d| d.path.get(1..).unwrap_or_default().to_vec())
-                .unwrap_or_default();
-            self.merge_lower_child(&parent_lower, &prel, name)
+            self.child_lower(n, name)
         };
         let mut found: Vec<(Vec<u8>, bool)> = Vec::new();
         let mut stack = vec![(self.child_path(n, name), node, start)];
@@ -844,7 +850,13 @@ impl Container {
     /// went to overlayfs' workdir: its node is displaced, so that overlayfs' cleanup of it
     /// there (its whiteouts removed, then itself) is not taken for the container's doing.
     /// Returns the output slots of the deletes.
-    fn emptied(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], old: Entry) -> std::ops::Range<usize> {
+    fn emptied(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        old: Entry,
+    ) -> std::ops::Range<usize> {
         let slots = self.report_vanished(sh, n, name, old);
         if self.valid_child(n, name, old.child) {
             self.displace(old.child);
@@ -972,7 +984,9 @@ impl Container {
         let mut entry = Entry::new(kind, d.ino);
         match kind {
             EntryKind::Dir => {
-                entry.child = self.attach(sh, n, &d.name, ScanMode::Index, None).node();
+                entry.child = self
+                    .attach(sh, n, &d.name, ScanMode::Index, None, None)
+                    .node();
                 self.stats.dirs += 1;
             }
             EntryKind::Whiteout => self.stats.whiteouts += 1,
@@ -1010,7 +1024,9 @@ impl Container {
                         }
                         self.to_list.push(e.child);
                     } else {
-                        let child = self.attach(sh, n, &d.name, ScanMode::Report, None).node();
+                        let child = self
+                            .attach(sh, n, &d.name, ScanMode::Report, None, None)
+                            .node();
                         self.set_entry(n, &d.name, Entry { child, ..e });
                     }
                 }
@@ -1092,6 +1108,9 @@ impl Container {
     // ----- directories appearing and going ----------------------------------------------
 
     /// Watches the directory `name` of `parent` (watch first; the listing is queued).
+    /// `expect`: the inode the caller saw there; another directory found instead is not
+    /// attached (it came later, and its own events will tell; attaching it to this entry
+    /// would describe the wrong object).
     fn attach(
         &mut self,
         sh: &mut Shared,
@@ -1099,6 +1118,7 @@ impl Container {
         name: &[u8],
         mode: ScanMode,
         baseline: Option<Meta>,
+        expect: Option<u64>,
     ) -> Attached {
         if !self.ensure_fd(parent) {
             return Attached::Failed;
@@ -1118,6 +1138,10 @@ impl Container {
         let Ok(cst) = sys::stat_fd(cfd.as_fd()) else {
             return Attached::Failed;
         };
+        if expect.is_some_and(|ino| ino != 0 && ino != cst.ino) {
+            tracing::trace!(container_id = %self.id, "directory replaced before its watch");
+            return Attached::Failed;
+        }
         let mut wd = match sys::add_watch(sh.inotify.as_fd(), cfd.as_fd(), MASK) {
             Ok(wd) => Some(wd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
@@ -1424,9 +1448,6 @@ impl Container {
     /// flight (moved away, partner not seen yet) are set aside with its pending move.
     pub fn handle(&mut self, sh: &mut Shared, owner: WdOwner, ev: &RawEvent<'_>, stale: bool) {
         let start = sh.out.len();
-        if std::env::var_os("FSMON_RAW").is_some() {
-            eprintln!("RAW node={} path={:?} mask={:#x} cookie={} name={:?} stale={}", owner.node, self.nd(owner.node).map(|d| String::from_utf8_lossy(&d.path).into_owned()), ev.mask, ev.cookie, String::from_utf8_lossy(ev.name), stale);
-        }
         let inflight = self.inflight_ancestor(owner.node);
         self.on_event(sh, owner, ev, stale);
         self.process_listings(sh);
@@ -1559,7 +1580,18 @@ impl Container {
                 let mut entry = Entry::from_stat(kind, st);
                 if kind.is_dir() {
                     let baseline = lower.map(|l| l.meta());
-                    entry.child = self.attach(sh, n, name, ScanMode::Report, baseline).node();
+                    let ino = st.map(|s| s.ino);
+                    let attached = self.attach(sh, n, name, ScanMode::Report, baseline, ino);
+                    if let Attached::New(c) = attached {
+                        // A copy-up is never opaque: the image's directories merge here.
+                        // Taken from the image, not from the directory's xattrs, in case what
+                        // was opened is already the one overlayfs exchanged in to remove it.
+                        let merged = self.child_lower(n, name);
+                        if let Some(d) = self.nd_mut(c) {
+                            d.lower = Some(merged);
+                        }
+                    }
+                    entry.child = attached.node();
                 } else if origin == Origin::Scan {
                     let change = st
                         .zip(lower)
@@ -1582,7 +1614,8 @@ impl Container {
                     }
                     self.displace(old_child);
                     entry.emptied = true;
-                    entry.child = self.attach(sh, n, name, ScanMode::Report, None).node();
+                    let ino = st.map(|s| s.ino);
+                    entry.child = self.attach(sh, n, name, ScanMode::Report, None, ino).node();
                 } else {
                     self.displace(old_child);
                     self.emit(sh, FileKind::Modify, path, false, source);
@@ -1612,7 +1645,7 @@ impl Container {
     ) {
         let mut entry = Entry::from_stat(kind, st);
         if kind.is_dir() {
-            let attached = self.attach(sh, n, name, ScanMode::Report, None);
+            let attached = self.attach(sh, n, name, ScanMode::Report, None, st.map(|s| s.ino));
             entry.child = attached.node();
             match attached {
                 Attached::Adopted {
@@ -1651,12 +1684,13 @@ impl Container {
         };
         let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
         if let (Some(Some(old)), Some(now)) = (exchanged, known) {
-            if is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(&now) {
+            let back = st.is_some_and(|s| old.ino != 0 && s.ino == old.ino);
+            if is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(&now) && !back {
                 // A directory left right after an unpaired IN_MOVED_TO of a directory at its
                 // name that the index took for the known one (it could not be looked at:
                 // stale, or already replaced): that was overlayfs exchanging an empty opaque
                 // directory in, and this is the known one leaving for the workdir.
-                self.exchanged_out(sh, n, name, cookie, old, stale);
+                self.exchanged_out(sh, n, name, cookie, old, st.filter(Stat::is_dir));
                 return;
             }
         }
@@ -1664,11 +1698,11 @@ impl Container {
             // Right after an unpaired IN_MOVED_TO of the same name that replaced something:
             // if what it put there is still there, overlayfs exchanged a new object in (a
             // re-created directory, an empty opaque one, a whiteout) and this is the old
-            // one leaving, already accounted for by that IN_MOVED_TO.
-            // Overlayfs exchanges only when a directory is involved, and the container
-            // cannot rename a whiteout: when the event's kind is that of the replaced entry
-            // and not that of the new one, or the new one is a whiteout, this is surely the
-            // replaced one leaving, whatever is there now.
+            // one leaving, already accounted for by that IN_MOVED_TO. Overlayfs exchanges
+            // only when a directory is involved, and the container cannot rename a whiteout:
+            // when the event's kind is that of the replaced entry and not that of the new
+            // one, or the new one is a whiteout, it is surely the replaced one leaving,
+            // whatever is there now (it may be gone already: `rm -r` runs ahead).
             let leaving_is_old = match (displaced, known) {
                 (_, Some(e)) if !e.kind.is_real() => true,
                 (Some(d), Some(e)) => d.kind.is_dir() == is_dir && e.kind.is_dir() != is_dir,
@@ -1760,17 +1794,19 @@ impl Container {
         name: &[u8],
         cookie: u32,
         old: Entry,
-        stale: bool,
+        now: Option<Stat>,
     ) {
         let child_serial = self
             .serial_of(old.child)
             .filter(|_| self.valid_child(n, name, old.child))
             .unwrap_or(0);
         let vanished = self.emptied(sh, n, name, old);
-        let mut entry = Entry::new(EntryKind::Dir, 0);
+        let mut entry = Entry::new(EntryKind::Dir, now.map_or(0, |s| s.ino));
         entry.emptied = true;
-        if !stale {
-            entry.child = self.attach(sh, n, name, ScanMode::Report, None).node();
+        if let Some(s) = now {
+            entry.child = self
+                .attach(sh, n, name, ScanMode::Report, None, Some(s.ino))
+                .node();
         }
         self.set_entry(n, name, entry);
         if let Some(d) = self.nd_mut(n) {
@@ -1857,7 +1893,10 @@ impl Container {
                     self.reparent(c, n, name);
                     c
                 }
-                None => self.attach(sh, n, name, ScanMode::Report, None).node(),
+                None => {
+                    let ino = st.map(|s| s.ino);
+                    self.attach(sh, n, name, ScanMode::Report, None, ino).node()
+                }
             };
         } else if let Some(c) = moving_child {
             self.remove_subtree(sh, c);

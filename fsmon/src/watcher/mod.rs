@@ -276,7 +276,11 @@ impl Watcher {
     pub fn watch_exit(&mut self, id: &str, cgroup_dir: &Path) -> io::Result<()> {
         let file = std::fs::File::open(cgroup_dir.join("cgroup.events"))?;
         let wd = sys::add_watch(self.sh.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
-        let mut exit = ExitWatch { id: id.to_owned(), file, seen_populated: false };
+        let mut exit = ExitWatch {
+            id: id.to_owned(),
+            file,
+            seen_populated: false,
+        };
         // Watch first, then read: a change after this read is an event.
         let _ = exit.exited_now();
         self.exits.insert(wd, exit);
@@ -287,7 +291,12 @@ impl Watcher {
     /// reported for it, including outputs not yet returned by `read_events`; its late
     /// events and `IN_IGNORED`s are dropped.
     pub fn remove_container(&mut self, id: &str) {
-        let exit_wds: Vec<i32> = self.exits.iter().filter(|(_, e)| e.id == id).map(|(wd, _)| *wd).collect();
+        let exit_wds: Vec<i32> = self
+            .exits
+            .iter()
+            .filter(|(_, e)| e.id == id)
+            .map(|(wd, _)| *wd)
+            .collect();
         for wd in exit_wds {
             self.exits.remove(&wd);
             sys::rm_watch(self.sh.inotify.as_fd(), wd);
