@@ -249,10 +249,12 @@ fn docker_run(host: &str, script: &str) -> Result<Duration> {
             script,
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("docker run failed on {host}");
+        .output()?;
+    if !st.status.success() {
+        bail!(
+            "docker run failed on {host}: {}",
+            String::from_utf8_lossy(&st.stderr).trim()
+        );
     }
     Ok(t.elapsed())
 }
@@ -300,20 +302,32 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// One timed `docker run`; a failed start is counted (and said), not fatal to the bench.
+fn sample(host: &str, into: &mut Vec<f64>, failed: &mut usize, mode: &str) {
+    match docker_run(host, "true") {
+        Ok(d) => into.push(ms(d)),
+        Err(e) => {
+            *failed += 1;
+            eprintln!("bench: {mode}: {e:#}");
+        }
+    }
+}
+
 fn start_latency(bin: &Path, label: &str, host: &str, runs: usize) -> Result<()> {
     const BLOCK: usize = 5;
     let (mut off, mut on, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let mut failed = [0usize; 3];
     let mut freeze = Vec::new();
     for _ in 0..3 {
         docker_run(host, "true")?; // warm the engine's caches
     }
-    while off.len() < runs {
+    for _ in 0..runs.div_ceil(BLOCK) {
         for _ in 0..BLOCK {
-            off.push(ms(docker_run(host, "true")?));
+            sample(host, &mut off, &mut failed[0], "no monitor");
         }
         let m = Monitor::fsmon(bin, &[host])?;
         for _ in 0..BLOCK {
-            on.push(ms(docker_run(host, "true")?));
+            sample(host, &mut on, &mut failed[1], "fsmon");
         }
         for l in m.drain(Duration::from_millis(200)) {
             if let Ok(v) = serde_json::from_str::<Value>(&l) {
@@ -327,7 +341,7 @@ fn start_latency(bin: &Path, label: &str, host: &str, runs: usize) -> Result<()>
         m.stop();
         let b = Baseline::start(host)?;
         for _ in 0..BLOCK {
-            base.push(ms(docker_run(host, "true")?));
+            sample(host, &mut base, &mut failed[2], "baseline");
         }
         b.stop();
     }
@@ -338,26 +352,35 @@ fn start_latency(bin: &Path, label: &str, host: &str, runs: usize) -> Result<()>
         "\n## docker run --rm wall time, {label} ({} runs per mode)",
         off.len()
     );
-    println!("| mode | median ms | p99 ms | added median ms | added p99 ms |");
-    println!("|---|---|---|---|---|");
-    println!("| no monitor | {o50:.1} | {o99:.1} | — | — |");
+    println!("| mode | median ms | p99 ms | added median ms | added p99 ms | failed starts |");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| fsmon | {f50:.1} | {f99:.1} | {:+.1} | {:+.1} |",
+        "| no monitor | {o50:.1} | {o99:.1} | — | — | {} |",
+        failed[0]
+    );
+    println!(
+        "| fsmon | {f50:.1} | {f99:.1} | {:+.1} | {:+.1} | {} |",
         f50 - o50,
-        f99 - o99
+        f99 - o99,
+        failed[1]
     );
     println!(
-        "| inotifywait -r at start event | {b50:.1} | {b99:.1} | {:+.1} | {:+.1} |",
+        "| inotifywait -r at start event | {b50:.1} | {b99:.1} | {:+.1} | {:+.1} | {} |",
         b50 - o50,
-        b99 - o99
+        b99 - o99,
+        failed[2]
     );
-    println!(
-        "fsmon freeze_us over {} frozen starts: median {:.0}, p99 {:.0}, max {:.0}",
-        freeze.len(),
-        pct(&mut freeze, 0.5),
-        pct(&mut freeze, 0.99),
-        freeze.iter().copied().fold(0.0, f64::max)
-    );
+    if freeze.is_empty() {
+        println!("fsmon froze none of these starts (armed without freezing: freeze_us null)");
+    } else {
+        println!(
+            "fsmon freeze_us over {} frozen starts: median {:.0}, p99 {:.0}, max {:.0}",
+            freeze.len(),
+            pct(&mut freeze, 0.5),
+            pct(&mut freeze, 0.99),
+            freeze.iter().copied().fold(0.0, f64::max)
+        );
+    }
     Ok(())
 }
 
