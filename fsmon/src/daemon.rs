@@ -39,6 +39,14 @@ pub enum OutputTarget {
     File(PathBuf),
 }
 
+/// The wall-clock time of a CLOCK_MONOTONIC kernel timestamp.
+fn wall_clock_of(ktime_ns: u64) -> SystemTime {
+    let age = Duration::from_nanos(monotonic_ns().saturating_sub(ktime_ns));
+    SystemTime::now()
+        .checked_sub(age)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
 /// Everything `run` needs; built from the command line by `main`, or by tests.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -309,7 +317,9 @@ impl Daemon {
                     self.pending.entry(cg.id).or_insert(rec.ktime_ns);
                     return Ok(());
                 }
-                let v1_engine = self.pending.remove(&cg.id).is_some();
+                let first_ns = self.pending.remove(&cg.id);
+                let v1_engine = first_ns.is_some();
+                let since = wall_clock_of(first_ns.unwrap_or(rec.ktime_ns));
                 let age = Duration::from_nanos(monotonic_ns().saturating_sub(rec.ktime_ns));
                 let target = self
                     .mounts
@@ -345,6 +355,7 @@ impl Daemon {
                     self.mounts
                         .dir(Hierarchy::Unified, &rec.path)
                         .filter(|_| hierarchy == Hierarchy::Unified),
+                    Some(since),
                 )
                 .await?;
             }
@@ -392,16 +403,18 @@ impl Daemon {
     /// not use the v2 hierarchy after all).
     async fn arm_stale_pending(&mut self) {
         let now = monotonic_ns();
-        let stale: Vec<String> = self
+        let stale: Vec<(String, u64)> = self
             .pending
             .iter()
             .filter(|(_, &t)| now.saturating_sub(t) > 500_000_000)
-            .map(|(id, _)| id.clone())
+            .map(|(id, &t)| (id.clone(), t))
             .collect();
-        for id in stale {
+        for (id, first_ns) in stale {
             self.pending.remove(&id);
             tracing::warn!(container_id = %id, "no cgroup v2 directory came for this container; armed without freezing");
-            if let Err(e) = self.arm(&id, None, self.unified_cgroup_of(&id)).await {
+            let cgroup = self.unified_cgroup_of(&id);
+            let since = Some(wall_clock_of(first_ns));
+            if let Err(e) = self.arm(&id, None, cgroup, since).await {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
             }
         }
@@ -413,6 +426,7 @@ impl Daemon {
         id: &str,
         freeze: Option<FreezeTarget>,
         unified_cgroup: Option<PathBuf>,
+        since: Option<SystemTime>,
     ) -> anyhow::Result<()> {
         let frozen = match &freeze {
             Some(t) => match self.freezer.freeze(t, self.config.freeze_timeout) {
@@ -434,7 +448,12 @@ impl Daemon {
         };
         let armed = found.map(|(engine, layer)| {
             let upperdir = layer.upperdir.clone();
-            let r = self.watcher.add_container(id, layer);
+            // A container armed after it started running (fsmon was late) has its changes
+            // since its cgroup appeared reported by scan, not silently indexed.
+            let r = match since {
+                Some(t) => self.watcher.add_container_since(id, layer, t),
+                None => self.watcher.add_container(id, layer),
+            };
             (engine, upperdir, r)
         });
         let freeze_us = match frozen.map(|f| self.freezer.thaw(f)) {
@@ -504,7 +523,9 @@ impl Daemon {
         for engine in 0..self.runtime.len() {
             for id in self.runtime.running(engine).await {
                 if !self.containers.contains_key(&id) {
-                    if let Err(e) = self.arm(&id, None, self.unified_cgroup_of(&id)).await {
+                    // Already running: what is in its layer predates fsmon (since: None).
+                    let cgroup = self.unified_cgroup_of(&id);
+                    if let Err(e) = self.arm(&id, None, cgroup, None).await {
                         tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
                     }
                 }

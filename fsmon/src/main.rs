@@ -50,6 +50,11 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "/run/fsmon")]
     state_dir: PathBuf,
 
+    /// Scheduling niceness of the daemon (-20..19). fsmon reacts to a container's cgroup
+    /// appearing while runc sets the container up; a busy host must not make it late.
+    #[arg(long, value_name = "N", default_value_t = -10, allow_hyphen_values = true)]
+    nice: i32,
+
     /// Log filter for stderr (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, value_name = "FILTER", env = "FSMON_LOG", default_value = "info")]
     log_level: String,
@@ -77,6 +82,11 @@ fn run(args: RunArgs) -> ExitCode {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("fsmon: error: must run as root (it loads eBPF programs, freezes cgroups and watches container layers)");
         return ExitCode::from(1);
+    }
+    // Before any thread starts, so every thread inherits it (niceness is per thread).
+    // SAFETY: setpriority has no memory-safety preconditions.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice.clamp(-20, 19)) } != 0 {
+        tracing::warn!(nice = args.nice, error = %std::io::Error::last_os_error(), "cannot set the daemon's niceness");
     }
     let docker_hosts = if !args.docker_host.is_empty() {
         args.docker_host

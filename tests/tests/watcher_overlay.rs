@@ -1162,3 +1162,142 @@ fn rm_r_read_while_it_runs_reports_each_delete_once() {
         );
     }
 }
+
+fn append(p: &Path, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(p)
+        .expect("open for append");
+    std::io::Write::write_all(&mut f, data).expect("append");
+}
+
+#[test]
+fn armed_late_reports_what_the_container_did_since_it_started() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let since = std::time::SystemTime::now();
+    // The container's first instructions, before fsmon could arm it.
+    std::fs::File::create(m.m("f0")).expect("touch");
+    std::fs::create_dir_all(m.m("a/b/c")).expect("mkdir -p");
+    std::fs::write(m.m("a/b/c/f1"), "x\n").expect("write");
+    std::fs::set_permissions(m.m("etc/passwd"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    append(&m.m("d/h"), b"y\n");
+    std::fs::remove_file(m.m("topf")).expect("rm");
+
+    let mut w = Watcher::new().expect("inotify");
+    let stats = w.add_container_since("c", m.layer(), since).expect("arm");
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[
+            ("create", "/f0", false),
+            ("create", "/a", true),
+            ("create", "/a/b", true),
+            ("create", "/a/b/c", true),
+            ("create", "/a/b/c/f1", false),
+            ("attrib", "/etc/passwd", false),
+            ("modify", "/d/h", false),
+            ("delete", "/topf", false),
+        ]),
+        "{}",
+        show(&evs)
+    );
+    assert!(
+        evs.iter()
+            .all(|e| e.source == Source::Scan && e.container == "c"),
+        "{}",
+        show(&evs)
+    );
+    let pos = |p: &[u8]| evs.iter().position(|e| e.path == p).expect("reported");
+    assert!(pos(b"/a") < pos(b"/a/b") && pos(b"/a/b") < pos(b"/a/b/c/f1"));
+    // /, /a, /a/b, /a/b/c, /etc, /d; f0, f1, passwd, h; the whiteout of /topf.
+    assert_eq!(
+        (stats.dirs, stats.files, stats.whiteouts),
+        (6, 4, 1),
+        "{stats:?}"
+    );
+    assert_eq!(w.container_watch_count("c"), 6);
+
+    // What was found new is watched and indexed like the rest.
+    std::fs::File::create(m.m("a/b/c/f2")).expect("touch");
+    std::fs::write(m.m("f0"), "more").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[("create", "/a/b/c/f2", false), ("modify", "/f0", false)]),
+        "{}",
+        show(&evs)
+    );
+}
+
+/// A restarted container's upper layer: content from its earlier run (an upper-only tree,
+/// a copied-up image file, a deleted image file), then the instant it started again.
+fn earlier_run(m: &OverlayMount) -> std::time::SystemTime {
+    std::fs::create_dir_all(m.m("old/dir")).expect("mkdir");
+    std::fs::write(m.m("old/dir/f"), "1").expect("write");
+    std::fs::write(m.m("old/g"), "1").expect("write");
+    std::fs::write(m.m("etc/passwd"), "changed").expect("write");
+    std::fs::remove_file(m.m("topf")).expect("rm");
+    // Past the timestamp granularity (and the watcher's 10 ms margin).
+    std::thread::sleep(Duration::from_millis(20));
+    let since = std::time::SystemTime::now();
+    // This run, before the watches: a new file in an old directory, an old file modified.
+    std::fs::write(m.m("old/dir/new"), "2").expect("write");
+    append(&m.m("old/g"), b"2");
+    since
+}
+
+#[test]
+fn armed_late_after_a_restart_reports_only_what_changed_since() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let since = earlier_run(&m);
+    let mut w = Watcher::new().expect("inotify");
+    let stats = w.add_container_since("c", m.layer(), since).expect("arm");
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[
+            ("create", "/old/dir/new", false),
+            ("modify", "/old/g", false)
+        ]),
+        "old directories and files are not reported:\n{}",
+        show(&evs)
+    );
+    assert!(
+        evs.iter().all(|e| e.source == Source::Scan),
+        "{}",
+        show(&evs)
+    );
+    assert_eq!(
+        (stats.dirs, stats.files, stats.whiteouts),
+        (4, 4, 1),
+        "{stats:?}"
+    );
+
+    std::fs::write(m.m("old/dir/new"), "3").expect("write");
+    let evs = events(&mut w);
+    assert_eq!(
+        summary(&evs),
+        want(&[("modify", "/old/dir/new", false)]),
+        "{}",
+        show(&evs)
+    );
+}
+
+#[test]
+fn armed_without_a_start_instant_reports_nothing_of_the_same_layer() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let _since = earlier_run(&m);
+    let mut w = Watcher::new().expect("inotify");
+    let stats = w.add_container("c", m.layer()).expect("arm");
+    let evs = events(&mut w);
+    assert!(evs.is_empty(), "{}", show(&evs));
+    assert_eq!(
+        (stats.dirs, stats.files, stats.whiteouts),
+        (4, 4, 1),
+        "{stats:?}"
+    );
+}

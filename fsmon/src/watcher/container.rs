@@ -22,7 +22,7 @@ use std::time::Instant;
 use crate::event::{FileEvent, FileKind, Source, WatchOutput};
 use crate::overlay::{self, Appear, EntryKind, Meta, Opaque, Origin, Prior, Via};
 
-use super::rules::{self, Moves, RawEvent, Stamp};
+use super::rules::{self, Moves, RawEvent, Since, Stamp};
 use super::sys::{self, Dirent, Stat};
 use super::ArmStats;
 
@@ -99,7 +99,8 @@ impl Shared {
 /// How a directory's listing is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum ScanMode {
-    /// At arm time: what is there predates monitoring; index it, report nothing.
+    /// At arm time: what is there predates monitoring; index it, report nothing (armed
+    /// late, with a start instant: report what is newer, see `index_entry_since`).
     Index,
     /// A directory that just appeared: everything in it is new (`source: scan`).
     Report,
@@ -280,6 +281,9 @@ pub(super) struct Container {
     last_to: Option<(NodeId, Box<[u8]>, Option<Entry>)>,
     /// Wall-clock ns when monitoring began (minus a margin for coarse fs timestamps).
     armed_ns: i64,
+    /// Wall-clock ns when the container started (minus the same margin), when it was armed
+    /// late: what the arm-time listing finds made or changed since then is reported.
+    since_ns: Option<i64>,
     limit_reported: bool,
     pub stats: ArmStats,
 }
@@ -291,6 +295,7 @@ impl Container {
         root_fd: OwnedFd,
         lowers: Vec<OwnedFd>,
         armed_ns: i64,
+        since_ns: Option<i64>,
     ) -> Container {
         Container {
             key,
@@ -308,13 +313,15 @@ impl Container {
             moves: Moves::default(),
             last_to: None,
             armed_ns,
+            since_ns,
             limit_reported: false,
             stats: ArmStats::default(),
         }
     }
 
     /// Watches the upperdir root (already done by the caller: `wd`) and indexes everything
-    /// below it, watching each directory before listing it.
+    /// below it, watching each directory before listing it. With `since_ns`, what was made
+    /// or changed since is reported instead ([`Self::index_entry_since`]).
     pub fn arm(&mut self, sh: &mut Shared, wd: i32, root: &Stat) {
         let serial = sh.next_serial();
         let node = DirNode::new(serial, Some(wd), NO_NODE, Box::default(), Vec::new(), root);
@@ -332,6 +339,28 @@ impl Container {
         );
         self.stats.dirs += 1;
         self.process_listings(sh);
+        if self.since_ns.is_some() {
+            self.recount();
+        }
+    }
+
+    /// Recomputes `stats` from the index (entries reported at arm time are in it too).
+    fn recount(&mut self) {
+        let mut stats = ArmStats::default();
+        for d in self.nodes.iter().flatten() {
+            stats.dirs += 1;
+            if d.wd.is_none() {
+                stats.unwatched_dirs += 1;
+            }
+            for e in d.entries.values() {
+                match e.kind {
+                    EntryKind::Dir => {}
+                    EntryKind::Whiteout => stats.whiteouts += 1,
+                    _ => stats.files += 1,
+                }
+            }
+        }
+        self.stats = stats;
     }
 
     /// Every watch descriptor of this container.
@@ -502,6 +531,14 @@ impl Container {
             return None;
         }
         sys::stat_at(self.fd_of(n)?, name).ok()
+    }
+
+    /// [`Self::stat_child`] with the birth time, when known ([`sys::statx_at`]).
+    fn statx_child(&mut self, n: NodeId, name: &[u8]) -> Option<(Stat, Option<i64>)> {
+        if !self.ensure_fd(n) {
+            return None;
+        }
+        sys::statx_at(self.fd_of(n)?, name).ok()
     }
 
     // ----- output -----------------------------------------------------------------------
@@ -961,7 +998,10 @@ impl Container {
             }
         }
         if mode == ScanMode::Index {
-            self.index_entry(sh, n, d);
+            match self.since_ns {
+                Some(since) => self.index_entry_since(sh, n, d, since),
+                None => self.index_entry(sh, n, d),
+            }
             return;
         }
         if let Some(st) = self.stat_child(n, &d.name) {
@@ -991,6 +1031,54 @@ impl Container {
             }
             EntryKind::Whiteout => self.stats.whiteouts += 1,
             _ => self.stats.files += 1,
+        }
+        self.set_entry(n, &d.name, entry);
+    }
+
+    /// Arm time of a container armed late: an entry born at or after `since` (its birth
+    /// time; without one, its ctime, directories excepted) is the container's doing and is
+    /// handled as an appearance found by a scan (`create`; a copy-up as `modify`/`attrib`;
+    /// a whiteout as the `delete` of what it hides; a new directory watched and everything
+    /// in it reported). Anything older is indexed as by [`Self::index_entry`], a regular
+    /// file changed since is reported as a rescan would ([`rules::rescan_change`]), and an
+    /// old directory is descended into with the same rule.
+    fn index_entry_since(&mut self, sh: &mut Shared, n: NodeId, d: &Dirent, since: i64) {
+        let Some((st, btime)) = self.statx_child(n, &d.name) else {
+            return;
+        };
+        let kind = self.classify(n, &d.name, &st);
+        let verdict = rules::since_verdict(
+            kind == EntryKind::Dir,
+            kind == EntryKind::File,
+            btime,
+            stamp(st),
+            since,
+        );
+        let change = match verdict {
+            Since::New => {
+                self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
+                return;
+            }
+            Since::Old(change) => change,
+        };
+        let mut entry = Entry::new(kind, st.ino);
+        match kind {
+            EntryKind::Dir => {
+                entry.child = self
+                    .attach(sh, n, &d.name, ScanMode::Index, None, Some(st.ino))
+                    .node();
+            }
+            EntryKind::File => {
+                entry.stamp = Some(stamp(st));
+                if let Some(k) = change {
+                    let path = self.child_path(n, &d.name);
+                    self.emit(sh, k, path, false, Source::Scan);
+                    if k == FileKind::Modify {
+                        entry.burst_ms = sh.now_ms();
+                    }
+                }
+            }
+            _ => {}
         }
         self.set_entry(n, &d.name, entry);
     }

@@ -42,6 +42,9 @@
 //!   A directory that cannot be watched (`ENOSPC`: `fs.inotify.max_user_watches`) is still
 //!   listed and indexed, and yields `Overflow { container: Some(id), reason: "watch_limit" }`
 //!   (once per container per call); the next resync retries its watch.
+//! * **Late arming.** [`Watcher::add_container_since`] reports what a container did before
+//!   its watches (created since its start by birth time, changed since by mtime/ctime), as
+//!   the listing finds it (`source: scan`).
 //!
 //! The daemon must call [`Watcher::read_events`] after [`Watcher::add_container`] too: it
 //! returns outputs queued while arming (a `watch_limit` overflow) even when the inotify fd
@@ -68,7 +71,8 @@ const READ_BUF: usize = 64 * 1024;
 const MOVE_PARTNER_WAIT_MS: i32 = 1;
 
 /// Margin for coarse file-system timestamps when deciding whether a file changed after
-/// monitoring began (see [`rules::rescan_change`]).
+/// monitoring began (see [`rules::rescan_change`]), or after a late-armed container
+/// started (see [`Watcher::add_container_since`]).
 const ARM_CLOCK_MARGIN_NS: i64 = 10_000_000;
 
 /// A container's overlay layers, as the engine gives them.
@@ -178,6 +182,14 @@ impl ExitWatch {
     }
 }
 
+/// Nanoseconds since the epoch (0 before it, or past what an i64 holds).
+fn epoch_ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_nanos()).ok())
+        .unwrap_or(0)
+}
+
 /// Whether a `cgroup.events` text says the cgroup has no process left.
 fn unpopulated(events: &str) -> bool {
     events.lines().any(|l| l.trim() == "populated 0")
@@ -215,15 +227,52 @@ impl Watcher {
         id: &str,
         layer: ContainerLayer,
     ) -> Result<ArmStats, WatchError> {
+        self.arm_container(id, layer, None)
+    }
+
+    /// Like [`Watcher::add_container`], but whatever in the layer was created or changed at
+    /// or after `since` (the instant the container's cgroup appeared) is reported with
+    /// [`Source::Scan`](crate::event::Source::Scan), as the change the container made: for a
+    /// container armed late, whose first changes came before its watches.
+    ///
+    /// * An entry born at or after `since` (statx(2) birth time) is reported as an inotify
+    ///   event for it would be: `create` for a new entry, `modify`/`attrib` for a copy-up
+    ///   (compared with the image's copy), `delete` for a whiteout of an image entry. A new
+    ///   directory is watched and everything in it reported likewise.
+    /// * An older entry is indexed as by `add_container`; a regular file whose mtime or
+    ///   ctime is at or after `since` is reported as `modify` (data) or `attrib`; an older
+    ///   directory is descended into, its entries decided the same way (a directory that
+    ///   only got new entries is not reported itself).
+    /// * Where the file system keeps no birth time (or statx(2) is missing, before 4.11), a
+    ///   non-directory whose ctime is at or after `since` counts as born since, and a
+    ///   directory never does (its new entries are still reported).
+    ///
+    /// `since` is taken 10 ms earlier for coarse file-system timestamps. What the container
+    /// removed of its own earlier files before the watches leaves no trace and is not
+    /// reported; an image file deleted in an earlier run and re-created before the watches
+    /// looks like a copy-up (`modify`), not a `create`. Costs one statx(2) per entry more
+    /// than `add_container`. The returned [`ArmStats`] count everything indexed, reported
+    /// entries included.
+    pub fn add_container_since(
+        &mut self,
+        id: &str,
+        layer: ContainerLayer,
+        since: SystemTime,
+    ) -> Result<ArmStats, WatchError> {
+        self.arm_container(id, layer, Some(since))
+    }
+
+    fn arm_container(
+        &mut self,
+        id: &str,
+        layer: ContainerLayer,
+        since: Option<SystemTime>,
+    ) -> Result<ArmStats, WatchError> {
         if self.by_id.contains_key(id) {
             self.remove_container(id);
         }
-        let armed_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .and_then(|d| i64::try_from(d.as_nanos()).ok())
-            .unwrap_or(0)
-            - ARM_CLOCK_MARGIN_NS;
+        let armed_ns = epoch_ns(SystemTime::now()) - ARM_CLOCK_MARGIN_NS;
+        let since_ns = since.map(|t| epoch_ns(t).saturating_sub(ARM_CLOCK_MARGIN_NS));
         let upper = &layer.upperdir;
         let open_err = |path: &PathBuf| {
             let path = path.clone();
@@ -254,7 +303,7 @@ impl Watcher {
                 },
             })?;
         let key = self.free_keys.pop().unwrap_or(self.containers.len());
-        let mut c = Container::new(key, id, root_fd, lowers, armed_ns);
+        let mut c = Container::new(key, id, root_fd, lowers, armed_ns, since_ns);
         c.arm(&mut self.sh, wd, &root_st);
         let stats = c.stats;
         tracing::debug!(container_id = %id, upperdir = %upper.display(), ?stats, "armed");

@@ -169,6 +169,39 @@ pub(crate) fn rescan_change(old: Option<Stamp>, now: Stamp, armed_ns: i64) -> Op
     }
 }
 
+/// What arming with a start instant ([`super::Watcher::add_container_since`]) makes of an
+/// entry found in the upper layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Since {
+    /// Made at or after the start: the container's doing, handled as an appearance.
+    New,
+    /// Predates the start: indexed (a directory is still descended into). `Some(kind)`:
+    /// a regular file changed since (what [`rescan_change`] says of it).
+    Old(Option<FileKind>),
+}
+
+/// Decides [`Since`] for an upper entry. A directory's mtime and ctime move whenever entries
+/// are made in it, so only its birth time (`btime_ns`) tells a new one from an old one
+/// that got a new entry. Without a birth time: a non-directory changed since `since_ns` is
+/// taken for new (an old upper file modified since is then reported as created), a
+/// directory is never (its new entries are reported, not itself).
+pub(crate) fn since_verdict(
+    is_dir: bool,
+    is_file: bool,
+    btime_ns: Option<i64>,
+    now: Stamp,
+    since_ns: i64,
+) -> Since {
+    match btime_ns {
+        Some(b) if b >= since_ns => Since::New,
+        Some(_) if is_file => Since::Old(rescan_change(None, now, since_ns)),
+        Some(_) => Since::Old(None),
+        None if is_dir => Since::Old(None),
+        None if now.ctime_ns >= since_ns => Since::New,
+        None => Since::Old(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +345,49 @@ mod tests {
             rescan_change(None, Stamp { mtime_ns: 10, ..s }, 100),
             Some(FileKind::Attrib)
         );
+    }
+    #[test]
+    fn since_verdicts() {
+        let old = Stamp {
+            size: 3,
+            mtime_ns: 100,
+            ctime_ns: 100,
+        };
+        let (dir, file, link) = ((true, false), (false, true), (false, false));
+        let v = |(d, f): (bool, bool), b, s, since| since_verdict(d, f, b, s, since);
+        // Born at or after the start: new, whatever the type.
+        assert_eq!(v(dir, Some(200), old, 200), Since::New);
+        assert_eq!(v(file, Some(300), old, 200), Since::New);
+        assert_eq!(v(link, Some(300), old, 200), Since::New);
+        // Born before: an old directory that got entries since is still old.
+        let changed = Stamp {
+            mtime_ns: 250,
+            ctime_ns: 250,
+            ..old
+        };
+        assert_eq!(v(dir, Some(100), changed, 200), Since::Old(None));
+        assert_eq!(v(link, Some(100), changed, 200), Since::Old(None));
+        assert_eq!(
+            v(file, Some(100), changed, 200),
+            Since::Old(Some(FileKind::Modify))
+        );
+        assert_eq!(
+            v(
+                file,
+                Some(100),
+                Stamp {
+                    ctime_ns: 250,
+                    ..old
+                },
+                200
+            ),
+            Since::Old(Some(FileKind::Attrib))
+        );
+        assert_eq!(v(file, Some(100), old, 200), Since::Old(None));
+        // No birth time: directories are never new, other entries by ctime.
+        assert_eq!(v(dir, None, changed, 200), Since::Old(None));
+        assert_eq!(v(file, None, changed, 200), Since::New);
+        assert_eq!(v(link, None, changed, 200), Since::New);
+        assert_eq!(v(file, None, old, 200), Since::Old(None));
     }
 }

@@ -4,7 +4,8 @@
 //! openat2(2) with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
 //! RESOLVE_NO_XDEV` (5.6; before that, or where seccomp hides it, every path is opened one
 //! component at a time with `openat(O_NOFOLLOW | O_DIRECTORY)`, which is as strict for
-//! names without `/`), getdents64(2), the `*xattr(2)` family, procfs magic links
+//! names without `/`), getdents64(2), statx(2) with `STATX_BTIME` (4.11; without it, fstatat
+//! and no birth time), the `*xattr(2)` family, procfs magic links
 //! (`/proc/self/fd/N`).
 //!
 //! Names handed to these functions come from the kernel (inotify events, directory
@@ -368,6 +369,70 @@ pub(crate) fn stat_fd(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     )
 }
 
+/// statx(2) turned out not to exist here (`ENOSYS`: before 4.11; `ENOSYS`/`EPERM`: hidden
+/// by seccomp).
+static NO_STATX: AtomicBool = AtomicBool::new(false);
+
+fn ts_ns(t: &libc::statx_timestamp) -> i64 {
+    t.tv_sec
+        .saturating_mul(1_000_000_000)
+        .saturating_add(i64::from(t.tv_nsec))
+}
+
+fn statx_raw(dirfd: RawFd, path: &CStr) -> io::Result<(Stat, Option<i64>)> {
+    let mut sx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `path` is NUL-terminated and `sx` is valid for writes of a `struct statx`;
+    // the kernel writes no more than that (the mask asks for nothing beyond it).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            dirfd,
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+            sx.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: all-zero bytes are a valid `struct statx` (integers only), and statx
+    // succeeded, so the kernel filled it.
+    let sx = unsafe { sx.assume_init() };
+    let st = Stat {
+        dev: libc::makedev(sx.stx_dev_major, sx.stx_dev_minor),
+        ino: sx.stx_ino,
+        mode: u32::from(sx.stx_mode),
+        uid: sx.stx_uid,
+        gid: sx.stx_gid,
+        rdev: libc::makedev(sx.stx_rdev_major, sx.stx_rdev_minor),
+        size: sx.stx_size,
+        atime_ns: ts_ns(&sx.stx_atime),
+        mtime_ns: ts_ns(&sx.stx_mtime),
+        ctime_ns: ts_ns(&sx.stx_ctime),
+    };
+    let btime = (sx.stx_mask & libc::STATX_BTIME != 0).then(|| ts_ns(&sx.stx_btime));
+    Ok((st, btime))
+}
+
+/// `lstat` of the entry `name` in `dir` (never follows a symlink), with its birth time in
+/// ns since the epoch when the file system records it (statx(2) `STATX_BTIME`, 4.11;
+/// `None` without statx, or on file systems that keep no birth time).
+pub(crate) fn statx_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<(Stat, Option<i64>)> {
+    with_name(name, |c| {
+        if !NO_STATX.load(Ordering::Relaxed) {
+            match statx_raw(dir.as_raw_fd(), c) {
+                // EPERM: what older seccomp profiles answer for a syscall they do not know.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                    NO_STATX.store(true, Ordering::Relaxed);
+                }
+                r => return r,
+            }
+        }
+        fstatat_raw(dir.as_raw_fd(), c, libc::AT_SYMLINK_NOFOLLOW).map(|st| (st, None))
+    })
+}
+
 fn xattr_result(r: isize) -> io::Result<Option<usize>> {
     if r >= 0 {
         return Ok(Some(r.unsigned_abs()));
@@ -572,6 +637,15 @@ mod tests {
         assert_eq!(st.mode & libc::S_IFMT, libc::S_IFLNK, "never followed");
         assert_eq!(stat_at(root.as_fd(), b"new\nline").expect("stat").size, 1);
         assert!(stat_fd(root.as_fd()).expect("fstat").is_dir());
+        let (sx, btime) = statx_at(root.as_fd(), b"sym").expect("statx");
+        assert_eq!(sx, st, "statx agrees with lstat, never follows");
+        let (sx, btime2) = statx_at(root.as_fd(), b"new\nline").expect("statx");
+        assert_eq!(sx, stat_at(root.as_fd(), b"new\nline").expect("stat"));
+        if let (Some(b), Some(b2)) = (btime, btime2) {
+            assert!(b > 0 && b <= st.ctime_ns && b2 <= sx.ctime_ns);
+        }
+        assert!(statx_at(root.as_fd(), b"a/b").is_err());
+        assert!(statx_at(root.as_fd(), b"missing").is_err());
         let rd = reopen_dir(root.as_fd()).expect("reopen");
         let (mut buf, mut out) = (Vec::new(), Vec::new());
         list_dir(rd.as_fd(), &mut buf, &mut out).expect("list");
