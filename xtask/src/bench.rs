@@ -607,6 +607,20 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
         f99 / b99
     );
 
+    // Memory: 10k directories in the layer, each watched.
+    let before = m.rss_kib();
+    let dirs = live.merged.join("tenk");
+    std::fs::create_dir_all(&dirs)?;
+    for i in 0..10_000 {
+        std::fs::create_dir(dirs.join(format!("d{i}")))?;
+    }
+    let _ = m.wait(Duration::from_secs(30), |l| {
+        l.contains("\"path\":\"/tenk/d9999\"")
+    });
+    m.drain(Duration::from_millis(500));
+    let after = m.rss_kib();
+    println!("\n## memory (VmRSS of the fsmon process)");
+    println!("idle, no container: {idle_rss} KiB; before 10k dirs: {before} KiB; after 10k watched dirs: {after} KiB; per 10k watches: {} KiB", after.saturating_sub(before));
     // Both monitors watch during both bursts; each burst is counted by its own monitor.
     let (f_rate, f_seen, f_over) = throughput(&m, &live, "fsmon", args.burst, true)?;
     b.drain(Duration::from_millis(500));
@@ -622,20 +636,6 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
     println!("| inotifywait -r | {b_seen} | {b_rate:.0} | {b_over} |");
     b.stop();
 
-    // Memory: 10k directories in the layer, each watched.
-    let before = m.rss_kib();
-    let dirs = live.merged.join("tenk");
-    std::fs::create_dir_all(&dirs)?;
-    for i in 0..10_000 {
-        std::fs::create_dir(dirs.join(format!("d{i}")))?;
-    }
-    let _ = m.wait(Duration::from_secs(30), |l| {
-        l.contains("\"path\":\"/tenk/d9999\"")
-    });
-    m.drain(Duration::from_millis(500));
-    let after = m.rss_kib();
-    println!("\n## memory (VmRSS of the fsmon process)");
-    println!("idle, no container: {idle_rss} KiB; before 10k dirs: {before} KiB; after 10k watched dirs: {after} KiB; per 10k watches: {} KiB", after.saturating_sub(before));
     m.stop();
     Ok(())
 }
