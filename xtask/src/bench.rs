@@ -139,6 +139,8 @@ struct Baseline {
     events: Child,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     out_rx: mpsc::Receiver<(Instant, String)>,
+    /// The per-container inotifywait processes, ended by `stop`.
+    watchers: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
 impl Baseline {
@@ -163,6 +165,8 @@ impl Baseline {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let host = host.to_owned();
         let stop2 = stop.clone();
+        let watchers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let watchers2 = watchers.clone();
         std::thread::spawn(move || {
             for id in BufReader::new(out).lines().map_while(Result::ok) {
                 if stop2.load(std::sync::atomic::Ordering::Relaxed) {
@@ -199,6 +203,9 @@ impl Baseline {
                 else {
                     continue;
                 };
+                if let Ok(mut v) = watchers2.lock() {
+                    v.push(w.id());
+                }
                 let Some(wout) = w.stdout.take() else {
                     continue;
                 };
@@ -220,6 +227,7 @@ impl Baseline {
             events,
             stop,
             out_rx: rx,
+            watchers,
         })
     }
 
@@ -227,7 +235,13 @@ impl Baseline {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.events.kill();
         let _ = self.events.wait();
-        // The per-container inotifywait processes end when their upperdir is removed.
+        // inotifywait -m outlives the directory it watched: end each one.
+        if let Ok(pids) = self.watchers.lock() {
+            for &pid in pids.iter() {
+                // SAFETY: SIGTERM to a child this bench started (its reader thread reaps it).
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
     }
 }
 
