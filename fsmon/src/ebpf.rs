@@ -6,8 +6,6 @@
 //! offsets are read from its tracefs `format` file and handed to the program as a global,
 //! because the record layout differs between kernels.
 
-use std::os::fd::AsRawFd;
-
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
@@ -288,11 +286,6 @@ impl Lifecycle {
             .get(&STAT_RINGBUF_FULL, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
-    }
-
-    /// The ring buffer's fd (for diagnostics).
-    pub fn raw_fd(&self) -> i32 {
-        self.ring.get_ref().as_raw_fd()
     }
 }
 

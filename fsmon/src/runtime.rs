@@ -112,11 +112,6 @@ impl Runtime {
         self.engines.is_empty()
     }
 
-    /// Whether engine `engine` is connected now.
-    pub fn is_connected(&self, engine: usize) -> bool {
-        self.state(engine).docker.is_some()
-    }
-
     async fn engine_task(self, engine: usize, tx: mpsc::UnboundedSender<RuntimeEvent>) {
         let url = self.engines[engine].0.clone();
         let mut backoff = Duration::from_millis(200);

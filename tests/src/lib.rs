@@ -152,6 +152,22 @@ impl Fsmon {
         }
     }
 
+    /// Waits for the `container_start` of the container named `name`, then for its
+    /// `container_stop`; returns its id.
+    pub fn wait_start_stop(&mut self, timeout: Duration, name: &str) -> Result<String> {
+        let start = self.wait_for(timeout, |r| {
+            r["kind"] == "container_start" && r["container"]["name"] == name
+        })?;
+        let id = start["container"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.wait_for(timeout, |r| {
+            r["kind"] == "container_stop" && r["container"]["id"] == id.as_str()
+        })?;
+        Ok(id)
+    }
+
     /// Collects records until at least `n` match `pred`; returns the matches.
     pub fn wait_n(
         &mut self,

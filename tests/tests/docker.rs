@@ -76,14 +76,7 @@ fn run_rm_reports_start_and_stop() -> anyhow::Result<()> {
     for (label, host) in engines() {
         let name = unique(label);
         run_rm(&host, &name, &["sh", "-c", "true"])?;
-        let start = f.wait_for(WAIT, |r| {
-            r["kind"] == "container_start" && r["container"]["name"] == name.as_str()
-        })?;
-        let id = start["container"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        let id = f.wait_start_stop(WAIT, &name)?;
         f.settle(Duration::from_millis(1500));
         let of = f.of(&id);
         assert_bracketed(
@@ -536,14 +529,7 @@ fn container_changes_are_reported_in_its_own_terms() -> anyhow::Result<()> {
     for (label, host) in engines() {
         let name = unique(label);
         run_rm(&host, &name, &["sh", "-c", SCRIPT])?;
-        let start = f.wait_for(WAIT, |r| {
-            r["kind"] == "container_start" && r["container"]["name"] == name.as_str()
-        })?;
-        let id = start["container"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        let id = f.wait_start_stop(WAIT, &name)?;
         let recs = f.of(&id);
         let show = || {
             recs.iter()

@@ -186,17 +186,7 @@ impl Baseline {
                     continue;
                 };
                 let upper = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-                let Ok(mut w) = Command::new("inotifywait")
-                    .args([
-                        "-r",
-                        "-m",
-                        "-q",
-                        "-e",
-                        "create,modify,attrib,delete,move,close_write",
-                        "--format",
-                        "%w%f %e",
-                    ])
-                    .arg(&upper)
+                let Ok(mut w) = inotifywait_cmd(Path::new(&upper))
                     .stdout(Stdio::piped())
                     .stderr(Stdio::null())
                     .spawn()
@@ -506,7 +496,9 @@ impl Drop for Live {
     }
 }
 
-fn inotifywait_on(upper: &Path) -> Result<Monitor> {
+/// The baseline's command: `inotifywait -r` on `dir` with the change events only (the same
+/// event set fsmon watches), one line per event.
+fn inotifywait_cmd(dir: &Path) -> Command {
     let mut c = Command::new("inotifywait");
     c.args([
         "-r",
@@ -517,8 +509,12 @@ fn inotifywait_on(upper: &Path) -> Result<Monitor> {
         "--format",
         "%w%f %e",
     ])
-    .arg(upper);
-    let m = Monitor::spawn(c)?;
+    .arg(dir);
+    c
+}
+
+fn inotifywait_on(upper: &Path) -> Result<Monitor> {
+    let m = Monitor::spawn(inotifywait_cmd(upper))?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(m)
 }
