@@ -11,7 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     io::Write,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd, RawFd},
     path::PathBuf,
     time::{Duration, SystemTime},
 };
@@ -29,6 +29,10 @@ use crate::{
     runtime::{Runtime, RuntimeEvent},
     watcher::Watcher,
 };
+
+/// Records are written to the output in chunks of about this size (and at the end of
+/// every loop turn, so a record is never held back).
+const OUT_CHUNK: usize = 1 << 16;
 
 /// Where records go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +92,8 @@ impl AsRawFd for RawFdRef {
 /// A container being monitored.
 struct Monitored {
     cref: ContainerRef,
+    /// `cref` as a JSON object, for every file record of the container.
+    encoded: String,
 }
 
 struct Daemon {
@@ -97,6 +103,8 @@ struct Daemon {
     watcher: Watcher,
     runtime: Runtime,
     out: Box<dyn Write + Send>,
+    /// Records not yet written to `out` (written when large, and after every loop turn).
+    pending_out: Vec<u8>,
     containers: HashMap<String, Monitored>,
     /// Cgroups recognised as containers that no configured engine knows (podman, ...),
     /// so they are looked up once, not at every mkdir.
@@ -113,18 +121,21 @@ struct Daemon {
 /// is handled and logged.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let out: Box<dyn Write + Send> = match &config.output {
-        OutputTarget::Stdout => Box::new(std::io::BufWriter::with_capacity(
-            1 << 16,
-            std::io::stdout(),
+        // Our own handle on fd 1, written in whole batches (std's `Stdout` would add a
+        // lock and a line buffer to every write).
+        OutputTarget::Stdout => Box::new(std::fs::File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("cannot use stdout")?,
         )),
-        OutputTarget::File(p) => Box::new(std::io::BufWriter::with_capacity(
-            1 << 16,
+        OutputTarget::File(p) => Box::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)
                 .with_context(|| format!("cannot open --output {}", p.display()))?,
-        )),
+        ),
     };
     let mounts = CgroupMounts::discover()
         .context("cannot read the cgroup mounts from /proc/self/mountinfo")?;
@@ -159,6 +170,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         watcher,
         runtime,
         out,
+        pending_out: Vec::with_capacity(OUT_CHUNK * 2),
         containers: HashMap::new(),
         foreign: HashSet::new(),
         pending: HashMap::new(),
@@ -225,6 +237,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     d.resync().await;
                 }
                 d.arm_stale_pending().await;
+                // Directories left unwatched at the watch limit get their watch when the
+                // limit allows; what changed meanwhile is reported by scan.
+                d.watcher.retry_unwatched();
+                d.drain_watcher()?;
             }
         }
         d.flush()?;
@@ -238,13 +254,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
 impl Daemon {
     fn emit(&mut self, line: &str) -> anyhow::Result<()> {
-        self.out
-            .write_all(line.as_bytes())
-            .context("writing to --output")
+        self.pending_out.extend_from_slice(line.as_bytes());
+        self.write_if_large()
+    }
+
+    fn write_if_large(&mut self) -> anyhow::Result<()> {
+        if self.pending_out.len() >= OUT_CHUNK {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        self.out.flush().context("writing to --output")
+        if !self.pending_out.is_empty() {
+            self.out
+                .write_all(&self.pending_out)
+                .context("writing to --output")?;
+            self.pending_out.clear();
+        }
+        Ok(())
     }
 
     fn on_runtime(&mut self, ev: RuntimeEvent) {
@@ -265,14 +293,15 @@ impl Daemon {
             tracing::error!(error = %e, "reading inotify events");
         }
         let now = SystemTime::now();
+        let enc = record::FileEncoder::new(now);
         for o in outputs.drain(..) {
             match o {
                 WatchOutput::File(ev) => {
                     let Some(c) = self.containers.get(&ev.container) else {
                         continue;
                     };
-                    let line = record::file(now, &c.cref, &ev);
-                    self.emit(&line)?;
+                    enc.encode(&mut self.pending_out, &c.encoded, &ev);
+                    self.write_if_large()?;
                 }
                 WatchOutput::Exited { container } => {
                     if self.containers.contains_key(&container) {
@@ -502,7 +531,9 @@ impl Daemon {
                 tracing::debug!(container_id = %id, cgroup = %dir.display(), error = %e, "cannot watch the container's cgroup.events");
             }
         }
-        self.containers.insert(id.to_owned(), Monitored { cref });
+        let encoded = cref.encoded();
+        self.containers
+            .insert(id.to_owned(), Monitored { cref, encoded });
         // Arming can itself produce output (a watch-limit overflow) that no fd readiness
         // will announce: print it now.
         self.drain_watcher()

@@ -316,26 +316,56 @@ pub fn copy_up_change(upper: &Meta, lower: &Meta) -> Option<FileKind> {
     }
 }
 
+/// What an `IN_ATTRIB` on a directory shows the container ([`dir_attrib`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirAttrib {
+    /// Nothing it can see: overlay bookkeeping (an xattr, times put back), or an mtime
+    /// that entry changes or a copy-up already explain.
+    Hidden,
+    /// Its mode or owner changed: the container's doing, reported.
+    Visible,
+    /// Only its mtime changed, and nothing seen so far explains it: the container's (a
+    /// `touch`) unless an entry change of this directory comes after this `IN_ATTRIB` in the
+    /// same drain of the queue. Events are handled after the fact, so the `stat` may already
+    /// show the mtime of an entry change whose event is still ahead (overlayfs marks a
+    /// directory `impure` right before renaming a copied-up entry into it): see
+    /// [`mtime_attrib_stands`].
+    MtimeOnly,
+}
+
 /// Whether an `IN_ATTRIB` on a directory is the container's doing.
 ///
 /// Overlayfs itself raises `IN_ATTRIB` on upper directories: it sets `overlay.impure` /
 /// `overlay.opaque` xattrs, and after every copy-up into a directory it restores that
 /// directory's timestamps. Those change neither mode nor owner, and leave the mtime as it
-/// was before the copy-up. So: mode or owner changed → yes; the mtime changed → yes, unless
-/// overlayfs just copied something up into this directory (`overlay_touched`) or entries
-/// were added or removed since the baseline was taken (`mtime_stale`: the directory's own
-/// mtime moved without an `IN_ATTRIB`, so the comparison means nothing). Otherwise no
-/// (an xattr change on a directory is therefore not reported).
-pub fn dir_attrib_visible(
+/// was before the copy-up. So: mode or owner changed → [`DirAttrib::Visible`]; the mtime
+/// changed → [`DirAttrib::MtimeOnly`], unless overlayfs just copied something up into this
+/// directory (`overlay_touched`) or entries were added or removed since the baseline was
+/// taken (`mtime_stale`: the directory's own mtime moved without an `IN_ATTRIB`, so the
+/// comparison means nothing). Otherwise [`DirAttrib::Hidden`] (an xattr change on a
+/// directory is therefore not reported).
+pub fn dir_attrib(
     baseline: &Meta,
     now: &Meta,
     overlay_touched: bool,
     mtime_stale: bool,
-) -> bool {
+) -> DirAttrib {
     if baseline.mode != now.mode || baseline.uid != now.uid || baseline.gid != now.gid {
-        return true;
+        DirAttrib::Visible
+    } else if baseline.mtime_ns != now.mtime_ns && !overlay_touched && !mtime_stale {
+        DirAttrib::MtimeOnly
+    } else {
+        DirAttrib::Hidden
     }
-    baseline.mtime_ns != now.mtime_ns && !overlay_touched && !mtime_stale
+}
+
+/// The deferred half of [`DirAttrib::MtimeOnly`], decided once the queue is drained: the
+/// `attrib` stands unless an entry of the directory was created, removed or renamed after
+/// it (`entries_changed_after`: that change moved the mtime). A `touch` of a directory
+/// followed in the same drain by an entry change in it is therefore not reported: the two
+/// cannot be told apart from a `stat` taken after both.
+pub fn mtime_attrib_stands(entries_changed_after: bool) -> bool {
+    !entries_changed_after
 }
 
 #[cfg(test)]
@@ -618,24 +648,36 @@ mod tests {
         #[rustfmt::skip]
         let cases = [
             // overlay setting an xattr, or restoring the times it had: nothing visible
-            (base, false, false, false),
-            (base, true, false, false),
-            (base, false, true, false),
+            (base, false, false, DirAttrib::Hidden),
+            (base, true, false, DirAttrib::Hidden),
+            (base, false, true, DirAttrib::Hidden),
             // chmod / chown: always the container's
-            (chmod, false, false, true),
-            (chmod, true, true, true),
-            (chown, true, false, true),
-            // touch: yours unless overlay just copied something up here, or entries moved
-            (touched, false, false, true),
-            (touched, true, false, false),
-            (touched, false, true, false),
+            (chmod, false, false, DirAttrib::Visible),
+            (chmod, true, true, DirAttrib::Visible),
+            (chown, true, false, DirAttrib::Visible),
+            // touch: yours unless overlay just copied something up here, or entries moved;
+            // and only once the drain shows no entry change after it
+            (touched, false, false, DirAttrib::MtimeOnly),
+            (touched, true, false, DirAttrib::Hidden),
+            (touched, false, true, DirAttrib::Hidden),
+            // mode and mtime together (`mkdir -m` over an image dir, chmod + entry change):
+            // the mode decides, whatever follows
+            (Meta { mtime_ns: 200, ..chmod }, false, true, DirAttrib::Visible),
         ];
         for (now, overlay_touched, stale, want) in cases {
             assert_eq!(
-                dir_attrib_visible(&base, &now, overlay_touched, stale),
+                dir_attrib(&base, &now, overlay_touched, stale),
                 want,
                 "{now:?} {overlay_touched} {stale}"
             );
         }
+    }
+
+    #[test]
+    fn mtime_only_attrib_waits_for_the_drain() {
+        // An entry change after the IN_ATTRIB explains the mtime (the race of a stat taken
+        // after an entry change whose event was still queued); none: a genuine touch.
+        assert!(!mtime_attrib_stands(true));
+        assert!(mtime_attrib_stands(false));
     }
 }

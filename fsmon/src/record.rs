@@ -128,19 +128,111 @@ pub fn overflow(now: SystemTime, c: Option<&ContainerRef>, reason: &str) -> Stri
     line(m)
 }
 
-/// A file record.
+/// A file record (allocating; see [`FileEncoder`] for the hot path).
 pub fn file(now: SystemTime, c: &ContainerRef, ev: &FileEvent) -> String {
-    let mut m = base(ev.kind.as_str(), now);
-    m.insert("container".into(), c.to_json());
-    put_path(&mut m, "path", &ev.path);
-    if ev.kind == FileKind::Rename {
-        if let Some(old) = &ev.old_path {
-            put_path(&mut m, "old_path", old);
+    let mut out = Vec::new();
+    FileEncoder::new(now).encode(&mut out, &c.encoded(), ev);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+impl ContainerRef {
+    /// The `container` object, serialised once (it goes into every record of the
+    /// container).
+    pub fn encoded(&self) -> String {
+        self.to_json().to_string()
+    }
+}
+
+/// Writes file records straight into a byte buffer, without building a JSON tree: the
+/// time string is formatted once per batch and the container object once per container.
+/// The output is byte-for-byte what serde_json would print for the same record.
+pub struct FileEncoder {
+    time: String,
+}
+
+impl FileEncoder {
+    /// An encoder for records observed at `now`.
+    pub fn new(now: SystemTime) -> FileEncoder {
+        FileEncoder { time: rfc3339(now) }
+    }
+
+    /// Appends one record line for `ev` to `out`; `container` is [`ContainerRef::encoded`].
+    pub fn encode(&self, out: &mut Vec<u8>, container: &str, ev: &FileEvent) {
+        out.extend_from_slice(b"{\"time\":\"");
+        out.extend_from_slice(self.time.as_bytes());
+        out.extend_from_slice(b"\",\"kind\":\"");
+        out.extend_from_slice(ev.kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"container\":");
+        out.extend_from_slice(container.as_bytes());
+        put_path_raw(out, "path", &ev.path);
+        if ev.kind == FileKind::Rename {
+            if let Some(old) = &ev.old_path {
+                put_path_raw(out, "old_path", old);
+            }
+        }
+        out.extend_from_slice(if ev.is_dir {
+            b",\"is_dir\":true,\"source\":\""
+        } else {
+            b",\"is_dir\":false,\"source\":\""
+        });
+        out.extend_from_slice(ev.source.as_str().as_bytes());
+        out.extend_from_slice(b"\"}\n");
+    }
+}
+
+/// `,"key":"…"` (and `,"key_b64":"…"` for a name that is not UTF-8).
+fn put_path_raw(out: &mut Vec<u8>, key: &str, bytes: &[u8]) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    match std::str::from_utf8(bytes) {
+        Ok(s) => json_str(out, s),
+        Err(_) => {
+            json_str(out, &String::from_utf8_lossy(bytes));
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"_b64\":\"");
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(bytes)
+                    .as_bytes(),
+            );
+            out.push(b'"');
         }
     }
-    m.insert("is_dir".into(), Value::Bool(ev.is_dir));
-    m.insert("source".into(), Value::String(ev.source.as_str().into()));
-    line(m)
+}
+
+/// A JSON string literal, escaped as serde_json does (`\"`, `\\`, the short escapes for
+/// `\b \f \n \r \t`, `\u00XX` for other control characters; everything else as is).
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let b = s.as_bytes();
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => &[],
+            _ => continue,
+        };
+        out.extend_from_slice(b.get(start..i).unwrap_or_default());
+        if esc.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(c >> 4)]);
+            out.push(HEX[usize::from(c & 0xf)]);
+        } else {
+            out.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(b.get(start..).unwrap_or_default());
+    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -194,6 +286,66 @@ mod tests {
         assert_eq!(v["container"]["image"], Value::Null);
         assert_eq!(v["source"], "inotify");
         assert_eq!(v["is_dir"], false);
+    }
+
+    /// The hand-written encoder prints exactly what serde_json prints.
+    #[test]
+    fn encoder_matches_serde() {
+        let names: [&[u8]; 9] = [
+            b"/plain",
+            b"/sp ace/\"q\"/back\\slash",
+            b"/ctl\x01\x08\x0c\n\r\t\x1f\x7f",
+            "/ünïcødé/\u{2028}/😀".as_bytes(),
+            b"/bad\xff\xfe/x",
+            b"/\xc3",
+            b"",
+            b"/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p",
+            b"/\\u0000",
+        ];
+        let c = ContainerRef {
+            id: "c".repeat(64),
+            name: Some("n\"ame\n".into()),
+            image: Some("img:1".into()),
+        };
+        let now = UNIX_EPOCH + Duration::new(1_795_919_754, 5);
+        let enc = FileEncoder::new(now);
+        for kind in [FileKind::Create, FileKind::Rename, FileKind::Delete] {
+            for (i, name) in names.iter().enumerate() {
+                let ev = FileEvent {
+                    container: c.id.clone(),
+                    kind,
+                    path: name.to_vec(),
+                    old_path: Some(names[(i + 1) % names.len()].to_vec()),
+                    is_dir: i % 2 == 0,
+                    source: if i % 3 == 0 {
+                        Source::Scan
+                    } else {
+                        Source::Inotify
+                    },
+                };
+                let mut m = base(ev.kind.as_str(), now);
+                m.insert("container".into(), c.to_json());
+                put_path(&mut m, "path", &ev.path);
+                if kind == FileKind::Rename {
+                    put_path(
+                        &mut m,
+                        "old_path",
+                        ev.old_path.as_deref().unwrap_or_default(),
+                    );
+                }
+                m.insert("is_dir".into(), Value::Bool(ev.is_dir));
+                m.insert("source".into(), Value::String(ev.source.as_str().into()));
+                let mut got = Vec::new();
+                enc.encode(&mut got, &c.encoded(), &ev);
+                let got = String::from_utf8(got).expect("utf-8");
+                let v = parse(&got);
+                assert_eq!(v, Value::Object(m.clone()), "{got}");
+                // Same text too, key order included.
+                let mut want = Value::Object(m).to_string();
+                want.push('\n');
+                assert_eq!(got, want);
+            }
+        }
     }
 
     #[test]

@@ -349,6 +349,120 @@ fn copy_up_of_image_files_is_not_a_create() {
     );
 }
 
+/// The directory `attrib`s among `evs`.
+fn dir_attribs(evs: &[FileEvent]) -> Vec<FileEvent> {
+    evs.iter()
+        .filter(|e| e.kind == FileKind::Attrib && e.is_dir)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn dir_attrib_explained_by_later_entry_changes_is_not_reported() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    // /etc copied up and watched, /n and /t made by the container.
+    touch(&m.m("etc/sub/f"));
+    std::fs::create_dir(m.m("n")).expect("mkdir");
+    std::fs::create_dir(m.m("t")).expect("mkdir");
+    let _ = events(&mut w);
+
+    // Renaming a copied-up file into another directory: overlayfs first marks that
+    // directory `impure` (an xattr: IN_ATTRIB on /n), then renames (IN_MOVED_TO in /n).
+    // Both are done before the watcher reads, so when it handles the IN_ATTRIB, /n's
+    // mtime was already moved by the rename whose event is still ahead in the queue.
+    std::fs::rename(m.m("etc/passwd"), m.m("n/pw")).expect("mv image file");
+    expect_events(
+        &mut w,
+        &[("rename", "/n/pw", false)],
+        "mv /etc/passwd /n/pw",
+    );
+
+    // A genuine touch of a directory, with no entry change in it, is still reported.
+    touch(&m.m("t"));
+    expect_events(&mut w, &[("attrib", "/t", true)], "touch /t");
+    // So is one of an image directory (copied up by the touch itself).
+    touch(&m.m("d"));
+    expect_events(&mut w, &[("attrib", "/d", true)], "touch /d");
+    // And a chmod, even with entry changes right after it.
+    std::fs::set_permissions(m.m("t"), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::fs::File::create(m.m("t/f")).expect("create");
+    expect_events(
+        &mut w,
+        &[("attrib", "/t", true), ("create", "/t/f", false)],
+        "",
+    );
+}
+
+/// An image with 200 files in /img, and /d/e.
+fn many_files_image(lowers: &[std::path::PathBuf]) {
+    let l = &lowers[0];
+    std::fs::create_dir_all(l.join("img")).expect("mkdir");
+    std::fs::create_dir_all(l.join("d/e")).expect("mkdir");
+    for i in 0..200 {
+        std::fs::write(l.join(format!("img/f{i}")), "image\n").expect("write");
+    }
+}
+
+#[test]
+fn concurrent_mkdir_and_rm_r_report_no_dir_attrib() {
+    let _l = shared();
+    let m = OverlayMount::new(1, many_files_image);
+    let mut w = armed("c", &m);
+    const ROUNDS: usize = 200;
+    let merged = m.merged.clone();
+    // The container makes and removes trees, moves image files into new directories
+    // (overlayfs marks those `impure`: an IN_ATTRIB right before the entry change), while
+    // the watcher reads as the daemon does. It never touches nor chmods a directory.
+    let t = std::thread::spawn(move || {
+        for i in 0..ROUNDS {
+            let r = merged.join(format!("r{i}"));
+            std::fs::create_dir_all(r.join("x")).expect("mkdir -p");
+            // Varied pacing, so that the watcher takes /r<i>/x's baseline before the move
+            // in some rounds and handles the move's IN_ATTRIB at every point of it.
+            match i % 4 {
+                1 => std::thread::yield_now(),
+                2 => std::thread::sleep(Duration::from_micros(50)),
+                3 => std::thread::sleep(Duration::from_millis(1)),
+                _ => {}
+            }
+            std::fs::rename(merged.join(format!("img/f{i}")), r.join("x/f")).expect("mv");
+            std::fs::create_dir(r.join("x/y")).expect("mkdir");
+            std::fs::write(r.join("x/y/z"), "z").expect("write");
+            rm_r(&r.join("x"));
+            let dx = merged.join(format!("d/e/x{i}"));
+            std::fs::create_dir_all(dx.join("y")).expect("mkdir -p");
+            std::fs::write(dx.join("y/f"), "f").expect("write");
+            rm_r(&dx);
+        }
+    });
+    let mut outs = Vec::new();
+    while !t.is_finished() {
+        w.read_events(&mut outs).expect("read_events");
+        // Reads a little behind, as a busy daemon does: often after the whole move.
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    t.join().expect("activity thread");
+    outs.extend(drain(&mut w, QUIET, MAX));
+    let evs = files(&outs);
+    let attribs = dir_attribs(&evs);
+    let around: Vec<FileEvent> = evs
+        .iter()
+        .filter(|e| attribs.iter().any(|a| e.path.starts_with(&a.path)))
+        .cloned()
+        .collect();
+    assert!(attribs.is_empty(), "{}", show(&around));
+    for i in 0..ROUNDS {
+        assert_eq!(
+            count(&evs, FileKind::Create, format!("/r{i}").as_bytes()),
+            1,
+            "{}",
+            show(&evs)
+        );
+    }
+}
+
 #[test]
 fn deletes_of_image_entries_and_recreates() {
     let _l = shared();
@@ -903,6 +1017,137 @@ fn watch_limit_overflows_one_container_and_not_the_other() {
     );
 }
 
+#[test]
+fn watch_limit_retry_watches_and_rescans_what_was_unwatched() {
+    let _l = exclusive();
+    let m = OverlayMount::new(1, image);
+    const DIRS: usize = 20;
+    for i in 0..DIRS {
+        std::fs::create_dir_all(m.upper.join(format!("pre/p{i}/q"))).expect("mkdir");
+        std::fs::write(m.upper.join(format!("pre/p{i}/old")), "1").expect("write");
+        std::fs::write(m.upper.join(format!("pre/p{i}/gone")), "1").expect("write");
+    }
+    let is_limit = |o: &WatchOutput| matches!(o, WatchOutput::Overflow { container: Some(c), reason: "watch_limit" } if c == "c");
+    let mut w = Watcher::new().expect("inotify");
+    let stats = {
+        // Room for 2 more watches (/ and /pre), for as short a time as possible.
+        let _g = SysctlGuard::set("fs/inotify/max_user_watches", inotify_watches_in_use() + 2);
+        let stats = w.add_container("c", m.layer()).expect("arm");
+        let outs = drain(&mut w, QUIET, MAX);
+        assert_eq!(outs.iter().filter(|o| is_limit(o)).count(), 1, "{outs:?}");
+        // Still at the limit: retried, quietly.
+        for _ in 0..3 {
+            w.retry_unwatched();
+            let outs = drain(&mut w, QUIET, MAX);
+            assert!(outs.is_empty(), "{outs:?}");
+        }
+        stats
+    };
+    // /, /pre, /pre/p<i>, /pre/p<i>/q.
+    assert_eq!(stats.dirs, 2 + 2 * DIRS, "{stats:?}");
+    assert!(stats.unwatched_dirs > 0, "{stats:?}");
+    let watched_before = w.container_watch_count("c");
+    assert!(watched_before < stats.dirs, "{watched_before} {stats:?}");
+
+    // Limit restored. What the container does meanwhile in every directory: only the
+    // watched ones tell.
+    for i in 0..DIRS {
+        let p = |f: &str| m.m(&format!("pre/p{i}/{f}"));
+        std::fs::File::create(p("new")).expect("create");
+        append(&p("old"), b"2");
+        std::fs::remove_file(p("gone")).expect("rm");
+        std::fs::File::create(p("q/qnew")).expect("create");
+        std::fs::create_dir(p("sub")).expect("mkdir");
+        std::fs::File::create(p("sub/f")).expect("create");
+    }
+    // What a new directory holds is found by its listing, even when watched.
+    let in_sub = |e: &FileEvent| e.path.windows(5).any(|w| w == b"/sub/");
+    let before = events(&mut w);
+    assert!(
+        before
+            .iter()
+            .all(|e| e.source == Source::Inotify || in_sub(e)),
+        "{}",
+        show(&before)
+    );
+    w.retry_unwatched();
+    let after = events(&mut w);
+    assert!(
+        after.iter().all(|e| e.source == Source::Scan),
+        "{}",
+        show(&after)
+    );
+    assert!(!after.is_empty(), "the rescan found nothing");
+    assert_eq!(w.container_watch_count("c"), stats.dirs + DIRS);
+    let all: Vec<FileEvent> = before.iter().chain(&after).cloned().collect();
+    assert_no_duplicate_creates(&all);
+    for i in 0..DIRS {
+        let p = |f: &str| format!("/pre/p{i}/{f}");
+        for (kind, f) in [
+            (FileKind::Create, "new"),
+            (FileKind::Modify, "old"),
+            (FileKind::Delete, "gone"),
+            (FileKind::Create, "q/qnew"),
+            (FileKind::Create, "sub"),
+            (FileKind::Create, "sub/f"),
+        ] {
+            assert_eq!(
+                count(&all, kind, p(f).as_bytes()),
+                1,
+                "{kind:?} {f}:\n{}",
+                show(&all)
+            );
+        }
+    }
+    assert_eq!(all.len(), 6 * DIRS, "{}", show(&all));
+    // Each directory told either by inotify (watched) or by the rescan (unwatched).
+    let dirs_of = |evs: &[FileEvent]| -> HashSet<Vec<u8>> {
+        evs.iter()
+            .filter(|e| !in_sub(e))
+            .map(|e| {
+                let cut = e.path.iter().rposition(|&c| c == b'/').unwrap_or(0);
+                e.path[..cut].to_vec()
+            })
+            .collect()
+    };
+    let (told, rescanned) = (dirs_of(&before), dirs_of(&after));
+    assert!(told.is_disjoint(&rescanned), "{told:?} {rescanned:?}");
+    assert_eq!(
+        told.len() + rescanned.len(),
+        2 * DIRS,
+        "{told:?} {rescanned:?}"
+    );
+
+    // From now on, inotify tells, in the retried directories and in those found new.
+    for i in 0..DIRS {
+        for f in ["later", "q/later", "sub/later"] {
+            std::fs::File::create(m.m(&format!("pre/p{i}/{f}"))).expect("create");
+        }
+    }
+    let evs = events(&mut w);
+    for i in 0..DIRS {
+        for f in ["later", "q/later", "sub/later"] {
+            let p = format!("/pre/p{i}/{f}");
+            assert_eq!(
+                count(&evs, FileKind::Create, p.as_bytes()),
+                1,
+                "{}",
+                show(&evs)
+            );
+        }
+    }
+    assert_eq!(evs.len(), 3 * DIRS, "{}", show(&evs));
+    assert!(
+        evs.iter().all(|e| e.source == Source::Inotify),
+        "{}",
+        show(&evs)
+    );
+    // Nothing left to retry: a no-op.
+    w.retry_unwatched();
+    let outs = drain(&mut w, QUIET, MAX);
+    assert!(outs.is_empty(), "{outs:?}");
+}
+
 /// Removes a tree the way `rm -r` does: depth first, each file unlinked, each directory
 /// removed once empty.
 fn rm_r(p: &Path) {
@@ -937,6 +1182,14 @@ fn want(list: &[(&'static str, &str, bool)]) -> Vec<(&'static str, String, bool)
     let mut v: Vec<_> = list.iter().map(|&(k, p, d)| (k, p.to_owned(), d)).collect();
     v.sort();
     v
+}
+
+/// Drains the watcher and asserts that it reported exactly `list` (kind, path, is_dir, in
+/// any order; sources left out). `what` names the step in the failure message.
+#[track_caller]
+fn expect_events(w: &mut Watcher, list: &[(&'static str, &str, bool)], what: &str) {
+    let evs = events(w);
+    assert_eq!(summary(&evs), want(list), "{what}\n{}", show(&evs));
 }
 
 /// An image with /data/sub/lower.txt, /data/sub/other.txt, /data/sub/deep/x and /data/top.
@@ -1018,32 +1271,18 @@ fn delete_after_chmod_or_append_is_reported_once() {
         .expect("open");
     std::io::Write::write_all(&mut f, b"more\n").expect("write");
     drop(f);
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&[
+    expect_events(
+        &mut w,
+        &[
             ("attrib", "/data/sub/lower.txt", false),
             ("modify", "/data/sub/deep/x", false),
-        ]),
-        "{}",
-        show(&evs)
+        ],
+        "",
     );
     rm_r(&m.m("data/sub"));
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&DATA_DELETES[..5]),
-        "rm -r /data/sub:\n{}",
-        show(&evs)
-    );
+    expect_events(&mut w, &DATA_DELETES[..5], "rm -r /data/sub");
     rm_r(&m.m("data"));
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&DATA_DELETES[5..]),
-        "rm -r /data:\n{}",
-        show(&evs)
-    );
+    expect_events(&mut w, &DATA_DELETES[5..], "rm -r /data");
 }
 
 #[test]
@@ -1053,39 +1292,19 @@ fn copied_up_file_then_its_emptied_dir_are_deleted_once_each() {
     let mut w = armed("c", &m);
     // /d/e holds only g: copy it up, delete it, then the now-empty /d/e.
     touch(&m.m("d/e/g"));
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&[("attrib", "/d/e/g", false)]),
-        "{}",
-        show(&evs)
-    );
+    expect_events(&mut w, &[("attrib", "/d/e/g", false)], "");
     std::fs::remove_file(m.m("d/e/g")).expect("rm");
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&[("delete", "/d/e/g", false)]),
-        "{}",
-        show(&evs)
-    );
+    expect_events(&mut w, &[("delete", "/d/e/g", false)], "");
     std::fs::remove_dir(m.m("d/e")).expect("rmdir");
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&[("delete", "/d/e", true)]),
-        "{}",
-        show(&evs)
-    );
+    expect_events(&mut w, &[("delete", "/d/e", true)], "");
     // An image file never touched before: one delete, at the root and in image
     // directories never touched (copied up silently on the way).
     std::fs::remove_file(m.m("topf2")).expect("rm");
     std::fs::remove_file(m.m("etc/sub/f")).expect("rm");
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&[("delete", "/topf2", false), ("delete", "/etc/sub/f", false)]),
-        "{}",
-        show(&evs)
+    expect_events(
+        &mut w,
+        &[("delete", "/topf2", false), ("delete", "/etc/sub/f", false)],
+        "",
     );
     // And a path deleted twice over (re-created, then removed again): one delete each time.
     std::fs::write(m.m("topf2"), "again").expect("write");
@@ -1222,12 +1441,10 @@ fn armed_late_reports_what_the_container_did_since_it_started() {
     // What was found new is watched and indexed like the rest.
     std::fs::File::create(m.m("a/b/c/f2")).expect("touch");
     std::fs::write(m.m("f0"), "more").expect("write");
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&[("create", "/a/b/c/f2", false), ("modify", "/f0", false)]),
-        "{}",
-        show(&evs)
+    expect_events(
+        &mut w,
+        &[("create", "/a/b/c/f2", false), ("modify", "/f0", false)],
+        "",
     );
 }
 
@@ -1277,13 +1494,7 @@ fn armed_late_after_a_restart_reports_only_what_changed_since() {
     );
 
     std::fs::write(m.m("old/dir/new"), "3").expect("write");
-    let evs = events(&mut w);
-    assert_eq!(
-        summary(&evs),
-        want(&[("modify", "/old/dir/new", false)]),
-        "{}",
-        show(&evs)
-    );
+    expect_events(&mut w, &[("modify", "/old/dir/new", false)], "");
 }
 
 #[test]

@@ -20,9 +20,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use crate::event::{FileEvent, FileKind, Source, WatchOutput};
-use crate::overlay::{self, Appear, EntryKind, Meta, Opaque, Origin, Prior, Via};
+use crate::overlay::{self, Appear, DirAttrib, EntryKind, Meta, Opaque, Origin, Prior, Via};
 
-use super::rules::{self, Moves, RawEvent, Since, Stamp};
+use super::rules::{self, Moves, MtimeAttribs, RawEvent, Since, Stamp};
 use super::sys::{self, Dirent, Stat};
 use super::ArmStats;
 
@@ -104,8 +104,13 @@ pub(super) enum ScanMode {
     Index,
     /// A directory that just appeared: everything in it is new (`source: scan`).
     Report,
-    /// Resync after lost events: report the differences with the index.
+    /// Resync after lost events: report the differences with the index (and those of
+    /// every directory below).
     Diff,
+    /// A directory that was indexed without a watch and just got one: report the
+    /// differences with the index in it (the directories below have their own watch, or
+    /// their own retry).
+    Rewatched,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,6 +242,20 @@ struct PendingMove {
     vanished: std::ops::Range<usize>,
 }
 
+impl PendingMove {
+    /// A half that has placed nothing in the output (yet).
+    fn new(entry: Option<Entry>, child_serial: u64, old_path: Vec<u8>) -> PendingMove {
+        PendingMove {
+            entry,
+            child_serial,
+            old_path,
+            slot: None,
+            captured: Vec::new(),
+            vanished: 0..0,
+        }
+    }
+}
+
 /// Result of watching a directory that appeared.
 enum Attached {
     /// A new node (listing queued).
@@ -260,6 +279,19 @@ impl Attached {
     }
 }
 
+/// Result of retrying the watch of an unwatched directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rewatch {
+    /// Watched now.
+    Watched,
+    /// Refused again by the watch limit.
+    Limit,
+    /// Not reachable now (renamed or replaced, its events not handled yet): later.
+    Later,
+    /// Not to retry: already watched, gone, or refused otherwise.
+    Never,
+}
+
 /// One armed container.
 pub(super) struct Container {
     pub key: usize,
@@ -275,6 +307,11 @@ pub(super) struct Container {
     to_list: Vec<NodeId>,
     deferred: Vec<(NodeId, u64)>,
     moves: Moves<PendingMove>,
+    /// Directory `attrib`s waiting for the end of the drain (mtime changes only).
+    mtime_attribs: MtimeAttribs,
+    /// Directories indexed without a watch because of the watch limit (node, serial), for
+    /// [`Self::retry_unwatched`].
+    unwatched: Vec<(NodeId, u64)>,
     /// The last event was an unpaired `IN_MOVED_TO` at (node, name), which replaced this
     /// index entry: an `IN_MOVED_FROM` of the same name right after is the other half of an
     /// exchange.
@@ -311,6 +348,8 @@ impl Container {
             to_list: Vec::new(),
             deferred: Vec::new(),
             moves: Moves::default(),
+            mtime_attribs: MtimeAttribs::default(),
+            unwatched: Vec::new(),
             last_to: None,
             armed_ns,
             since_ns,
@@ -379,9 +418,11 @@ impl Container {
             .count()
     }
 
-    /// Whether an unpaired `IN_MOVED_FROM` of a known entry waits for its partner.
-    pub fn moves_waiting(&self) -> bool {
-        self.moves.iter().any(|m| m.slot.is_some())
+    /// Whether something waits for a later event: an unpaired `IN_MOVED_FROM` of a known
+    /// entry for its partner, a directory `attrib` for the entry change that would explain
+    /// its mtime.
+    pub fn waiting(&self) -> bool {
+        self.moves.iter().any(|m| m.slot.is_some()) || self.mtime_attribs.unexplained()
     }
 
     // ----- node table -------------------------------------------------------------------
@@ -974,12 +1015,10 @@ impl Container {
             if mode == ScanMode::Report && !dirents.is_empty() {
                 // Entries were made in it before it was watched: its mtime moved without
                 // an IN_ATTRIB, so it says nothing about attribute changes.
-                if let Some(d) = self.nd_mut(n) {
-                    d.mtime_stale = true;
-                }
+                self.entries_changed(n);
             }
-            if mode == ScanMode::Diff {
-                self.diff_node(sh, n, &dirents);
+            if matches!(mode, ScanMode::Diff | ScanMode::Rewatched) {
+                self.diff_node(sh, n, &dirents, mode == ScanMode::Diff);
             } else {
                 for d in &dirents {
                     self.scan_entry(sh, n, d, mode);
@@ -1094,9 +1133,11 @@ impl Container {
         }
     }
 
-    /// Resync: compares the listing of node `n` with its index, reporting differences.
-    fn diff_node(&mut self, sh: &mut Shared, n: NodeId, dirents: &[Dirent]) {
+    /// Resync: compares the listing of node `n` with its index, reporting differences;
+    /// `deep`: and every known directory below it too (re-watched if it has no watch).
+    fn diff_node(&mut self, sh: &mut Shared, n: NodeId, dirents: &[Dirent], deep: bool) {
         let mut present: HashSet<&[u8]> = HashSet::with_capacity(dirents.len());
+        let mut entries_changed = false;
         for d in dirents {
             present.insert(&d.name);
             let known = self.nd(n).and_then(|x| x.entries.get(&d.name)).copied();
@@ -1106,6 +1147,9 @@ impl Container {
             match same {
                 Some(e) if e.kind.is_dir() => {
                     if self.valid_child(n, &d.name, e.child) {
+                        if !deep {
+                            continue;
+                        }
                         self.rewatch(sh, e.child);
                         if let Some(c) = self.nd_mut(e.child) {
                             c.scan = Some(ScanMode::Diff);
@@ -1138,6 +1182,7 @@ impl Container {
                 Some(_) => {}
                 None => {
                     if let Some(st) = self.stat_child(n, &d.name) {
+                        entries_changed = true;
                         self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
                     }
                 }
@@ -1152,10 +1197,16 @@ impl Container {
                 .collect(),
             None => return,
         };
+        if entries_changed {
+            // Its mtime moved without events: it says nothing about attributes until the
+            // next IN_ATTRIB.
+            self.entries_changed(n);
+        }
         for name in gone {
             let Some(e) = self.nd_mut(n).and_then(|x| x.entries.remove(&name)) else {
                 continue;
             };
+            self.entries_changed(n);
             if let Some(is_dir) = overlay::disappear(e.prior(), e.kind.is_dir()) {
                 let path = self.child_path(n, &name);
                 self.emit(sh, FileKind::Delete, path, is_dir, Source::Scan);
@@ -1166,30 +1217,103 @@ impl Container {
         }
     }
 
-    /// Retries the watch of an indexed but unwatched directory (after the watch limit).
+    /// Retries the watch of an indexed but unwatched directory (after the watch limit),
+    /// reporting the limit if it is still reached.
     fn rewatch(&mut self, sh: &mut Shared, m: NodeId) {
-        if self.nd(m).is_none_or(|d| d.wd.is_some()) || !self.ensure_fd(m) {
-            return;
+        if self.try_watch(sh, m) == Rewatch::Limit {
+            self.watch_limit(sh);
         }
-        let Some(fd) = self.fd_of(m) else { return };
+    }
+
+    /// Adds the missing watch of node `m` through the fd it is reopened as (checked to be
+    /// the same directory, see [`Self::ensure_fd`]). Quiet: the caller reports the limit.
+    fn try_watch(&mut self, sh: &mut Shared, m: NodeId) -> Rewatch {
+        if self
+            .nd(m)
+            .is_none_or(|d| d.wd.is_some() || d.state != NodeState::Attached)
+        {
+            return Rewatch::Never;
+        }
+        if !self.ensure_fd(m) {
+            return Rewatch::Later;
+        }
+        let Some(fd) = self.fd_of(m) else {
+            return Rewatch::Later;
+        };
         match sys::add_watch(sh.inotify.as_fd(), fd, MASK) {
             Ok(wd) if !sh.wds.contains_key(&wd) => {
-                if let Some(d) = self.nd_mut(m) {
-                    d.wd = Some(wd);
-                    let serial = d.serial;
-                    sh.wds.insert(
-                        wd,
-                        WdOwner {
-                            container: self.key,
-                            node: m,
-                            serial,
-                        },
-                    );
-                }
+                let Some(d) = self.nd_mut(m) else {
+                    return Rewatch::Never;
+                };
+                d.wd = Some(wd);
+                let serial = d.serial;
+                sh.wds.insert(
+                    wd,
+                    WdOwner {
+                        container: self.key,
+                        node: m,
+                        serial,
+                    },
+                );
+                Rewatch::Watched
             }
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => self.watch_limit(sh),
-            Err(_) => {}
+            // Already watched (for another container): only indexed here.
+            Ok(_) => Rewatch::Never,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Rewatch::Limit,
+            Err(e) => {
+                tracing::debug!(container_id = %self.id, error = %e, "cannot watch a directory");
+                Rewatch::Never
+            }
+        }
+    }
+
+    /// Whether directories wait for a watch that the watch limit refused.
+    pub fn has_unwatched(&self) -> bool {
+        !self.unwatched.is_empty()
+    }
+
+    /// Retries the watches that the watch limit refused, top-most directories first, and
+    /// rescans each directory that gets its watch against the index ([`ScanMode::Rewatched`]:
+    /// what changed in it meanwhile is reported with `source: scan`). Still refused: quiet
+    /// (the `watch_limit` overflow was reported when it was first refused), retried at the
+    /// next call. New directories the rescan finds are watched as usual (and a refusal of
+    /// those is reported).
+    pub fn retry_unwatched(&mut self, sh: &mut Shared) {
+        let mut todo = std::mem::take(&mut self.unwatched);
+        todo.retain(|&(m, serial)| {
+            self.nd(m)
+                .is_some_and(|d| d.serial == serial && d.wd.is_none())
+        });
+        todo.sort_by_key(|&(m, _)| self.nd(m).map_or(0, |d| d.path.len()));
+        let mut limit = false;
+        for (m, serial) in todo {
+            // A rescan before this one may have removed it, or a rename moved it.
+            if self
+                .nd(m)
+                .is_none_or(|d| d.serial != serial || d.wd.is_some())
+            {
+                continue;
+            }
+            let outcome = if limit {
+                Rewatch::Limit
+            } else {
+                self.try_watch(sh, m)
+            };
+            match outcome {
+                Rewatch::Watched => {
+                    if let Some(d) = self.nd_mut(m) {
+                        d.scan = Some(ScanMode::Rewatched);
+                        self.to_list.push(m);
+                    }
+                    self.process_listings(sh);
+                }
+                Rewatch::Limit => {
+                    limit = true;
+                    self.unwatched.push((m, serial));
+                }
+                Rewatch::Later => self.unwatched.push((m, serial)),
+                Rewatch::Never => {}
+            }
         }
     }
 
@@ -1230,10 +1354,12 @@ impl Container {
             tracing::trace!(container_id = %self.id, "directory replaced before its watch");
             return Attached::Failed;
         }
+        let mut limited = false;
         let mut wd = match sys::add_watch(sh.inotify.as_fd(), cfd.as_fd(), MASK) {
             Ok(wd) => Some(wd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 self.watch_limit(sh);
+                limited = true;
                 None
             }
             Err(e) => {
@@ -1276,7 +1402,12 @@ impl Container {
                     },
                 );
             }
-            None => self.stats.unwatched_dirs += 1,
+            None => {
+                self.stats.unwatched_dirs += 1;
+                if limited {
+                    self.unwatched.push((id, serial));
+                }
+            }
         }
         Attached::New(id)
     }
@@ -1317,18 +1448,7 @@ impl Container {
                 match pm {
                     Some(pm) => {
                         let new_path = self.child_path(parent, name);
-                        Self::rewrite_captured(sh, &pm.captured, &pm.old_path, &new_path);
-                        let ev = self.file_event(
-                            FileKind::Rename,
-                            new_path,
-                            Some(pm.old_path),
-                            true,
-                            Source::Inotify,
-                        );
-                        match pm.slot.and_then(|i| sh.out.get_mut(i)) {
-                            Some(slot) => *slot = Some(ev),
-                            None => sh.out.push(Some(ev)),
-                        }
+                        self.complete_move(sh, pm, new_path, true);
                         None
                     }
                     None => Some(old_path),
@@ -1639,9 +1759,7 @@ impl Container {
         };
         let verdict = overlay::appear(kind, prior, lower.as_ref().map(Stat::is_dir), origin);
         if origin == Origin::Event {
-            if let Some(d) = self.nd_mut(n) {
-                d.mtime_stale = true;
-            }
+            self.entries_changed(n);
         }
         let path = self.child_path(n, name);
         match verdict {
@@ -1804,17 +1922,8 @@ impl Container {
             if leaving_is_old || still_there {
                 let old_path = self.child_path(n, name);
                 let child_serial = displaced.and_then(|e| self.serial_of(e.child)).unwrap_or(0);
-                self.moves.push(
-                    cookie,
-                    PendingMove {
-                        entry: displaced,
-                        child_serial,
-                        old_path,
-                        slot: None,
-                        captured: Vec::new(),
-                        vanished: 0..0,
-                    },
-                );
+                let pm = PendingMove::new(displaced, child_serial, old_path);
+                self.moves.push(cookie, pm);
                 return;
             }
         }
@@ -1825,9 +1934,7 @@ impl Container {
             Some(_) => self.nd_mut(n).and_then(|d| d.entries.remove(name)),
             None => None,
         };
-        if let Some(d) = self.nd_mut(n) {
-            d.mtime_stale = true;
-        }
+        self.entries_changed(n);
         let real = entry.filter(|e| e.kind.is_real());
         if real.is_some() {
             // Renaming an entry the image also has leaves a whiteout behind, without an
@@ -1858,17 +1965,8 @@ impl Container {
                 child_serial = cd.serial;
             }
         }
-        self.moves.push(
-            cookie,
-            PendingMove {
-                entry,
-                child_serial,
-                old_path,
-                slot,
-                captured: Vec::new(),
-                vanished: 0..0,
-            },
-        );
+        let pm = PendingMove::new(entry, child_serial, old_path);
+        self.moves.push(cookie, PendingMove { slot, ..pm });
     }
 
     /// The second half of `ovl_clear_empty`'s exchange, recognised only now (see
@@ -1897,21 +1995,10 @@ impl Container {
                 .node();
         }
         self.set_entry(n, name, entry);
-        if let Some(d) = self.nd_mut(n) {
-            d.mtime_stale = true;
-        }
+        self.entries_changed(n);
         let old_path = self.child_path(n, name);
-        self.moves.push(
-            cookie,
-            PendingMove {
-                entry: Some(old),
-                child_serial,
-                old_path,
-                slot: None,
-                captured: Vec::new(),
-                vanished,
-            },
-        );
+        let pm = PendingMove::new(Some(old), child_serial, old_path);
+        self.moves.push(cookie, PendingMove { vanished, ..pm });
     }
 
     fn on_moved_to(
@@ -1931,9 +2018,7 @@ impl Container {
         Self::withdraw(sh, pm.vanished.clone());
         let now_kind = st.map(|s| self.classify(n, name, &s));
         let moving = pm.entry.map_or(Prior::Absent, |e| e.prior());
-        if let Some(d) = self.nd_mut(n) {
-            d.mtime_stale = true;
-        }
+        self.entries_changed(n);
         let moving_child = pm
             .entry
             .map(|e| e.child)
@@ -1948,11 +2033,7 @@ impl Container {
             if let Some(c) = moving_child {
                 self.remove_subtree(sh, c);
             }
-            for &i in &pm.captured {
-                if let Some(slot) = sh.out.get_mut(i) {
-                    *slot = None;
-                }
-            }
+            Self::withdraw(sh, pm.captured);
             self.set_entry(
                 n,
                 name,
@@ -1991,10 +2072,17 @@ impl Container {
         }
         let is_dir = entry.kind.is_dir();
         self.set_entry(n, name, entry);
-        Self::rewrite_captured(sh, &pm.captured, &pm.old_path, &path);
+        self.complete_move(sh, pm, path, is_dir);
+    }
+
+    /// A pending move met its partner at `new_path`: what was captured while it was in
+    /// flight follows it, and its tentative `delete` (if it placed one) becomes the `rename`
+    /// (else the `rename` is appended).
+    fn complete_move(&self, sh: &mut Shared, pm: PendingMove, new_path: Vec<u8>, is_dir: bool) {
+        Self::rewrite_captured(sh, &pm.captured, &pm.old_path, &new_path);
         let ev = self.file_event(
             FileKind::Rename,
-            path,
+            new_path,
             Some(pm.old_path),
             is_dir,
             Source::Inotify,
@@ -2006,10 +2094,8 @@ impl Container {
     }
 
     fn on_delete(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], is_dir: bool) {
-        let entry = self.nd_mut(n).and_then(|d| {
-            d.mtime_stale = true;
-            d.entries.remove(name)
-        });
+        self.entries_changed(n);
+        let entry = self.nd_mut(n).and_then(|d| d.entries.remove(name));
         let prior = entry.map_or(Prior::Absent, |e| e.prior());
         if let Some(is_dir) = overlay::disappear(prior, is_dir) {
             let path = self.child_path(n, name);
@@ -2084,7 +2170,9 @@ impl Container {
     }
 
     /// `IN_ATTRIB` on a watched directory (seen both from its parent and from itself):
-    /// reported only when the container could see a change ([`overlay::dir_attrib_visible`]).
+    /// reported only when the container could see a change ([`overlay::dir_attrib`]). An
+    /// mtime-only change is placed in the output now and decided when the queue is drained
+    /// ([`Self::settle`]): withdrawn if an entry change of the directory came after it.
     fn dir_attrib(&mut self, sh: &mut Shared, m: NodeId) {
         if !self.ensure_fd(m) {
             return;
@@ -2093,21 +2181,35 @@ impl Container {
             return;
         };
         let Some(d) = self.nd_mut(m) else { return };
-        let visible =
-            overlay::dir_attrib_visible(&d.baseline, &st.meta(), d.overlay_touched, d.mtime_stale);
+        let verdict =
+            overlay::dir_attrib(&d.baseline, &st.meta(), d.overlay_touched, d.mtime_stale);
         d.baseline = st.meta();
         d.overlay_touched = false;
         d.mtime_stale = false;
-        if visible {
-            let path = rules::dir_path(&d.path);
-            self.emit(sh, FileKind::Attrib, path, true, Source::Inotify);
+        if verdict == DirAttrib::Hidden {
+            return;
+        }
+        let (path, serial) = (rules::dir_path(&d.path), d.serial);
+        let slot = self.emit(sh, FileKind::Attrib, path, true, Source::Inotify);
+        if verdict == DirAttrib::MtimeOnly {
+            self.mtime_attribs.push(serial, slot);
+        }
+    }
+
+    /// Entries of node `n` were created, removed or renamed: its mtime moved without an
+    /// `IN_ATTRIB`, which explains the mtime of a directory `attrib` still waiting.
+    fn entries_changed(&mut self, n: NodeId) {
+        if let Some(d) = self.nd_mut(n) {
+            d.mtime_stale = true;
+            let serial = d.serial;
+            self.mtime_attribs.entries_changed(serial);
         }
     }
 
     // ----- batch boundaries -------------------------------------------------------------
 
     /// Cancels outputs already placed.
-    fn withdraw(sh: &mut Shared, slots: std::ops::Range<usize>) {
+    fn withdraw(sh: &mut Shared, slots: impl IntoIterator<Item = usize>) {
         for i in slots {
             if let Some(slot) = sh.out.get_mut(i) {
                 *slot = None;
@@ -2135,15 +2237,13 @@ impl Container {
     }
 
     /// Settles what waited for later events: unpaired `IN_MOVED_FROM` halves are deletes
-    /// (their tentative `delete` stays in the output), displaced directories are gone.
+    /// (their tentative `delete` stays in the output), displaced directories are gone,
+    /// directory `attrib`s that a later entry change explains are withdrawn.
     pub fn settle(&mut self, sh: &mut Shared) {
+        Self::withdraw(sh, self.mtime_attribs.settle());
         let pending: Vec<PendingMove> = self.moves.drain().collect();
         for pm in pending {
-            for &i in &pm.captured {
-                if let Some(slot) = sh.out.get_mut(i) {
-                    *slot = None;
-                }
-            }
+            Self::withdraw(sh, pm.captured.iter().copied());
             let child = pm.entry.map_or(NO_NODE, |e| e.child);
             if child != NO_NODE && self.serial_of(child) == Some(pm.child_serial) {
                 self.remove_subtree(sh, child);

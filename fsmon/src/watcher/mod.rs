@@ -41,14 +41,25 @@
 //!   `delete`, changed size/mtime → `modify`, changed ctime → `attrib`; all `source: scan`).
 //!   A directory that cannot be watched (`ENOSPC`: `fs.inotify.max_user_watches`) is still
 //!   listed and indexed, and yields `Overflow { container: Some(id), reason: "watch_limit" }`
-//!   (once per container per call); the next resync retries its watch.
+//!   (once per container per call). [`Watcher::retry_unwatched`] (and the next resync)
+//!   retries its watch; once it is watched, it is rescanned against the index, so what
+//!   changed in it while unwatched is reported (`source: scan`, as after an overflow). A
+//!   retry refused again is quiet: the first overflow already said so.
+//! * **Directory `attrib`.** An `IN_ATTRIB` on a directory is reported only when the
+//!   container could see a change ([`crate::overlay::dir_attrib`]): mode or owner at once;
+//!   an mtime-only change is placed in the output where its event came and decided when
+//!   the queue is drained (the 1 ms wait above applies): withdrawn if an entry of that
+//!   directory was created, removed or renamed after it (that change moved the mtime before
+//!   the `stat`), kept otherwise (a `touch`). So a `touch` of a directory followed, within
+//!   one drain, by an entry change in it is not reported (nor is one after entry changes
+//!   since the directory's last `IN_ATTRIB`: its baseline mtime is stale then).
 //! * **Late arming.** [`Watcher::add_container_since`] reports what a container did before
 //!   its watches (created since its start by birth time, changed since by mtime/ctime), as
 //!   the listing finds it (`source: scan`).
 //!
-//! The daemon must call [`Watcher::read_events`] after [`Watcher::add_container`] too: it
-//! returns outputs queued while arming (a `watch_limit` overflow) even when the inotify fd
-//! is not readable.
+//! The daemon must call [`Watcher::read_events`] after [`Watcher::add_container`] and after
+//! [`Watcher::retry_unwatched`] too: it returns outputs queued by them (a `watch_limit`
+//! overflow, what a rescan found) even when the inotify fd is not readable.
 
 mod container;
 mod rules;
@@ -67,7 +78,8 @@ use container::{Container, Shared, MASK};
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;
 
-/// How long to wait for the second half of a rename when the queue ran dry between them.
+/// How long to wait for the second half of a rename when the queue ran dry between them
+/// (or for the entry event that would explain a directory's mtime-only `attrib`).
 const MOVE_PARTNER_WAIT_MS: i32 = 1;
 
 /// Margin for coarse file-system timestamps when deciding whether a file changed after
@@ -390,6 +402,24 @@ impl Watcher {
         result
     }
 
+    /// Retries the watches that the watch limit refused (call it periodically: it costs
+    /// nothing when every directory is watched). Each directory that gets its watch is
+    /// listed and compared with the index: what changed in it while it was unwatched is
+    /// queued as `create`/`delete`/`modify`/`attrib` with `source: scan`, returned by the next
+    /// [`Watcher::read_events`] (call it right after; those outputs come before the events
+    /// still in the queue). Directories are reopened the same safe way as always
+    /// (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, watched through `/proc/self/fd`), checked to
+    /// be the directory indexed. A watch still refused is retried at the next call, without
+    /// a new `watch_limit` overflow.
+    pub fn retry_unwatched(&mut self) {
+        for c in self.containers.iter_mut().flatten() {
+            if c.has_unwatched() {
+                c.retry_unwatched(&mut self.sh);
+                c.finish(&mut self.sh);
+            }
+        }
+    }
+
     /// Number of watches held, all containers together.
     pub fn watch_count(&self) -> usize {
         self.sh.wds.len()
@@ -419,11 +449,7 @@ impl Watcher {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let waiting = self
-                        .containers
-                        .iter()
-                        .flatten()
-                        .any(Container::moves_waiting);
+                    let waiting = self.containers.iter().flatten().any(Container::waiting);
                     if waiting && !waited {
                         waited = true;
                         if sys::poll_readable(self.sh.inotify.as_fd(), MOVE_PARTNER_WAIT_MS) {
