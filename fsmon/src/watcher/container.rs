@@ -69,6 +69,8 @@ pub(super) struct Shared {
     serial: u64,
     dirbuf: Vec<u8>,
     dirents: Vec<Dirent>,
+    /// The number of the read whose events are being handled ([`sys::next_read`]).
+    pub read_gen: u32,
 }
 
 impl Shared {
@@ -81,6 +83,7 @@ impl Shared {
             serial: 0,
             dirbuf: Vec::new(),
             dirents: Vec::new(),
+            read_gen: 0,
         }
     }
 
@@ -134,6 +137,8 @@ struct Entry {
     ino: u64,
     /// `None` when never stat'ed (indexed at arm time from the listing alone).
     stamp: Option<Stamp>,
+    /// [`Stat::read_gen`] of the stat behind `stamp`.
+    stamp_gen: u32,
     /// When the current write burst was reported (0: none), see [`rules::modify_due`].
     burst_ms: u32,
     /// A directory that overlayfs exchanged in for an emptied one (before an `rmdir`, or a
@@ -149,6 +154,7 @@ impl Entry {
             child: NO_NODE,
             ino,
             stamp: None,
+            stamp_gen: 0,
             burst_ms: 0,
             emptied: false,
         }
@@ -156,8 +162,15 @@ impl Entry {
 
     fn from_stat(kind: EntryKind, st: Option<Stat>) -> Entry {
         let mut e = Entry::new(kind, st.map_or(0, |s| s.ino));
-        e.stamp = st.filter(|_| kind == EntryKind::File).map(stamp);
+        if let Some(st) = st.filter(|_| kind == EntryKind::File) {
+            e.set_stamp(st);
+        }
         e
+    }
+
+    fn set_stamp(&mut self, st: Stat) {
+        self.stamp = Some(stamp(st));
+        self.stamp_gen = st.read_gen;
     }
 
     /// Whether `other` is this very entry (same object, same node).
@@ -1108,7 +1121,7 @@ impl Container {
                     .node();
             }
             EntryKind::File => {
-                entry.stamp = Some(stamp(st));
+                entry.set_stamp(st);
                 if let Some(k) = change {
                     let path = self.child_path(n, &d.name);
                     self.emit(sh, k, path, false, Source::Scan);
@@ -1175,6 +1188,7 @@ impl Container {
                         &d.name,
                         Entry {
                             stamp: Some(stamp(st)),
+                            stamp_gen: st.read_gen,
                             ..e
                         },
                     );
@@ -1627,7 +1641,7 @@ impl Container {
         } else if ev.mask & libc::IN_MODIFY != 0 {
             self.on_modify(sh, n, name);
         } else if ev.mask & libc::IN_CLOSE_WRITE != 0 {
-            self.on_close_write(n, name);
+            self.on_close_write(n, name, sh.read_gen);
         } else if ev.mask & libc::IN_ATTRIB != 0 {
             self.on_attrib(sh, n, name, is_dir, stale);
         }
@@ -2129,17 +2143,23 @@ impl Container {
         self.emit(sh, FileKind::Modify, path, false, Source::Inotify);
     }
 
-    fn on_close_write(&mut self, n: NodeId, name: &[u8]) {
-        if !self.nd(n).is_some_and(|d| d.entries.contains_key(name)) {
+    /// `read_gen`: the number of the read that brought the event.
+    fn on_close_write(&mut self, n: NodeId, name: &[u8], read_gen: u32) {
+        let Some(e) = self.nd_mut(n).and_then(|d| d.entries.get_mut(name)) else {
+            return;
+        };
+        e.burst_ms = 0;
+        // The stamp is refreshed so that a resync after an overflow does not report this
+        // write again; a stat taken after this event was read (the file's `create` in the
+        // same read, typically) is already fresh enough.
+        if e.stamp.is_some() && e.ino != 0 && e.stamp_gen.wrapping_sub(read_gen) < u32::MAX / 2 {
             return;
         }
-        // Refreshed so that a resync after an overflow does not report this write again.
         let st = self.stat_child(n, name);
         if let Some(e) = self.nd_mut(n).and_then(|d| d.entries.get_mut(name)) {
-            e.burst_ms = 0;
             if let Some(s) = st.filter(|s| s.ino == e.ino || e.ino == 0) {
                 e.ino = s.ino;
-                e.stamp = Some(stamp(s));
+                e.set_stamp(s);
             }
         }
     }
@@ -2161,7 +2181,7 @@ impl Container {
                     let st = self.stat_child(n, name);
                     if let Some(e) = self.nd_mut(n).and_then(|d| d.entries.get_mut(name)) {
                         if let Some(s) = st.filter(|s| s.ino == e.ino) {
-                            e.stamp = Some(stamp(s));
+                            e.set_stamp(s);
                         }
                     }
                 }

@@ -440,6 +440,7 @@ impl Watcher {
             match sys::read(self.sh.inotify.as_fd(), buf) {
                 Ok(0) => return Ok(()),
                 Ok(n) => {
+                    self.sh.read_gen = sys::next_read();
                     let evs: Vec<_> =
                         rules::parse_events(buf.get(..n).unwrap_or_default()).collect();
                     let last = rules::last_name_changes(&evs);

@@ -18,7 +18,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// Longest file name Linux allows (`NAME_MAX`).
 const NAME_MAX: usize = 255;
@@ -302,11 +302,29 @@ pub(crate) struct Stat {
     pub atime_ns: i64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    /// [`reads`] when the stat was asked for: the stat is newer than every event of the
+    /// read numbered this or lower.
+    pub read_gen: u32,
+}
+
+/// Reads of the inotify fd so far (see [`next_read`]).
+static READS: AtomicU32 = AtomicU32::new(1);
+
+/// Numbers a read of the inotify fd; call it after read(2) returned. Every event of that
+/// read was queued before any stat whose [`Stat::read_gen`] is at least the number.
+pub(crate) fn next_read() -> u32 {
+    READS.fetch_add(1, Ordering::AcqRel).wrapping_add(1)
+}
+
+/// The number of the latest read (taken before each stat syscall).
+fn reads() -> u32 {
+    READS.load(Ordering::Acquire)
 }
 
 impl Stat {
-    fn from_raw(st: &libc::stat) -> Stat {
+    fn from_raw(st: &libc::stat, read_gen: u32) -> Stat {
         Stat {
+            read_gen,
             dev: st.st_dev,
             ino: st.st_ino,
             mode: st.st_mode,
@@ -346,11 +364,12 @@ impl Stat {
 }
 
 fn fstatat_raw(dirfd: RawFd, path: &CStr, flags: libc::c_int) -> io::Result<Stat> {
+    let read_gen = reads();
     let mut st = MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `path` is NUL-terminated and `st` is valid for writes of a `struct stat`.
     cvt(unsafe { libc::fstatat(dirfd, path.as_ptr(), st.as_mut_ptr(), flags) })?;
     // SAFETY: fstatat succeeded, so it filled `st`.
-    Ok(Stat::from_raw(unsafe { st.assume_init_ref() }))
+    Ok(Stat::from_raw(unsafe { st.assume_init_ref() }, read_gen))
 }
 
 /// `lstat` of the entry `name` in `dir` (never follows a symlink).
@@ -380,6 +399,7 @@ fn ts_ns(t: &libc::statx_timestamp) -> i64 {
 }
 
 fn statx_raw(dirfd: RawFd, path: &CStr) -> io::Result<(Stat, Option<i64>)> {
+    let read_gen = reads();
     let mut sx = MaybeUninit::<libc::statx>::zeroed();
     // SAFETY: `path` is NUL-terminated and `sx` is valid for writes of a `struct statx`;
     // the kernel writes no more than that (the mask asks for nothing beyond it).
@@ -410,6 +430,7 @@ fn statx_raw(dirfd: RawFd, path: &CStr) -> io::Result<(Stat, Option<i64>)> {
         atime_ns: ts_ns(&sx.stx_atime),
         mtime_ns: ts_ns(&sx.stx_mtime),
         ctime_ns: ts_ns(&sx.stx_ctime),
+        read_gen,
     };
     let btime = (sx.stx_mask & libc::STATX_BTIME != 0).then(|| ts_ns(&sx.stx_btime));
     Ok((st, btime))
