@@ -287,6 +287,10 @@ pub struct Meta {
     pub atime_ns: i64,
     /// Modification time, ns since the epoch.
     pub mtime_ns: i64,
+    /// Change time, ns since the epoch.
+    pub ctime_ns: i64,
+    /// No link left (a directory removed meanwhile, seen through an fd).
+    pub removed: bool,
 }
 
 /// For a copied-up entry found by a scan (its events came before the directory was
@@ -342,15 +346,21 @@ pub enum DirAttrib {
 /// changed → [`DirAttrib::MtimeOnly`], unless overlayfs just copied something up into this
 /// directory (`overlay_touched`) or entries were added or removed since the baseline was
 /// taken (`mtime_stale`: the directory's own mtime moved without an `IN_ATTRIB`, so the
-/// comparison means nothing). Otherwise [`DirAttrib::Hidden`] (an xattr change on a
-/// directory is therefore not reported).
+/// comparison means nothing: a `touch` of a directory after entry changes in it is not
+/// reported). A directory removed meanwhile (seen through its fd) is
+/// [`DirAttrib::Hidden`]: its removal is what the container did. Otherwise
+/// [`DirAttrib::Hidden`] (an xattr change on a directory is therefore not reported).
 pub fn dir_attrib(
     baseline: &Meta,
     now: &Meta,
     overlay_touched: bool,
     mtime_stale: bool,
 ) -> DirAttrib {
-    if baseline.mode != now.mode || baseline.uid != now.uid || baseline.gid != now.gid {
+    if now.removed {
+        // Gone by now (its removal is reported as a `delete`); the stat shows the times
+        // the removal set.
+        DirAttrib::Hidden
+    } else if baseline.mode != now.mode || baseline.uid != now.uid || baseline.gid != now.gid {
         DirAttrib::Visible
     } else if baseline.mtime_ns != now.mtime_ns && !overlay_touched && !mtime_stale {
         DirAttrib::MtimeOnly
@@ -549,6 +559,8 @@ mod tests {
             size: 3,
             atime_ns: 90,
             mtime_ns: 100,
+            ctime_ns: 100,
+            removed: false,
         };
         let with = |f: fn(&mut Meta)| {
             let mut m = lower;
@@ -610,6 +622,8 @@ mod tests {
             size: 4096,
             atime_ns: 100,
             mtime_ns: 100,
+            ctime_ns: 100,
+            removed: false,
         };
         assert_eq!(copy_up_change(&Meta { size: 8192, ..dir }, &dir), None);
         // A directory's mtime moves whenever entries are made in it: not an attrib.
@@ -635,6 +649,8 @@ mod tests {
             size: 4096,
             atime_ns: 100,
             mtime_ns: 100,
+            ctime_ns: 100,
+            removed: false,
         };
         let chmod = Meta {
             mode: libc::S_IFDIR | 0o700,
@@ -642,6 +658,13 @@ mod tests {
         };
         let touched = Meta {
             mtime_ns: 200,
+            ctime_ns: 200,
+            ..base
+        };
+        // Entries changed (mtime = ctime = 200), then an xattr was set (ctime 300).
+        let entries_then_xattr = Meta {
+            mtime_ns: 200,
+            ctime_ns: 300,
             ..base
         };
         let chown = Meta { uid: 1, ..base };
@@ -659,7 +682,13 @@ mod tests {
             // and only once the drain shows no entry change after it
             (touched, false, false, DirAttrib::MtimeOnly),
             (touched, true, false, DirAttrib::Hidden),
+            // after entry changes the mtime says nothing (a touch then is not reported)
             (touched, false, true, DirAttrib::Hidden),
+            (entries_then_xattr, false, true, DirAttrib::Hidden),
+            (entries_then_xattr, false, false, DirAttrib::MtimeOnly),
+            // removed meanwhile: its removal is what the container did
+            (Meta { removed: true, ..touched }, false, true, DirAttrib::Hidden),
+            (Meta { removed: true, ..chmod }, false, false, DirAttrib::Hidden),
             // mode and mtime together (`mkdir -m` over an image dir, chmod + entry change):
             // the mode decides, whatever follows
             (Meta { mtime_ns: 200, ..chmod }, false, true, DirAttrib::Visible),

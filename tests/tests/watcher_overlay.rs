@@ -395,6 +395,37 @@ fn dir_attrib_explained_by_later_entry_changes_is_not_reported() {
     );
 }
 
+#[test]
+fn dir_xattr_after_entry_changes_is_not_an_attrib() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    std::fs::create_dir(m.m("t")).expect("mkdir");
+    let _ = events(&mut w);
+    // Entries made in /t (read and reported), then an xattr set on /t: an IN_ATTRIB whose
+    // stat shows an mtime moved (by the create): nothing the container sees as an
+    // attribute change of /t.
+    std::fs::File::create(m.m("t/b")).expect("create");
+    expect_events(&mut w, &[("create", "/t/b", false)], "create /t/b");
+    std::thread::sleep(Duration::from_millis(20));
+    let p = std::ffi::CString::new(m.m("t").as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: NUL-terminated path and name, a 1-byte value.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            c"user.fsmon".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+    expect_events(&mut w, &[], "setxattr on /t after a create");
+    // A chmod then is still reported.
+    std::fs::set_permissions(m.m("t"), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    expect_events(&mut w, &[("attrib", "/t", true)], "chmod /t");
+}
+
 /// An image with 200 files in /img, and /d/e.
 fn many_files_image(lowers: &[std::path::PathBuf]) {
     let l = &lowers[0];

@@ -295,6 +295,7 @@ pub(crate) struct Stat {
     pub dev: u64,
     pub ino: u64,
     pub mode: u32,
+    pub nlink: u64,
     pub uid: u32,
     pub gid: u32,
     pub rdev: u64,
@@ -328,6 +329,7 @@ impl Stat {
             dev: st.st_dev,
             ino: st.st_ino,
             mode: st.st_mode,
+            nlink: st.st_nlink,
             uid: st.st_uid,
             gid: st.st_gid,
             rdev: st.st_rdev,
@@ -359,6 +361,8 @@ impl Stat {
             size: self.size,
             atime_ns: self.atime_ns,
             mtime_ns: self.mtime_ns,
+            ctime_ns: self.ctime_ns,
+            removed: self.nlink == 0,
         }
     }
 }
@@ -423,6 +427,7 @@ fn statx_raw(dirfd: RawFd, path: &CStr) -> io::Result<(Stat, Option<i64>)> {
         dev: libc::makedev(sx.stx_dev_major, sx.stx_dev_minor),
         ino: sx.stx_ino,
         mode: u32::from(sx.stx_mode),
+        nlink: u64::from(sx.stx_nlink),
         uid: sx.stx_uid,
         gid: sx.stx_gid,
         rdev: libc::makedev(sx.stx_rdev_major, sx.stx_rdev_minor),
