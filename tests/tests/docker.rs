@@ -749,6 +749,17 @@ fn watch_limit_hits_one_container_and_not_the_others() -> anyhow::Result<()> {
         dirs, 200,
         "{big_label}: every directory is still reported (indexed when it cannot be watched)"
     );
+    // The limit is back: the refused watches are retried (every second), so a directory
+    // that had none reports again.
+    docker(
+        big_host,
+        &["exec", &big, "sh", "-c", "echo y > /many/d200/late"],
+    )?;
+    f.wait_for(WAIT, |r| {
+        r["container"]["id"] == big.as_str()
+            && r["kind"] == "create"
+            && r["path"] == "/many/d200/late"
+    })?;
     for id in [&big, &small] {
         let host = if id == &big { big_host } else { small_host };
         docker(host, &["rm", "-f", id])?;

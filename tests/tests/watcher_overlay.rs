@@ -468,14 +468,8 @@ fn concurrent_mkdir_and_rm_r_report_no_dir_attrib() {
             rm_r(&dx);
         }
     });
-    let mut outs = Vec::new();
-    while !t.is_finished() {
-        w.read_events(&mut outs).expect("read_events");
-        // Reads a little behind, as a busy daemon does: often after the whole move.
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    t.join().expect("activity thread");
-    outs.extend(drain(&mut w, QUIET, MAX));
+    // Reads a little behind, as a busy daemon does: often after the whole move.
+    let outs = read_while(&mut w, t, Duration::from_micros(100), Vec::new(), QUIET);
     let evs = files(&outs);
     let attribs = dir_attribs(&evs);
     let around: Vec<FileEvent> = evs
@@ -658,6 +652,66 @@ fn renames_pair_and_paths_follow() {
     assert_eq!(count(&evs, FileKind::Delete, b"/d/h"), 1, "{}", show(&evs));
     assert_eq!(count(&evs, FileKind::Create, b"/d/h2"), 1, "{}", show(&evs));
     assert_eq!(evs.len(), 2, "{}", show(&evs));
+}
+
+/// A file moved from `old` to `new` is reported as one `rename`, or as a `create` and a
+/// `delete`, and nothing else.
+fn assert_moved_once(evs: &[FileEvent], old: &str, new: &str, what: &str) {
+    let (old, new) = (old.as_bytes(), new.as_bytes());
+    let about = evs
+        .iter()
+        .filter(|e| e.path == new || e.path == old || e.old_path.as_deref() == Some(old))
+        .count();
+    let renames = count(evs, FileKind::Rename, new);
+    let pair = count(evs, FileKind::Create, new) + count(evs, FileKind::Delete, old);
+    assert!(
+        (renames == 1 && about == 1) || (renames == 0 && pair == 2 && about == 2),
+        "{what}: one rename, or a create and a delete:\n{}",
+        show(evs)
+    );
+}
+
+#[test]
+fn file_moved_into_a_new_dir_before_its_watch_is_reported_once() {
+    let _l = shared();
+    let m = OverlayMount::new(1, image);
+    let mut w = armed("c", &m);
+    std::fs::create_dir(m.m("src")).expect("mkdir");
+    std::fs::write(m.m("src/f"), "1").expect("write");
+    let _ = events(&mut w);
+    // The new directory is not watched yet when the file lands in it: its listing finds
+    // the file, and the IN_MOVED_FROM in /src has no IN_MOVED_TO partner.
+    std::fs::create_dir(m.m("dst")).expect("mkdir");
+    std::fs::rename(m.m("src/f"), m.m("dst/f")).expect("mv");
+    assert_moved_once(&events(&mut w), "/src/f", "/dst/f", "mkdir + mv");
+
+    // The same while the watcher reads as the daemon does (the listing of the new
+    // directory races the move at every point).
+    const ROUNDS: usize = 200;
+    for i in 0..ROUNDS {
+        std::fs::write(m.m(&format!("src/g{i}")), "1").expect("write");
+    }
+    let _ = events(&mut w);
+    let merged = m.merged.clone();
+    let t = std::thread::spawn(move || {
+        for i in 0..ROUNDS {
+            std::fs::create_dir(merged.join(format!("d{i}"))).expect("mkdir");
+            if i % 2 == 1 {
+                std::thread::sleep(Duration::from_micros(30 * (i % 7) as u64));
+            }
+            std::fs::rename(
+                merged.join(format!("src/g{i}")),
+                merged.join(format!("d{i}/g")),
+            )
+            .expect("mv");
+        }
+    });
+    let outs = read_while(&mut w, t, Duration::from_micros(20), Vec::new(), QUIET);
+    let evs = files(&outs);
+    for i in 0..ROUNDS {
+        let (old, new) = (format!("/src/g{i}"), format!("/d{i}/g"));
+        assert_moved_once(&evs, &old, &new, &format!("round {i}"));
+    }
 }
 
 #[test]
@@ -1181,6 +1235,26 @@ fn watch_limit_retry_watches_and_rescans_what_was_unwatched() {
 
 /// Removes a tree the way `rm -r` does: depth first, each file unlinked, each directory
 /// removed once empty.
+/// Reads as the daemon does (every `pause`) while the activity thread `t` runs, then
+/// drains what is left (quiet for `quiet`); outputs are appended to `outs`.
+fn read_while(
+    w: &mut Watcher,
+    t: std::thread::JoinHandle<()>,
+    pause: Duration,
+    mut outs: Vec<WatchOutput>,
+    quiet: Duration,
+) -> Vec<WatchOutput> {
+    while !t.is_finished() {
+        w.read_events(&mut outs).expect("read_events");
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+    }
+    t.join().expect("activity thread");
+    outs.extend(drain(w, quiet, MAX));
+    outs
+}
+
 fn rm_r(p: &Path) {
     for e in std::fs::read_dir(p).expect("ls") {
         let e = e.expect("dirent");
@@ -1397,11 +1471,7 @@ fn rm_r_read_while_it_runs_reports_each_delete_once() {
         let target = m.m("data");
         let pace = (round / 6) % 4;
         let t = std::thread::spawn(move || rm_paced(&target, pace));
-        while !t.is_finished() {
-            w.read_events(&mut outs).expect("read_events");
-        }
-        t.join().expect("rm thread");
-        outs.extend(drain(&mut w, QUICK, MAX));
+        let outs = read_while(&mut w, t, Duration::ZERO, outs, QUICK);
         let mut evs = files(&outs);
         evs.retain(|e| e.kind == FileKind::Delete);
         assert_eq!(
