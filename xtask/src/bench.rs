@@ -7,8 +7,8 @@
 //! - first-instruction completeness: the paths of a container's first instructions that
 //!   each monitor reports;
 //! - detection latency: a 1-byte write in a running container's layer → its record read
-//!   from the monitor's stdout (the bench thread busy-polls the pipe, so no wake-up of its
-//!   own is counted), beside the floor: a bare blocking inotify reader;
+//!   from the monitor's stdout (the bench thread polls the pipe without sleeping, so no
+//!   wake-up of its own is counted), beside the floor: a bare blocking inotify reader;
 //! - throughput: a burst of file creations made while the monitor is stopped → how fast
 //!   all of them are reported once it runs again, and whether anything overflowed;
 //! - memory: fsmon's RSS idle and per 10k watched directories.
