@@ -71,6 +71,11 @@ pub(super) struct Shared {
     dirents: Vec<Dirent>,
     /// The number of the read whose events are being handled ([`sys::next_read`]).
     pub read_gen: u32,
+    /// The event right after the one being handled, when the same read brought it:
+    /// `Some(Some(is_dir))` for an `IN_MOVED_FROM` of the same name in the same directory
+    /// (the other half of an exchange), `Some(None)` for anything else; `None` when unknown
+    /// (the last event of the read, or not handling a read).
+    pub next_from: Option<Option<bool>>,
 }
 
 impl Shared {
@@ -84,6 +89,7 @@ impl Shared {
             dirbuf: Vec::new(),
             dirents: Vec::new(),
             read_gen: 0,
+            next_from: None,
         }
     }
 
@@ -145,6 +151,9 @@ struct Entry {
     /// rename over it): it is opaque and empty, so the container sees nothing below it,
     /// even while it is not watched.
     emptied: bool,
+    /// A whiteout found by a listing rather than through an event: the events still queued
+    /// for its directory may predate it (overlayfs' steps that led to it).
+    scanned: bool,
 }
 
 impl Entry {
@@ -157,6 +166,7 @@ impl Entry {
             stamp_gen: 0,
             burst_ms: 0,
             emptied: false,
+            scanned: false,
         }
     }
 
@@ -1749,9 +1759,33 @@ impl Container {
             // The other half of an exchange (overlayfs swapping a new object in) may follow.
             self.last_to = Some((n, name.into(), known));
         }
+        if via == Some(Via::MovedTo) && ev_is_dir {
+            if let Some(w) = known.filter(|e| !e.kind.is_real()) {
+                // A directory renamed in over a whiteout is a re-create only if the whiteout
+                // leaves in the same exchange (an `IN_MOVED_FROM` of a non-directory right
+                // after). A directory leaving instead is `ovl_clear_empty`'s exchange at a
+                // name the index already holds as deleted; and a whiteout that a listing
+                // found may be the end of the very steps whose events come now (the copy-up
+                // of a directory that `rm -r` then removed, all before the listing):
+                // nothing the container did since.
+                let recreate = match sh.next_from {
+                    Some(Some(is_dir)) => !is_dir,
+                    Some(None) => !w.scanned,
+                    None => !w.scanned || st.is_some(),
+                };
+                if !recreate {
+                    return;
+                }
+            }
+        }
         let mut looked_up = None;
         let kind = match &st {
             Some(st) => self.classify(n, name, st),
+            // A non-directory exchanged in for a directory (which leaves the same name right
+            // after) is the whiteout of an `rmdir` (`ovl_cleanup_and_whiteout`).
+            None if via == Some(Via::MovedTo) && !ev_is_dir && sh.next_from == Some(Some(true)) => {
+                EntryKind::Whiteout
+            }
             None => {
                 let raw = known.map_or(Prior::Absent, |e| e.prior());
                 let lower_visible =
@@ -1779,7 +1813,9 @@ impl Container {
         match verdict {
             Appear::Nothing => {
                 if !kind.is_real() {
-                    self.set_entry(n, name, Entry::new(kind, st.map_or(0, |s| s.ino)));
+                    let mut entry = Entry::new(kind, st.map_or(0, |s| s.ino));
+                    entry.scanned = origin == Origin::Scan;
+                    self.set_entry(n, name, entry);
                 }
             }
             Appear::Delete { is_dir } => {
@@ -1791,7 +1827,9 @@ impl Container {
                 }
                 self.emit(sh, FileKind::Delete, path, is_dir, source);
                 self.displace(old_child);
-                self.set_entry(n, name, Entry::new(kind, st.map_or(0, |s| s.ino)));
+                let mut entry = Entry::new(kind, st.map_or(0, |s| s.ino));
+                entry.scanned = origin == Origin::Scan;
+                self.set_entry(n, name, entry);
             }
             Appear::CopyUp => {
                 if let Some(d) = self.nd_mut(n) {
@@ -2053,6 +2091,32 @@ impl Container {
                 name,
                 Entry::new(EntryKind::Whiteout, st.map_or(0, |s| s.ino)),
             );
+            return;
+        }
+        // A listing of this (new) directory already found and reported the very object that
+        // moved in (its watch came before the rename, its listing after): its arrival is
+        // told; only its departure is left, the tentative `delete` of the old path.
+        let listed = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        if !is_dir
+            && listed.is_some_and(|e| {
+                e.kind.is_real()
+                    && !e.kind.is_dir()
+                    && e.ino != 0
+                    && st.is_some_and(|s| s.ino == e.ino)
+            })
+        {
+            Self::withdraw(sh, pm.captured);
+            if pm.slot.is_none() {
+                if let Some(e) = pm.entry.filter(|e| e.kind.is_real()) {
+                    self.emit(
+                        sh,
+                        FileKind::Delete,
+                        pm.old_path,
+                        e.kind.is_dir(),
+                        Source::Inotify,
+                    );
+                }
+            }
             return;
         }
         let path = self.child_path(n, name);

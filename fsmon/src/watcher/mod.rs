@@ -29,9 +29,12 @@
 //! * **Late handling.** Events are handled after the fact, so a `stat` may show a later
 //!   object than the event's: when a later event of the same read changes the same name, or
 //!   the object's type contradicts the event, the entry's kind is inferred from the index and
-//!   overlayfs' rules instead ([`crate::overlay::infer_kind`]). A directory that overlayfs
-//!   copied up and whited out before it could be watched (`rm -r` of an image directory)
-//!   yields a `delete` for everything the container saw below it, deepest first.
+//!   overlayfs' rules instead ([`crate::overlay::infer_kind`]). A directory moved in over a
+//!   whiteout that a listing found is a re-create only if the whiteout leaves in the same
+//!   exchange (the next event): the listing may have seen where the events still queued
+//!   lead (a copy-up, then the `rm -r` of it). A directory that overlayfs copied up and
+//!   whited out before it could be watched (`rm -r` of an image directory) yields a
+//!   `delete` for everything the container saw below it, deepest first.
 //! * **`modify` coalescing.** One `modify` per file per write burst: the first `IN_MODIFY`
 //!   is reported, later ones are not until `IN_CLOSE_WRITE`, a delete or a rename of the
 //!   file ends the burst, or until 1 s has passed (a file that is never closed, such as a
@@ -446,8 +449,15 @@ impl Watcher {
                     let last = rules::last_name_changes(&evs);
                     for (i, ev) in evs.iter().enumerate() {
                         let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
+                        self.sh.next_from = evs.get(i + 1).map(|next| {
+                            (next.wd == ev.wd
+                                && next.name == ev.name
+                                && next.mask & libc::IN_MOVED_FROM != 0)
+                                .then_some(next.mask & libc::IN_ISDIR != 0)
+                        });
                         self.dispatch(ev, stale);
                     }
+                    self.sh.next_from = None;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let waiting = self.containers.iter().flatten().any(Container::waiting);
