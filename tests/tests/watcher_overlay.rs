@@ -70,6 +70,12 @@ fn touch(p: &Path) {
 }
 
 /// Every create must be reported exactly once.
+/// `want` records of `kind` at `path`; on failure the message lists every event.
+#[track_caller]
+fn assert_count(evs: &[FileEvent], kind: FileKind, path: &[u8], want: usize) {
+    assert_eq!(count(evs, kind, path), want, "{}", show(evs));
+}
+
 fn assert_no_duplicate_creates(evs: &[FileEvent]) {
     let mut seen: HashMap<&[u8], usize> = HashMap::new();
     for e in evs.iter().filter(|e| e.kind == FileKind::Create) {
@@ -105,12 +111,7 @@ fn arming_indexes_existing_content_without_reporting_it() {
     std::fs::write(m.m("old/dir/g"), "2").expect("write");
     std::fs::write(m.m("topf"), "back").expect("write");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/old/dir/g"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/old/dir/g", 1);
     assert_eq!(
         count(&evs, FileKind::Create, b"/topf"),
         1,
@@ -214,12 +215,7 @@ fn tree_moved_in_is_watched_then_scanned() {
     // The moved-in tree is watched.
     std::fs::write(m.m("tree/d3/sub/new"), "y").expect("write");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/tree/d3/sub/new"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/tree/d3/sub/new", 1);
 
     // Moved out of the upperdir (no IN_MOVED_TO ever comes): a delete, and its watches go.
     let watches = w.container_watch_count("c");
@@ -246,12 +242,7 @@ fn tree_moved_in_is_watched_then_scanned() {
         (r[0].old_path.as_deref(), &r[0].path[..], r[0].is_dir),
         (Some(&b"/stage"[..]), &b"/moved"[..], true)
     );
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/moved/x/y/f2"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/moved/x/y/f2", 1);
 }
 
 #[test]
@@ -336,12 +327,7 @@ fn copy_up_of_image_files_is_not_a_create() {
     // Writing an image file in a never-touched image dir (dir and file copied up at once).
     std::fs::write(m.m("d/e/g"), "new content").expect("write");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Modify, b"/d/e/g"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Modify, b"/d/e/g", 1);
     assert!(
         evs.iter().all(|e| e.kind != FileKind::Create),
         "{}",
@@ -479,12 +465,7 @@ fn concurrent_mkdir_and_rm_r_report_no_dir_attrib() {
         .collect();
     assert!(attribs.is_empty(), "{}", show(&around));
     for i in 0..ROUNDS {
-        assert_eq!(
-            count(&evs, FileKind::Create, format!("/r{i}").as_bytes()),
-            1,
-            "{}",
-            show(&evs)
-        );
+        assert_count(&evs, FileKind::Create, format!("/r{i}").as_bytes(), 1);
     }
 }
 
@@ -538,14 +519,9 @@ fn deletes_of_image_entries_and_recreates() {
     std::fs::create_dir(m.m("d")).expect("mkdir");
     std::fs::write(m.m("etc/passwd"), "again").expect("write");
     let evs = events(&mut w);
-    assert_eq!(count(&evs, FileKind::Create, b"/topf"), 1, "{}", show(&evs));
-    assert_eq!(count(&evs, FileKind::Create, b"/d"), 1, "{}", show(&evs));
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/etc/passwd"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/topf", 1);
+    assert_count(&evs, FileKind::Create, b"/d", 1);
+    assert_count(&evs, FileKind::Create, b"/etc/passwd", 1);
     assert!(evs.iter().any(|e| e.path == b"/d" && e.is_dir));
     assert!(
         evs.iter().all(|e| e.kind != FileKind::Delete),
@@ -560,7 +536,7 @@ fn deletes_of_image_entries_and_recreates() {
     // The re-created (opaque) directory is watched.
     std::fs::write(m.m("d/h"), "new h").expect("write");
     let evs = events(&mut w);
-    assert_eq!(count(&evs, FileKind::Create, b"/d/h"), 1, "{}", show(&evs));
+    assert_count(&evs, FileKind::Create, b"/d/h", 1);
 }
 
 #[test]
@@ -593,7 +569,7 @@ fn renames_pair_and_paths_follow() {
     std::fs::write(m.m("rb/q/r/deep"), "3").expect("write");
     let evs = events(&mut w);
     rename(&evs, "/ra", "/rb", true);
-    assert_eq!(count(&evs, FileKind::Modify, b"/rb/f"), 1, "{}", show(&evs));
+    assert_count(&evs, FileKind::Modify, b"/rb/f", 1);
     assert_eq!(
         count(&evs, FileKind::Create, b"/rb/q/r/deep"),
         1,
@@ -615,12 +591,7 @@ fn renames_pair_and_paths_follow() {
     rename(&evs, "/rb/f", "/rb/g", false);
     rename(&evs, "/x1", "/x2", false);
     rename(&evs, "/rb", "/n1/n2/rc", true);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/n1/n2/rc/q/r/deeper"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/n1/n2/rc/q/r/deeper", 1);
     assert!(
         evs.iter().all(|e| e.kind != FileKind::Delete),
         "{}",
@@ -639,18 +610,13 @@ fn renames_pair_and_paths_follow() {
     assert_eq!(evs.len(), 1, "{}", show(&evs));
     std::fs::write(m.m("etc/passwd"), "new").expect("write");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/etc/passwd"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/etc/passwd", 1);
 
     // Renamed in a directory copied up by that very rename: a delete and a create.
     std::fs::rename(m.m("d/h"), m.m("d/h2")).expect("mv image file");
     let evs = events(&mut w);
-    assert_eq!(count(&evs, FileKind::Delete, b"/d/h"), 1, "{}", show(&evs));
-    assert_eq!(count(&evs, FileKind::Create, b"/d/h2"), 1, "{}", show(&evs));
+    assert_count(&evs, FileKind::Delete, b"/d/h", 1);
+    assert_count(&evs, FileKind::Create, b"/d/h2", 1);
     assert_eq!(evs.len(), 2, "{}", show(&evs));
 }
 
@@ -723,8 +689,8 @@ fn hard_links_are_creates() {
     std::fs::write(m.m("newf"), "n").expect("write");
     std::fs::hard_link(m.m("newf"), m.m("hl2")).expect("ln new file");
     let evs = events(&mut w);
-    assert_eq!(count(&evs, FileKind::Create, b"/hl"), 1, "{}", show(&evs));
-    assert_eq!(count(&evs, FileKind::Create, b"/hl2"), 1, "{}", show(&evs));
+    assert_count(&evs, FileKind::Create, b"/hl", 1);
+    assert_count(&evs, FileKind::Create, b"/hl2", 1);
     assert_eq!(
         count(&evs, FileKind::Create, b"/topf"),
         0,
@@ -775,18 +741,8 @@ fn symlinks_are_never_followed_nor_swapped_into_a_watch() {
     std::os::unix::fs::symlink("/", m.m("rootlink")).expect("symlink");
     std::os::unix::fs::symlink(&m.outside, m.m("hostlink")).expect("symlink");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/rootlink"),
-        1,
-        "{}",
-        show(&evs)
-    );
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/hostlink"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/rootlink", 1);
+    assert_count(&evs, FileKind::Create, b"/hostlink", 1);
     assert!(evs.iter().all(|e| !e.is_dir), "{}", show(&evs));
     assert_eq!(evs.len(), 2, "{}", show(&evs));
 
@@ -864,19 +820,14 @@ fn hostile_names_are_reported_byte_exact() {
     }
     let evs = events(&mut w);
     assert_no_duplicate_creates(&evs);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/dir\xc3\x28\n"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/dir\xc3\x28\n", 1);
     for n in &names {
         let mut top = b"/".to_vec();
         top.extend_from_slice(n);
         let mut inner = b"/dir\xc3\x28\n/".to_vec();
         inner.extend_from_slice(n);
-        assert_eq!(count(&evs, FileKind::Create, &top), 1, "{}", show(&evs));
-        assert_eq!(count(&evs, FileKind::Create, &inner), 1, "{}", show(&evs));
+        assert_count(&evs, FileKind::Create, &top, 1);
+        assert_count(&evs, FileKind::Create, &inner, 1);
     }
 }
 
@@ -916,13 +867,8 @@ fn image_layers_whiteouts_and_opaque_dirs_are_honoured() {
         "hidden by an opaque dir:\n{}",
         show(&evs)
     );
-    assert_eq!(count(&evs, FileKind::Attrib, b"/o/a"), 1, "{}", show(&evs));
-    assert_eq!(
-        count(&evs, FileKind::Attrib, b"/x/kept"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Attrib, b"/o/a", 1);
+    assert_count(&evs, FileKind::Attrib, b"/x/kept", 1);
     let creates: Vec<_> = evs.iter().filter(|e| e.kind == FileKind::Create).collect();
     assert_eq!(creates.len(), 2, "{}", show(&evs));
     std::fs::remove_file(m.m("x/kept")).expect("rm");
@@ -1018,12 +964,7 @@ fn queue_overflow_is_reported_and_the_rescan_finds_everything() {
     // Still watching after the rescan.
     std::fs::write(m.m("burst7/after"), "x").expect("write");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/burst7/after"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/burst7/after", 1);
 }
 
 #[test]
@@ -1073,33 +1014,18 @@ fn watch_limit_overflows_one_container_and_not_the_other() {
     );
     let evs = files(&outs);
     let (a, bb): (Vec<_>, Vec<_>) = evs.into_iter().partition(|e| e.container == "a");
-    assert_eq!(count(&bb, FileKind::Create, b"/bfile"), 1, "{}", show(&bb));
+    assert_count(&bb, FileKind::Create, b"/bfile", 1);
     // What the unwatched directories held when listed is still reported.
     assert_no_duplicate_creates(&a);
     for d in &dirs {
-        assert_eq!(
-            count(&a, FileKind::Create, format!("/{d}").as_bytes()),
-            1,
-            "{}",
-            show(&a)
-        );
-        assert_eq!(
-            count(&a, FileKind::Create, format!("/{d}/f").as_bytes()),
-            1,
-            "{}",
-            show(&a)
-        );
+        assert_count(&a, FileKind::Create, format!("/{d}").as_bytes(), 1);
+        assert_count(&a, FileKind::Create, format!("/{d}/f").as_bytes(), 1);
     }
     assert!(w.container_watch_count("a") < 1 + dirs.len());
     // Limit restored: b keeps working.
     std::fs::write(mb.m("bfile2"), "z").expect("write");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Create, b"/bfile2"),
-        1,
-        "{}",
-        show(&evs)
-    );
+    assert_count(&evs, FileKind::Create, b"/bfile2", 1);
 }
 
 #[test]
@@ -1213,12 +1139,7 @@ fn watch_limit_retry_watches_and_rescans_what_was_unwatched() {
     for i in 0..DIRS {
         for f in ["later", "q/later", "sub/later"] {
             let p = format!("/pre/p{i}/{f}");
-            assert_eq!(
-                count(&evs, FileKind::Create, p.as_bytes()),
-                1,
-                "{}",
-                show(&evs)
-            );
+            assert_count(&evs, FileKind::Create, p.as_bytes(), 1);
         }
     }
     assert_eq!(evs.len(), 3 * DIRS, "{}", show(&evs));
@@ -1417,13 +1338,8 @@ fn copied_up_file_then_its_emptied_dir_are_deleted_once_each() {
     std::fs::create_dir(m.m("d/e")).expect("mkdir");
     std::fs::remove_dir(m.m("d/e")).expect("rmdir");
     let evs = events(&mut w);
-    assert_eq!(
-        count(&evs, FileKind::Delete, b"/topf2"),
-        1,
-        "{}",
-        show(&evs)
-    );
-    assert_eq!(count(&evs, FileKind::Delete, b"/d/e"), 1, "{}", show(&evs));
+    assert_count(&evs, FileKind::Delete, b"/topf2", 1);
+    assert_count(&evs, FileKind::Delete, b"/d/e", 1);
 }
 
 #[test]
