@@ -27,7 +27,7 @@ use crate::{
     freezer::{FreezeTarget, Freezer, FreezerKind},
     record::{self, ContainerRef},
     runtime::{Runtime, RuntimeEvent},
-    watcher::Watcher,
+    watcher::{FdBudget, Watcher},
 };
 
 /// Records are written to the output in chunks of about this size (and at the end of
@@ -89,6 +89,31 @@ impl AsRawFd for RawFdRef {
     }
 }
 
+/// How an attempt to arm a container ended.
+enum ArmOutcome {
+    /// Armed; `container_start` printed.
+    Armed,
+    /// No configured engine knows it.
+    Foreign,
+    /// Its layer went away while arming (the container is gone).
+    Gone,
+    /// It could not be armed now; retried on the tick.
+    Failed {
+        /// Why, for the log.
+        cause: String,
+        /// Descriptors ran out.
+        exhausted: bool,
+    },
+}
+
+/// A container that could not be armed, retried on the tick.
+struct Unarmed {
+    unified_cgroup: Option<PathBuf>,
+    /// Since when its changes are its own (its cgroup's appearance, or fsmon's start).
+    since: SystemTime,
+    attempts: u32,
+}
+
 /// A container being monitored.
 struct Monitored {
     cref: ContainerRef,
@@ -114,6 +139,13 @@ struct Daemon {
     pending: HashMap<String, u64>,
     outputs: Vec<WatchOutput>,
     lifecycle_lost: u64,
+    /// Containers that could not be armed yet (`arm_failed`), retried on the tick.
+    unarmed: HashMap<String, Unarmed>,
+    /// The directory fd budget at start-up (the most it grows back to).
+    fd_budget_max: usize,
+    /// When this fsmon started: what a container that was running before did is reported
+    /// by scan from then on if it could not be armed at once.
+    started: SystemTime,
 }
 
 /// Runs the daemon until `shutdown` resolves. Returns an error only for fatal problems
@@ -176,7 +208,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pending: HashMap::new(),
         outputs: Vec::new(),
         lifecycle_lost: 0,
+        unarmed: HashMap::new(),
+        fd_budget_max: 0,
+        started: SystemTime::now(),
     };
+    d.fd_budget_max = d.watcher.fd_budget().1;
+    let (cached, budget) = d.watcher.fd_budget();
+    tracing::info!(
+        fd_limit = crate::limits::soft_fd_limit(),
+        open = crate::limits::open_fd_count(),
+        dir_fd_budget = budget,
+        cached,
+        "file descriptor budget"
+    );
 
     // SAFETY: the fd belongs to `d.watcher`, which outlives `watch_fd`: `watch_fd` is
     // declared after `d`, so it is dropped (deregistered) first.
@@ -236,7 +280,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     d.emit(&record::overflow(SystemTime::now(), None, "lifecycle"))?;
                     d.resync().await;
                 }
+                d.regrow_fds();
                 d.arm_stale_pending().await;
+                d.retry_unarmed().await;
                 // Directories left unwatched at the watch limit get their watch when the
                 // limit allows; what changed meanwhile is reported by scan.
                 d.watcher.retry_unwatched();
@@ -335,7 +381,10 @@ impl Daemon {
         };
         match rec.op {
             CgroupOp::Mkdir => {
-                if self.containers.contains_key(&cg.id) || self.foreign.contains(&cg.id) {
+                if self.containers.contains_key(&cg.id)
+                    || self.foreign.contains(&cg.id)
+                    || self.unarmed.contains_key(&cg.id)
+                {
                     return Ok(());
                 }
                 // A cgroup v1 engine on a hybrid host: runc makes the container's v2 cgroup
@@ -397,6 +446,7 @@ impl Daemon {
                 }
                 self.foreign.remove(&cg.id);
                 self.pending.remove(&cg.id);
+                self.unarmed.remove(&cg.id);
             }
         }
         Ok(())
@@ -449,7 +499,9 @@ impl Daemon {
         }
     }
 
-    /// Freeze (optionally) → resolve upperdir → arm → thaw → `container_start`.
+    /// Freeze (optionally) → resolve upperdir → arm → thaw → `container_start`. A
+    /// container that cannot be armed for lack of resources (descriptors, an engine that
+    /// cannot answer) is never dropped silently: see [`Self::arm_failed`].
     async fn arm(
         &mut self,
         id: &str,
@@ -457,10 +509,153 @@ impl Daemon {
         unified_cgroup: Option<PathBuf>,
         since: Option<SystemTime>,
     ) -> anyhow::Result<()> {
-        let frozen = match &freeze {
+        let mut outcome = self
+            .try_arm(id, freeze.as_ref(), unified_cgroup.as_deref(), since)
+            .await?;
+        if let ArmOutcome::Failed {
+            exhausted: true, ..
+        } = outcome
+        {
+            // The cache of directory fds gives way, and the container gets a second try.
+            self.relieve_fds();
+            outcome = self
+                .try_arm(id, freeze.as_ref(), unified_cgroup.as_deref(), since)
+                .await?;
+        }
+        match outcome {
+            ArmOutcome::Armed => {
+                self.unarmed.remove(id);
+            }
+            ArmOutcome::Foreign => {
+                tracing::debug!(container_id = %id, "no configured engine knows this container; ignored");
+                self.unarmed.remove(id);
+                self.foreign.insert(id.to_owned());
+            }
+            ArmOutcome::Gone => {
+                self.unarmed.remove(id);
+            }
+            ArmOutcome::Failed { cause, exhausted } => {
+                self.arm_failed(id, unified_cgroup, since, &cause, exhausted)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A container could not be armed: an `overflow` record names it (`arm_failed`,
+    /// once), the log says why and what to raise, and the tick retries it; once armed,
+    /// what its layer got meanwhile is reported by scan (it is armed with the instant its
+    /// cgroup appeared, or fsmon's start for one that was already running).
+    fn arm_failed(
+        &mut self,
+        id: &str,
+        unified_cgroup: Option<PathBuf>,
+        since: Option<SystemTime>,
+        cause: &str,
+        exhausted: bool,
+    ) -> anyhow::Result<()> {
+        let since = since.unwrap_or(self.started);
+        if let Some(u) = self.unarmed.get_mut(id) {
+            u.attempts += 1;
+            return Ok(());
+        }
+        if exhausted {
+            tracing::error!(container_id = %id, cause, advice = %crate::limits::fd_advice(), "cannot arm the container; retrying every second");
+        } else {
+            tracing::error!(container_id = %id, cause, "cannot arm the container; retrying every second");
+        }
+        let meta = self.runtime.cached_meta(id);
+        let cref = ContainerRef {
+            id: id.to_owned(),
+            name: meta.name,
+            image: meta.image,
+        };
+        let line = record::overflow(SystemTime::now(), Some(&cref), "arm_failed");
+        self.emit(&line)?;
+        self.unarmed.insert(
+            id.to_owned(),
+            Unarmed {
+                unified_cgroup,
+                since,
+                attempts: 1,
+            },
+        );
+        Ok(())
+    }
+
+    /// Descriptors ran out: the watcher's cache is resized to what the limit leaves now
+    /// (it may have been lowered, or other parts of the daemon hold more), shedding fds.
+    fn relieve_fds(&mut self) {
+        let (cached, _) = self.watcher.fd_budget();
+        let others = crate::limits::open_fd_count().saturating_sub(cached);
+        let budget = FdBudget::size_for(crate::limits::soft_fd_limit(), others);
+        let (_, was) = self.watcher.fd_budget();
+        if budget < was {
+            tracing::warn!(
+                cached,
+                others,
+                budget,
+                was,
+                "out of file descriptors; shrinking the directory fd cache"
+            );
+        }
+        self.watcher.set_fd_budget(budget.min(was));
+    }
+
+    /// After [`Self::relieve_fds`]: grows the cache back (up to its start-up size) when the
+    /// limit allows again.
+    fn regrow_fds(&mut self) {
+        let (cached, now) = self.watcher.fd_budget();
+        if now >= self.fd_budget_max {
+            return;
+        }
+        let others = crate::limits::open_fd_count().saturating_sub(cached);
+        let budget =
+            FdBudget::size_for(crate::limits::soft_fd_limit(), others).min(self.fd_budget_max);
+        if budget > now {
+            tracing::info!(
+                budget,
+                was = now,
+                "descriptors available again; growing the directory fd cache"
+            );
+            self.watcher.set_fd_budget(budget);
+        }
+    }
+
+    /// Retries the containers that could not be armed (on the tick). Not frozen: they
+    /// run already; what they did meanwhile is reported by scan.
+    async fn retry_unarmed(&mut self) {
+        let ids: Vec<String> = self.unarmed.keys().cloned().collect();
+        for id in ids {
+            let Some(u) = self.unarmed.get(&id) else {
+                continue;
+            };
+            let (cgroup, since, attempts) = (u.unified_cgroup.clone(), u.since, u.attempts);
+            if let Err(e) = self.arm(&id, None, cgroup, Some(since)).await {
+                tracing::error!(container_id = %id, error = %e, "cannot arm");
+            }
+            if !self.unarmed.contains_key(&id) {
+                tracing::info!(container_id = %id, attempts, "armed a container that could not be armed before");
+            }
+        }
+    }
+
+    async fn try_arm(
+        &mut self,
+        id: &str,
+        freeze: Option<&FreezeTarget>,
+        unified_cgroup: Option<&std::path::Path>,
+        since: Option<SystemTime>,
+    ) -> anyhow::Result<ArmOutcome> {
+        let frozen = match freeze {
             Some(t) => match self.freezer.freeze(t, self.config.freeze_timeout) {
                 Ok(f) => f,
                 Err(e) => {
+                    if crate::limits::chain_is_fd_exhaustion(&e) {
+                        return Ok(ArmOutcome::Failed {
+                            cause: format!("{e:#}"),
+                            exhausted: true,
+                        });
+                    }
                     tracing::warn!(container_id = %id, error = %e, "cannot freeze; arming without it");
                     None
                 }
@@ -469,22 +664,30 @@ impl Daemon {
         };
         let mut meta = None;
         let found = match self.runtime.layer_on_disk(id) {
-            Some(x) => Some(x),
-            None => self.runtime.layer_by_inspect(id).await.map(|(e, l, m)| {
-                meta = Some(m);
-                (e, l)
-            }),
+            Ok(Some(x)) => Ok(Some(x)),
+            Ok(None) => match self.runtime.layer_by_inspect(id).await {
+                Ok(x) => Ok(x.map(|(e, l, m)| {
+                    meta = Some(m);
+                    (e, l)
+                })),
+                Err(cause) => Err((cause, false)),
+            },
+            Err(e) => Err((format!("reading the engine's layer metadata: {e}"), true)),
         };
-        let armed = found.map(|(engine, layer)| {
-            let upperdir = layer.upperdir.clone();
-            // A container armed after it started running (fsmon was late) has its changes
-            // since its cgroup appeared reported by scan, not silently indexed.
-            let r = match since {
-                Some(t) => self.watcher.add_container_since(id, layer, t),
-                None => self.watcher.add_container(id, layer),
-            };
-            (engine, upperdir, r)
-        });
+        let armed = match found {
+            Ok(Some((engine, layer))) => {
+                let upperdir = layer.upperdir.clone();
+                // A container armed after it started running (fsmon was late) has its
+                // changes since its cgroup appeared reported by scan, not silently indexed.
+                let r = match since {
+                    Some(t) => self.watcher.add_container_since(id, layer, t),
+                    None => self.watcher.add_container(id, layer),
+                };
+                Ok(Some((engine, upperdir, r)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
         let freeze_us = match frozen.map(|f| self.freezer.thaw(f)) {
             Some(Ok(rep)) => {
                 if rep.bound_exceeded {
@@ -498,15 +701,21 @@ impl Daemon {
             }
             None => None,
         };
-        let Some((engine, upperdir, result)) = armed else {
-            tracing::debug!(container_id = %id, "no configured engine knows this container; ignored");
-            self.foreign.insert(id.to_owned());
-            return Ok(());
+        let (engine, upperdir, result) = match armed {
+            Ok(Some(x)) => x,
+            Ok(None) => return Ok(ArmOutcome::Foreign),
+            Err((cause, exhausted)) => return Ok(ArmOutcome::Failed { cause, exhausted }),
         };
         if let Err(e) = result {
-            tracing::error!(container_id = %id, upperdir = %upperdir.display(), error = %e, "cannot watch the container's upperdir");
             self.watcher.remove_container(id);
-            return Ok(());
+            if crate::limits::chain_is_fd_exhaustion(&e) {
+                return Ok(ArmOutcome::Failed {
+                    cause: format!("{e:#}"),
+                    exhausted: true,
+                });
+            }
+            tracing::error!(container_id = %id, upperdir = %upperdir.display(), error = %e, "cannot watch the container's upperdir");
+            return Ok(ArmOutcome::Gone);
         }
         let meta = match meta {
             Some(m) => m,
@@ -527,7 +736,7 @@ impl Daemon {
         // does afterwards (removing a --rm container's layer) is reported as its doing.
         // Without a v2 cgroup, the cgroup's rmdir record ends monitoring instead.
         if let Some(dir) = unified_cgroup {
-            if let Err(e) = self.watcher.watch_exit(id, &dir) {
+            if let Err(e) = self.watcher.watch_exit(id, dir) {
                 tracing::debug!(container_id = %id, cgroup = %dir.display(), error = %e, "cannot watch the container's cgroup.events");
             }
         }
@@ -536,7 +745,8 @@ impl Daemon {
             .insert(id.to_owned(), Monitored { cref, encoded });
         // Arming can itself produce output (a watch-limit overflow) that no fd readiness
         // will announce: print it now.
-        self.drain_watcher()
+        self.drain_watcher()?;
+        Ok(ArmOutcome::Armed)
     }
 
     fn stop(&mut self, id: &str) -> anyhow::Result<()> {

@@ -88,6 +88,19 @@ fn run(args: RunArgs) -> ExitCode {
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice.clamp(-20, 19)) } != 0 {
         tracing::warn!(nice = args.nice, error = %std::io::Error::last_os_error(), "cannot set the daemon's niceness");
     }
+    // The soft limit a service gets (1024 under systemd) would cap how many containers
+    // the watcher can cache directories for; the hard limit is ours to take.
+    match fsmon::limits::raise_fd_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(
+                before,
+                after,
+                "raised the open-file limit to the hard limit"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let docker_hosts = if !args.docker_host.is_empty() {
         args.docker_host
     } else {

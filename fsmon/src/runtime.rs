@@ -195,37 +195,59 @@ impl Runtime {
     }
 
     /// Finds a container's layer from the engines' on-disk metadata (no API call).
-    pub fn layer_on_disk(&self, id: &str) -> Option<(usize, ContainerLayer)> {
+    /// `Err` only when descriptors ran out (the container may well be there).
+    pub fn layer_on_disk(&self, id: &str) -> std::io::Result<Option<(usize, ContainerLayer)>> {
         for engine in 0..self.engines.len() {
             let root = self.state(engine).root.clone();
-            if let Some(layer) = root.as_deref().and_then(|r| overlay2_layer(r, id)) {
-                return Some((engine, layer));
+            let Some(root) = root else { continue };
+            if let Some(layer) = overlay2_layer(&root, id)? {
+                return Ok(Some((engine, layer)));
             }
         }
-        None
+        Ok(None)
+    }
+
+    /// Name and image from the engines' caches, without asking (for records about a
+    /// container that could not be armed).
+    pub fn cached_meta(&self, id: &str) -> ContainerMeta {
+        (0..self.engines.len())
+            .find_map(|e| self.state(e).meta.get(id).cloned())
+            .unwrap_or_default()
     }
 
     /// Finds a container's layer through the inspect API (fallback; milliseconds).
+    /// `Ok(None)`: no connected engine knows it; `Err`: an engine could not answer (down,
+    /// or no descriptor left for the request), so it may be one of its containers.
     pub async fn layer_by_inspect(
         &self,
         id: &str,
-    ) -> Option<(usize, ContainerLayer, ContainerMeta)> {
+    ) -> Result<Option<(usize, ContainerLayer, ContainerMeta)>, String> {
+        let mut failed = None;
         for engine in 0..self.engines.len() {
             let Some(docker) = self.state(engine).docker.clone() else {
                 continue;
             };
-            let Ok(info) = docker
+            let info = match docker
                 .inspect_container(id, None::<InspectContainerOptions>)
                 .await
-            else {
-                continue;
+            {
+                Ok(info) => info,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => continue,
+                Err(e) => {
+                    failed = Some(format!("{}: {e}", self.engines[engine].0));
+                    continue;
+                }
             };
             let meta = ContainerMeta {
                 name: info.name.map(|n| n.trim_start_matches('/').to_owned()),
                 image: info.config.and_then(|c| c.image),
             };
             let data = info.graph_driver.map(|g| g.data).unwrap_or_default();
-            let upper = data.get("UpperDir")?;
+            let Some(upper) = data.get("UpperDir") else {
+                return Ok(None);
+            };
             let lowerdirs = data
                 .get("LowerDir")
                 .map(|l| {
@@ -240,9 +262,9 @@ impl Runtime {
                 lowerdirs,
             };
             self.state(engine).meta.insert(id.to_owned(), meta.clone());
-            return Some((engine, layer, meta));
+            return Ok(Some((engine, layer, meta)));
         }
-        None
+        failed.map_or(Ok(None), Err)
     }
 
     /// Name and image: from the event cache, else by inspect (bounded by `timeout`).
@@ -309,33 +331,46 @@ impl Runtime {
 /// Reads Docker's overlay2 metadata: `image/overlay2/layerdb/mounts/<id>/mount-id` names
 /// the layer directory, whose `diff` is the upperdir and whose `lower` file lists the
 /// lower layers as `l/<short>` links. These files are the engine's own, not container
-/// content.
-pub fn overlay2_layer(root: &Path, id: &str) -> Option<ContainerLayer> {
+/// content. `Ok(None)`: not a container of this engine; `Err`: descriptors ran out.
+pub fn overlay2_layer(root: &Path, id: &str) -> std::io::Result<Option<ContainerLayer>> {
     if id.len() != 64 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return None;
+        return Ok(None);
     }
-    let mount_id = std::fs::read_to_string(
-        root.join("image/overlay2/layerdb/mounts")
+    let Some(mount_id) = read_engine_file(
+        &root
+            .join("image/overlay2/layerdb/mounts")
             .join(id)
             .join("mount-id"),
-    )
-    .ok()?;
+    )?
+    else {
+        return Ok(None);
+    };
     let mount_id = mount_id.trim();
     if mount_id.is_empty() || mount_id.contains('/') || mount_id.starts_with('.') {
-        return None;
+        return Ok(None);
     }
     let layer_dir = root.join("overlay2").join(mount_id);
     let upperdir = layer_dir.join("diff");
     if !upperdir.is_dir() {
-        return None;
+        return Ok(None);
     }
-    let lowerdirs = std::fs::read_to_string(layer_dir.join("lower"))
+    let lowerdirs = read_engine_file(&layer_dir.join("lower"))?
         .map(|s| parse_lower(&root.join("overlay2"), &s))
         .unwrap_or_default();
-    Some(ContainerLayer {
+    Ok(Some(ContainerLayer {
         upperdir,
         lowerdirs,
-    })
+    }))
+}
+
+/// Reads one of the engine's small metadata files: `None` when it cannot be read, an
+/// error only when descriptors ran out.
+fn read_engine_file(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if crate::limits::is_fd_exhaustion(&e) => Err(e),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Resolves overlay2's `lower` file (`l/ABC:l/DEF`, top-most first) to layer `diff` dirs.
@@ -381,13 +416,15 @@ mod tests {
         std::os::unix::fs::symlink("../m1-init/diff", o2.join("l/AAA")).expect("symlink");
         std::os::unix::fs::symlink("../base/diff", o2.join("l/BBB")).expect("symlink");
         std::fs::write(o2.join("m1/lower"), "l/AAA:l/BBB").expect("write");
-        let layer = overlay2_layer(root, &id).expect("layer");
+        let layer = overlay2_layer(root, &id).expect("read").expect("layer");
         assert_eq!(layer.upperdir, o2.join("m1/diff"));
         assert_eq!(
             layer.lowerdirs,
             vec![o2.join("m1-init/diff"), o2.join("base/diff")]
         );
-        assert!(overlay2_layer(root, &"b".repeat(64)).is_none());
-        assert!(overlay2_layer(root, "../../etc").is_none());
+        assert!(overlay2_layer(root, &"b".repeat(64))
+            .expect("read")
+            .is_none());
+        assert!(overlay2_layer(root, "../../etc").expect("read").is_none());
     }
 }

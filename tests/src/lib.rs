@@ -92,6 +92,16 @@ pub struct Fsmon {
 impl Fsmon {
     /// Starts fsmon against `hosts` with extra `args`, and waits for `ready`.
     pub fn start(hosts: &[String], args: &[&str]) -> Result<Fsmon> {
+        Self::start_with_nofile(hosts, args, None)
+    }
+
+    /// Like [`Fsmon::start`], with `RLIMIT_NOFILE` (soft and hard) set to `nofile` for the
+    /// fsmon process, as `ulimit -n` or systemd's `LimitNOFILE=` would.
+    pub fn start_with_nofile(
+        hosts: &[String],
+        args: &[&str],
+        nofile: Option<u64>,
+    ) -> Result<Fsmon> {
         let state_dir = tempfile::tempdir()?;
         let mut cmd = Command::new(env("FSMON_BIN"));
         cmd.arg("run");
@@ -102,6 +112,16 @@ impl Fsmon {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .stdin(Stdio::null());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    set_nofile(0, n, n)?;
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().context("starting fsmon")?;
         let stdout = child.stdout.take().context("fsmon stdout")?;
         let (tx, rx) = mpsc::channel();
@@ -234,6 +254,76 @@ impl Drop for Fsmon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Sets `RLIMIT_NOFILE` of process `pid` (0: this one) to `soft` and `hard` (raising a
+/// hard limit needs `CAP_SYS_RESOURCE`; raising the soft one up to the hard one does not).
+pub fn set_nofile(pid: u32, soft: u64, hard: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: prlimit reads the struct we pass, which lives for the call; no old value.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The soft and hard `RLIMIT_NOFILE` of process `pid`.
+pub fn nofile_of(pid: u32) -> std::io::Result<(u64, u64)> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit writes into `old`, which lives for the call; nothing is set.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// How many file descriptors process `pid` has open (`/proc/<pid>/fd`).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Cgroups of the test engines' containers that are frozen now (v1 freezer and v2).
+pub fn frozen_cgroups() -> Vec<String> {
+    let mut frozen = Vec::new();
+    for (glob_dir, file, thawed) in [
+        ("/sys/fs/cgroup/freezer/docker", "freezer.state", "THAWED"),
+        ("/sys/fs/cgroup/unified/docker", "cgroup.freeze", "0"),
+    ] {
+        let Ok(rd) = std::fs::read_dir(glob_dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path().join(file);
+            if let Ok(s) = std::fs::read_to_string(&p) {
+                if s.trim() != thawed {
+                    frozen.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    frozen
 }
 
 fn tail(v: &[Value]) -> &[Value] {

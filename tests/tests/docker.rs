@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use fsmon_tests::{assert_bracketed, docker, engines, image, run_detached, run_rm, Fsmon};
+use fsmon_tests::{
+    assert_bracketed, docker, engines, frozen_cgroups, image, run_detached, run_rm, Fsmon,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -319,27 +321,6 @@ fn lossless_start_concurrent_under_cpu_load() -> anyhow::Result<()> {
         check_lossless(&mut f, &format!("{label} 4 at a time, CPU hog"), &names)?;
     }
     Ok(())
-}
-
-fn frozen_cgroups() -> Vec<String> {
-    let mut frozen = Vec::new();
-    for (glob_dir, file, thawed) in [
-        ("/sys/fs/cgroup/freezer/docker", "freezer.state", "THAWED"),
-        ("/sys/fs/cgroup/unified/docker", "cgroup.freeze", "0"),
-    ] {
-        let Ok(rd) = std::fs::read_dir(glob_dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path().join(file);
-            if let Ok(s) = std::fs::read_to_string(&p) {
-                if s.trim() != thawed {
-                    frozen.push(p.display().to_string());
-                }
-            }
-        }
-    }
-    frozen
 }
 
 #[test]

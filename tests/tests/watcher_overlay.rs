@@ -48,8 +48,19 @@ fn image(lowers: &[std::path::PathBuf]) {
     std::fs::write(l.join("d/h"), "h\n").expect("write");
 }
 
+/// A watcher; with `FSMON_TEST_FD_BUDGET=N` its directory-fd cache holds at most N fds
+/// (N = 8, the least, makes every operation reopen what it needs: `cargo xtask test`
+/// runs this tier that way too).
+fn new_watcher() -> Watcher {
+    match std::env::var("FSMON_TEST_FD_BUDGET") {
+        Ok(n) => Watcher::with_fd_budget(n.parse().expect("FSMON_TEST_FD_BUDGET: a number")),
+        Err(_) => Watcher::new(),
+    }
+    .expect("inotify")
+}
+
 fn armed(id: &str, m: &OverlayMount) -> Watcher {
-    let mut w = Watcher::new().expect("inotify");
+    let mut w = new_watcher();
     w.add_container(id, m.layer()).expect("arm");
     w
 }
@@ -94,7 +105,7 @@ fn arming_indexes_existing_content_without_reporting_it() {
     std::fs::write(m.m("old/dir/f"), "1").expect("write");
     std::fs::write(m.m("etc/passwd"), "changed").expect("write");
     std::fs::remove_file(m.m("topf")).expect("rm");
-    let mut w = Watcher::new().expect("inotify");
+    let mut w = new_watcher();
     let stats = w.add_container("c", m.layer()).expect("arm");
     assert_eq!(stats.dirs, 4, "/, /old, /old/dir, /etc: {stats:?}");
     assert_eq!(stats.files, 2, "{stats:?}");
@@ -976,7 +987,7 @@ fn watch_limit_overflows_one_container_and_not_the_other() {
     for i in 0..20 {
         std::fs::create_dir_all(mc.upper.join(format!("pre/p{i}"))).expect("mkdir");
     }
-    let mut w = Watcher::new().expect("inotify");
+    let mut w = new_watcher();
     w.add_container("a", ma.layer()).expect("arm a");
     w.add_container("b", mb.layer()).expect("arm b");
     // Deep and wide, so that the limit is hit even if other processes free a few watches.
@@ -1039,7 +1050,7 @@ fn watch_limit_retry_watches_and_rescans_what_was_unwatched() {
         std::fs::write(m.upper.join(format!("pre/p{i}/gone")), "1").expect("write");
     }
     let is_limit = |o: &WatchOutput| matches!(o, WatchOutput::Overflow { container: Some(c), reason: "watch_limit" } if c == "c");
-    let mut w = Watcher::new().expect("inotify");
+    let mut w = new_watcher();
     let stats = {
         // Room for 2 more watches (/ and /pre), for as short a time as possible.
         let _g = SysctlGuard::set("fs/inotify/max_user_watches", inotify_watches_in_use() + 2);
@@ -1421,7 +1432,7 @@ fn armed_late_reports_what_the_container_did_since_it_started() {
     append(&m.m("d/h"), b"y\n");
     std::fs::remove_file(m.m("topf")).expect("rm");
 
-    let mut w = Watcher::new().expect("inotify");
+    let mut w = new_watcher();
     let stats = w.add_container_since("c", m.layer(), since).expect("arm");
     let evs = events(&mut w);
     assert_eq!(
@@ -1487,7 +1498,7 @@ fn armed_late_after_a_restart_reports_only_what_changed_since() {
     let _l = shared();
     let m = OverlayMount::new(1, image);
     let since = earlier_run(&m);
-    let mut w = Watcher::new().expect("inotify");
+    let mut w = new_watcher();
     let stats = w.add_container_since("c", m.layer(), since).expect("arm");
     let evs = events(&mut w);
     assert_eq!(
@@ -1519,7 +1530,7 @@ fn armed_without_a_start_instant_reports_nothing_of_the_same_layer() {
     let _l = shared();
     let m = OverlayMount::new(1, image);
     let _since = earlier_run(&m);
-    let mut w = Watcher::new().expect("inotify");
+    let mut w = new_watcher();
     let stats = w.add_container("c", m.layer()).expect("arm");
     let evs = events(&mut w);
     assert!(evs.is_empty(), "{}", show(&evs));

@@ -287,7 +287,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
             "--test",
             "watcher_overlay",
         ]))?;
-        ran.push("tier 2 (overlay)");
+        // Again with the smallest directory-fd cache: every operation then reopens the
+        // directories and image layers it needs, as on a host at its descriptor budget.
+        eprintln!("xtask: tier 2 again with an 8-fd directory cache");
+        run(cargo()
+            .current_dir(util::root())
+            .args(["test", "-p", "fsmon-tests", "--test", "watcher_overlay"])
+            .env("FSMON_TEST_FD_BUDGET", "8"))?;
+        ran.push("tier 2 (overlay, default and 8-fd cache)");
     }
     if want(3) {
         let started = start_engines()?;
@@ -300,6 +307,8 @@ pub fn test(args: &TestArgs) -> Result<()> {
                 "fsmon-tests",
                 "--test",
                 "docker",
+                "--test",
+                "scale",
                 "--",
                 "--test-threads=1",
             ])

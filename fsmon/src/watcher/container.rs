@@ -22,9 +22,10 @@ use std::time::Instant;
 use crate::event::{FileEvent, FileKind, Source, WatchOutput};
 use crate::overlay::{self, Appear, DirAttrib, EntryKind, Meta, Opaque, Origin, Prior, Via};
 
+use super::fds::SharedBudget;
 use super::rules::{self, Moves, MtimeAttribs, RawEvent, Since, Stamp};
 use super::sys::{self, Dirent, Stat};
-use super::ArmStats;
+use super::{ArmStats, ContainerLayer};
 
 /// Index of a [`DirNode`] in its container's node table.
 pub(super) type NodeId = u32;
@@ -47,9 +48,6 @@ pub(super) const MASK: u32 = libc::IN_CREATE
     | libc::IN_MOVED_TO
     | libc::IN_ONLYDIR
     | libc::IN_EXCL_UNLINK;
-
-/// Upper-directory fds kept open per container (each node's fd, reopened on demand).
-const FD_CACHE: usize = 64;
 
 /// Who a watch descriptor belongs to.
 #[derive(Clone, Copy, Debug)]
@@ -319,8 +317,13 @@ enum Rewatch {
 pub(super) struct Container {
     pub key: usize,
     pub id: String,
-    root_fd: OwnedFd,
-    lowers: Vec<OwnedFd>,
+    /// The upperdir and image layers as the runtime named them (host paths): reopened on
+    /// demand, never held for the container's life.
+    layer: ContainerLayer,
+    /// Image layer fds, cached while the fd budget allows (`None`: closed).
+    lowers: Vec<Option<OwnedFd>>,
+    /// The fd budget shared by every container (see `fds`).
+    budget: SharedBudget,
     nodes: Vec<Option<DirNode>>,
     free: Vec<NodeId>,
     root: NodeId,
@@ -345,23 +348,38 @@ pub(super) struct Container {
     /// late: what the arm-time listing finds made or changed since then is reported.
     since_ns: Option<i64>,
     limit_reported: bool,
+    /// An open failed with EMFILE/ENFILE since [`Self::take_fd_exhaustion`].
+    fd_exhausted: bool,
+    /// An `fd_limit` overflow was reported in this call.
+    fd_limit_reported: bool,
     pub stats: ArmStats,
 }
 
+impl Drop for Container {
+    fn drop(&mut self) {
+        let lowers = self.lowers.iter().flatten().count();
+        self.budget.closed(self.open_fds + lowers);
+    }
+}
+
 impl Container {
+    /// A container whose layer's image directories are open already (`lowers`, in
+    /// `layer.lowerdirs` order, each counted in `budget`).
     pub fn new(
         key: usize,
         id: &str,
-        root_fd: OwnedFd,
+        layer: ContainerLayer,
         lowers: Vec<OwnedFd>,
+        budget: SharedBudget,
         armed_ns: i64,
         since_ns: Option<i64>,
     ) -> Container {
         Container {
             key,
             id: id.to_owned(),
-            root_fd,
-            lowers,
+            layer,
+            lowers: lowers.into_iter().map(Some).collect(),
+            budget,
             nodes: Vec::new(),
             free: Vec::new(),
             root: NO_NODE,
@@ -377,6 +395,8 @@ impl Container {
             armed_ns,
             since_ns,
             limit_reported: false,
+            fd_exhausted: false,
+            fd_limit_reported: false,
             stats: ArmStats::default(),
         }
     }
@@ -384,9 +404,11 @@ impl Container {
     /// Watches the upperdir root (already done by the caller: `wd`) and indexes everything
     /// below it, watching each directory before listing it. With `since_ns`, what was made
     /// or changed since is reported instead ([`Self::index_entry_since`]).
-    pub fn arm(&mut self, sh: &mut Shared, wd: i32, root: &Stat) {
+    pub fn arm(&mut self, sh: &mut Shared, wd: i32, root: &Stat, root_fd: OwnedFd) {
         let serial = sh.next_serial();
-        let node = DirNode::new(serial, Some(wd), NO_NODE, Box::default(), Vec::new(), root);
+        let mut node = DirNode::new(serial, Some(wd), NO_NODE, Box::default(), Vec::new(), root);
+        node.fd = Some(root_fd);
+        node.fd_used = true;
         let Some(id) = self.alloc(node, Some(ScanMode::Index)) else {
             return;
         };
@@ -482,6 +504,7 @@ impl Container {
         };
         if has_fd {
             self.open_fds += 1;
+            self.budget.opened();
             self.ring.push_back((id, serial));
         }
         if scan.is_some() {
@@ -504,20 +527,16 @@ impl Container {
 
     /// The fd of node `n`, valid until the next `ensure_fd` (call that first).
     fn fd_of(&self, n: NodeId) -> Option<BorrowedFd<'_>> {
-        if n == self.root {
-            return Some(self.root_fd.as_fd());
-        }
         self.nd(n)?.fd.as_ref().map(AsFd::as_fd)
     }
 
     /// Makes sure node `n` has an open fd: reopens it (and ancestors as needed) from the
     /// nearest ancestor with one, a component at a time, checking that each is still the
-    /// directory it was (same inode). False when that no longer holds: the node's name is
-    /// stale (a rename not processed yet) or the directory is gone.
+    /// directory it was (same inode); the upperdir itself is reopened from its host path
+    /// (the runtime's, not the container's). False when that no longer holds: the node's
+    /// name is stale (a rename not processed yet) or the directory is gone, or descriptors
+    /// ran out (then `fd_exhausted` is set: see [`Self::take_fd_exhaustion`]).
     fn ensure_fd(&mut self, n: NodeId) -> bool {
-        if n == self.root {
-            return true;
-        }
         match self.nd_mut(n) {
             None => return false,
             Some(d) if d.fd.is_some() => {
@@ -529,13 +548,13 @@ impl Container {
         self.evict();
         let mut chain = vec![n];
         let mut cur = n;
-        loop {
+        while cur != self.root {
             let Some(d) = self.nd(cur) else { return false };
             if d.state != NodeState::Attached || d.parent == NO_NODE {
                 return false;
             }
             cur = d.parent;
-            if cur == self.root || self.nd(cur).is_some_and(|p| p.fd.is_some()) {
+            if self.nd(cur).is_some_and(|p| p.fd.is_some()) {
                 break;
             }
             chain.push(cur);
@@ -545,11 +564,22 @@ impl Container {
         }
         for &m in chain.iter().rev() {
             let Some(d) = self.nd(m) else { return false };
-            let Some(pfd) = self.fd_of(d.parent) else {
-                return false;
+            let opened = if m == self.root {
+                sys::open_host_dir(&self.layer.upperdir)
+            } else {
+                let Some(pfd) = self.fd_of(d.parent) else {
+                    return false;
+                };
+                sys::open_child_dir(pfd, &d.name, false)
             };
-            let Ok(fd) = sys::open_child_dir(pfd, &d.name, false) else {
-                return false;
+            let fd = match opened {
+                Ok(fd) => fd,
+                Err(e) => {
+                    if crate::limits::is_fd_exhaustion(&e) {
+                        self.fd_exhausted = true;
+                    }
+                    return false;
+                }
             };
             match sys::stat_fd(fd.as_fd()) {
                 Ok(st) if st.ino == d.ino => {}
@@ -561,33 +591,102 @@ impl Container {
                 d.fd_used = true;
             }
             self.open_fds += 1;
+            self.budget.opened();
             self.ring.push_back((m, serial));
         }
         true
     }
 
-    /// Closes cached fds beyond [`FD_CACHE`] (second chance for recently used ones).
+    /// Before opening another fd: while the budget shared by all containers is full,
+    /// closes this container's cached fds that were not used since they were last
+    /// considered (second chance).
     fn evict(&mut self) {
-        let mut budget = self.ring.len() * 2;
-        while self.open_fds >= FD_CACHE && budget > 0 {
-            budget -= 1;
-            let Some((m, serial)) = self.ring.pop_front() else {
+        let mut rounds = self.ring.len() * 2;
+        while self.budget.full() && rounds > 0 {
+            rounds -= 1;
+            if !self.evict_one() {
                 break;
-            };
-            let Some(d) = self
-                .nd_mut(m)
-                .filter(|d| d.serial == serial && d.fd.is_some())
-            else {
-                continue;
-            };
-            if d.fd_used {
-                d.fd_used = false;
-                self.ring.push_back((m, serial));
-            } else {
-                d.fd = None;
-                self.open_fds -= 1;
             }
         }
+    }
+
+    /// Closes one cached node fd, giving recently used ones a second chance; false when
+    /// none is cached.
+    fn evict_one(&mut self) -> bool {
+        let Some((m, serial)) = self.ring.pop_front() else {
+            return false;
+        };
+        let Some(d) = self
+            .nd_mut(m)
+            .filter(|d| d.serial == serial && d.fd.is_some())
+        else {
+            return true;
+        };
+        if d.fd_used {
+            d.fd_used = false;
+            self.ring.push_back((m, serial));
+        } else {
+            d.fd = None;
+            self.open_fds -= 1;
+            self.budget.closed(1);
+        }
+        true
+    }
+
+    /// Closes cached fds (image layers first, then directories, least recently used
+    /// first) until the budget holds at most `target` or this container holds none.
+    /// Called between operations, when the budget is over: nothing borrowed is closed.
+    pub fn shed(&mut self, target: usize) {
+        for l in &mut self.lowers {
+            if self.budget.open() <= target {
+                return;
+            }
+            if l.take().is_some() {
+                self.budget.closed(1);
+            }
+        }
+        let mut rounds = self.ring.len() * 2 + 1;
+        while self.budget.open() > target && rounds > 0 {
+            rounds -= 1;
+            if !self.evict_one() {
+                return;
+            }
+        }
+    }
+
+    /// Whether an open failed for lack of descriptors since the last call (and clears it).
+    pub fn take_fd_exhaustion(&mut self) -> bool {
+        std::mem::take(&mut self.fd_exhausted)
+    }
+
+    /// Reopens the image layers that were closed (on demand: they are host paths the
+    /// runtime chose). A layer that cannot be opened is skipped by the lookups.
+    fn open_lowers(&mut self) {
+        for (i, slot) in self.lowers.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            let Some(path) = self.layer.lowerdirs.get(i) else {
+                continue;
+            };
+            match sys::open_host_dir(path) {
+                Ok(fd) => {
+                    *slot = Some(fd);
+                    self.budget.opened();
+                }
+                Err(e) => {
+                    if crate::limits::is_fd_exhaustion(&e) {
+                        self.fd_exhausted = true;
+                    }
+                    tracing::debug!(container_id = %self.id, layer = %path.display(), error = %e, "cannot reopen an image layer");
+                }
+            }
+        }
+    }
+
+    /// The fd of image layer `layer`, if open ([`Self::open_lowers`] first).
+    fn lower_fd(&self, layer: usize) -> Option<BorrowedFd<'_>> {
+        self.lowers.get(layer)?.as_ref().map(AsFd::as_fd)
     }
 
     fn stat_child(&mut self, n: NodeId, name: &[u8]) -> Option<Stat> {
@@ -649,6 +748,19 @@ impl Container {
         }
     }
 
+    /// Descriptors ran out while handling this container: reported once per call (the
+    /// work that needed them is retried, and what it finds reported by scan).
+    fn fd_limit(&mut self, sh: &mut Shared) {
+        if !self.fd_limit_reported {
+            self.fd_limit_reported = true;
+            tracing::error!(container_id = %self.id, advice = %crate::limits::fd_advice(), "out of file descriptors while watching a container; retrying");
+            sh.out.push(Some(WatchOutput::Overflow {
+                container: Some(self.id.clone()),
+                reason: "fd_limit",
+            }));
+        }
+    }
+
     // ----- image layers -----------------------------------------------------------------
 
     /// The image layer directories merged into node `n` (computed once per node, top-down
@@ -702,9 +814,18 @@ impl Container {
             return (Vec::new(), x);
         }
         let mut out = Vec::new();
+        self.open_lowers();
         if m == self.root {
-            for (layer, fd) in self.lowers.iter().enumerate() {
-                let v = sys::xattr_of_fd(fd.as_fd(), &overlay::OPAQUE_XATTRS, &mut buf)
+            for layer in 0..self.lowers.len() {
+                let Some(fd) = self.lower_fd(layer) else {
+                    // Could not be reopened: taken as merged here, without marks.
+                    out.push(LowerDir {
+                        layer,
+                        xwhiteouts: false,
+                    });
+                    continue;
+                };
+                let v = sys::xattr_of_fd(fd, &overlay::OPAQUE_XATTRS, &mut buf)
                     .ok()
                     .flatten();
                 let o = overlay::parse_opaque(v);
@@ -733,6 +854,7 @@ impl Container {
     /// sees there when the upper directory has no opaque one).
     fn child_lower(&mut self, n: NodeId, name: &[u8]) -> Vec<LowerDir> {
         let parent_lower = self.lower_dirs(n);
+        self.open_lowers();
         let prel = self
             .nd(n)
             .map(|d| d.path.get(1..).unwrap_or_default().to_vec())
@@ -752,10 +874,10 @@ impl Container {
         let mut out = Vec::new();
         let mut buf = [0u8; 16];
         for ld in parent_lower {
-            let Some(root) = self.lowers.get(ld.layer) else {
+            let Some(root) = self.lower_fd(ld.layer) else {
                 continue;
             };
-            let Ok(pfd) = sys::open_dir_beneath(root.as_fd(), prel, false) else {
+            let Ok(pfd) = sys::open_dir_beneath(root, prel, false) else {
                 continue;
             };
             let Ok(st) = sys::stat_at(pfd.as_fd(), name) else {
@@ -828,11 +950,12 @@ impl Container {
             let mut view: std::collections::BTreeMap<Box<[u8]>, View> =
                 std::collections::BTreeMap::new();
             let rel = path.get(1..).unwrap_or_default();
+            self.open_lowers();
             for ld in &lowers {
-                let Some(root) = self.lowers.get(ld.layer) else {
+                let Some(root) = self.lower_fd(ld.layer) else {
                     continue;
                 };
-                let Ok(dfd) = sys::open_dir_beneath(root.as_fd(), rel, true) else {
+                let Ok(dfd) = sys::open_dir_beneath(root, rel, true) else {
                     continue;
                 };
                 dirents.clear();
@@ -972,11 +1095,12 @@ impl Container {
             return None;
         }
         let rel = self.nd(n)?.path.get(1..).unwrap_or_default().to_vec();
+        self.open_lowers();
         for ld in dirs {
-            let Some(root) = self.lowers.get(ld.layer) else {
+            let Some(root) = self.lower_fd(ld.layer) else {
                 continue;
             };
-            let Ok(dfd) = sys::open_dir_beneath(root.as_fd(), &rel, false) else {
+            let Ok(dfd) = sys::open_dir_beneath(root, &rel, false) else {
                 continue;
             };
             let Ok(st) = sys::stat_at(dfd.as_fd(), name) else {
@@ -996,7 +1120,7 @@ impl Container {
         let mut x = false;
         if overlay::needs_whiteout_xattr(st.mode, st.size, true) {
             let _ = self.lower_dirs(n);
-            if self.nd(n).is_some_and(|d| d.upper_xwhiteouts) {
+            if self.nd(n).is_some_and(|d| d.upper_xwhiteouts) && self.ensure_fd(n) {
                 let mut buf = [0u8; 16];
                 x = self.fd_of(n).is_some_and(|fd| {
                     sys::xattr_at(fd, name, &overlay::WHITEOUT_XATTRS, &mut buf)
@@ -1026,8 +1150,20 @@ impl Container {
                 }
                 continue;
             }
-            let Some(Ok(rfd)) = self.fd_of(n).map(sys::reopen_dir) else {
-                continue;
+            let rfd = match self.fd_of(n).map(sys::reopen_dir) {
+                Some(Ok(fd)) => fd,
+                Some(Err(e)) if crate::limits::is_fd_exhaustion(&e) => {
+                    // Listed again at the end of the next call, once descriptors allow.
+                    self.fd_exhausted = true;
+                    self.fd_limit(sh);
+                    if let Some(d) = self.nd_mut(n) {
+                        d.scan = Some(mode);
+                        let s = d.serial;
+                        self.deferred.push((n, s));
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             let mut dirents = std::mem::take(&mut sh.dirents);
             dirents.clear();
@@ -1364,6 +1500,9 @@ impl Container {
         };
         let cfd = match sys::open_child_dir(pfd, name, false) {
             Ok(fd) => fd,
+            Err(e) if crate::limits::is_fd_exhaustion(&e) => {
+                return self.attach_without_fd(sh, parent, name, baseline, expect);
+            }
             Err(e) => {
                 // ENOENT: gone again; ENOTDIR/ELOOP: replaced by a file or a symlink. Either
                 // way its own events follow, and nothing is followed.
@@ -1436,6 +1575,41 @@ impl Container {
         Attached::New(id)
     }
 
+    /// Descriptors ran out before the directory `name` of `parent` could be opened: it is
+    /// indexed without a watch and retried like a watch the limit refused
+    /// ([`Self::retry_unwatched`]): once it is watched, its listing is compared with the
+    /// (empty) index, so everything made in it meanwhile is reported (`source: scan`).
+    /// Reported as an `fd_limit` overflow.
+    fn attach_without_fd(
+        &mut self,
+        sh: &mut Shared,
+        parent: NodeId,
+        name: &[u8],
+        baseline: Option<Meta>,
+        expect: Option<u64>,
+    ) -> Attached {
+        self.fd_exhausted = true;
+        self.fd_limit(sh);
+        let Some(cst) = self.fd_of(parent).and_then(|p| sys::stat_at(p, name).ok()) else {
+            return Attached::Failed;
+        };
+        if !cst.is_dir() || expect.is_some_and(|ino| ino != 0 && ino != cst.ino) {
+            return Attached::Failed;
+        }
+        let serial = sh.next_serial();
+        let path = self.child_path(parent, name);
+        let mut node = DirNode::new(serial, None, parent, name.into(), path, &cst);
+        if let Some(b) = baseline {
+            node.baseline = b;
+        }
+        let Some(id) = self.alloc(node, None) else {
+            return Attached::Failed;
+        };
+        self.stats.unwatched_dirs += 1;
+        self.unwatched.push((id, serial));
+        Attached::New(id)
+    }
+
     /// A directory that appeared at `parent`/`name` is already watched as node `m`: move
     /// the node there.
     fn adopt(
@@ -1504,6 +1678,7 @@ impl Container {
                 d.fd = Some(fd);
                 d.fd_used = true;
                 self.open_fds += 1;
+                self.budget.opened();
                 self.ring.push_back((m, serial));
             }
         }
@@ -1588,6 +1763,7 @@ impl Container {
             }
             if d.fd.is_some() {
                 self.open_fds = self.open_fds.saturating_sub(1);
+                self.budget.closed(1);
             }
             for (k, e) in &d.entries {
                 if e.child != NO_NODE
@@ -2353,6 +2529,7 @@ impl Container {
         }
         self.process_listings(sh);
         self.limit_reported = false;
+        self.fd_limit_reported = false;
     }
 
     /// After a queue overflow: compare everything with the index.

@@ -65,6 +65,7 @@
 //! overflow, what a rescan found) even when the inotify fd is not readable.
 
 mod container;
+mod fds;
 mod rules;
 mod sys;
 
@@ -77,6 +78,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::event::WatchOutput;
 
 use container::{Container, Shared, MASK};
+pub use fds::FdBudget;
+use fds::SharedBudget;
 
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;
@@ -89,6 +92,10 @@ const MOVE_PARTNER_WAIT_MS: i32 = 1;
 /// monitoring began (see [`rules::rescan_change`]), or after a late-armed container
 /// started (see [`Watcher::add_container_since`]).
 const ARM_CLOCK_MARGIN_NS: i64 = 10_000_000;
+
+/// Cached directory fds made free, when the budget is full, before an event is handled
+/// (it may reopen a chain of directories, and image layers).
+const EVENT_FD_ROOM: usize = 16;
 
 /// A container's overlay layers, as the engine gives them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,6 +170,10 @@ pub enum WatchError {
 /// The watcher: one inotify instance for the whole daemon.
 pub struct Watcher {
     sh: Shared,
+    /// Directory fds all containers may cache together (see `fds`).
+    budget: SharedBudget,
+    /// Where the next budget enforcement starts, so no container is always shed first.
+    shed_cursor: usize,
     containers: Vec<Option<Container>>,
     free_keys: Vec<usize>,
     by_id: HashMap<String, usize>,
@@ -172,10 +183,11 @@ pub struct Watcher {
     exits: HashMap<i32, ExitWatch>,
 }
 
-/// A watch on one container's cgroup v2 `cgroup.events`.
+/// A watch on one container's cgroup v2 `cgroup.events`. The file is opened for each read
+/// (rarely: its populated state or freeze changed), not held.
 struct ExitWatch {
     id: String,
-    file: std::fs::File,
+    path: PathBuf,
     /// Whether a process was ever seen in the cgroup. The cgroup can be empty at arm time
     /// (init not joined yet) and its freeze/thaw also modify `cgroup.events`, so only a
     /// change from populated to empty is an exit.
@@ -185,9 +197,9 @@ struct ExitWatch {
 impl ExitWatch {
     /// Reads `cgroup.events`; returns true when this read shows the exit.
     fn exited_now(&mut self) -> bool {
-        let mut text = [0u8; 256];
-        let n = std::os::unix::fs::FileExt::read_at(&self.file, &mut text, 0).unwrap_or(0);
-        let text = String::from_utf8_lossy(text.get(..n).unwrap_or_default()).into_owned();
+        // A failed read (the cgroup is gone, or no descriptor is left) says nothing: the
+        // cgroup's rmdir record ends monitoring then.
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
         if text.lines().any(|l| l.trim() == "populated 1") {
             self.seen_populated = true;
             false
@@ -211,14 +223,27 @@ fn unpopulated(events: &str) -> bool {
 }
 
 impl Watcher {
-    /// Creates the inotify instance (non-blocking, close-on-exec).
+    /// Creates the inotify instance (non-blocking, close-on-exec), with a directory-fd
+    /// budget of everything `RLIMIT_NOFILE` leaves beyond what is open now and a reserve
+    /// ([`Watcher::fd_budget`]).
     pub fn new() -> Result<Self, WatchError> {
+        let budget = FdBudget::size_for(
+            crate::limits::soft_fd_limit(),
+            crate::limits::open_fd_count(),
+        );
+        Self::with_fd_budget(budget)
+    }
+
+    /// Like [`Watcher::new`], with a budget of `budget` cached directory fds.
+    pub fn with_fd_budget(budget: usize) -> Result<Self, WatchError> {
         let fd = sys::inotify_init().map_err(|source| match source.raw_os_error() {
             Some(libc::EMFILE) => WatchError::TooManyInstances { source },
             _ => WatchError::Init { source },
         })?;
         Ok(Watcher {
             sh: Shared::new(fd),
+            budget: FdBudget::new(budget),
+            shed_cursor: 0,
             containers: Vec::new(),
             free_keys: Vec::new(),
             by_id: HashMap::new(),
@@ -293,6 +318,8 @@ impl Watcher {
             let path = path.clone();
             move |source| WatchError::Open { path, source }
         };
+        // Room for the upperdir and the image layers, taken from other containers' caches.
+        self.enforce_budget(layer.lowerdirs.len() + 1);
         let root_fd = sys::open_host_dir(upper).map_err(open_err(upper))?;
         let root_st = sys::stat_fd(root_fd.as_fd()).map_err(open_err(upper))?;
         let lowers = layer
@@ -300,6 +327,9 @@ impl Watcher {
             .iter()
             .map(|p| sys::open_host_dir(p).map_err(open_err(p)))
             .collect::<Result<Vec<_>, _>>()?;
+        for _ in 0..=lowers.len() {
+            self.budget.opened();
+        }
         // IN_MASK_CREATE (4.18): fail rather than share a watch with another container id.
         let ifd = self.sh.inotify.as_fd();
         let wd = sys::add_watch(ifd, root_fd.as_fd(), MASK | libc::IN_MASK_CREATE)
@@ -316,10 +346,25 @@ impl Watcher {
                     path: upper.clone(),
                     source,
                 },
-            })?;
+            });
+        let wd = match wd {
+            Ok(wd) => wd,
+            Err(e) => {
+                self.budget.closed(lowers.len() + 1);
+                return Err(e);
+            }
+        };
         let key = self.free_keys.pop().unwrap_or(self.containers.len());
-        let mut c = Container::new(key, id, root_fd, lowers, armed_ns, since_ns);
-        c.arm(&mut self.sh, wd, &root_st);
+        let mut c = Container::new(
+            key,
+            id,
+            layer.clone(),
+            lowers,
+            self.budget.clone(),
+            armed_ns,
+            since_ns,
+        );
+        c.arm(&mut self.sh, wd, &root_st, root_fd);
         let stats = c.stats;
         tracing::debug!(container_id = %id, upperdir = %upper.display(), ?stats, "armed");
         if key == self.containers.len() {
@@ -331,18 +376,64 @@ impl Watcher {
         if let Some(c) = self.containers.get_mut(key).and_then(Option::as_mut) {
             c.finish(&mut self.sh);
         }
+        self.enforce_budget(0);
         Ok(stats)
+    }
+
+    /// The fd budget: (cached directory fds now, the most allowed).
+    pub fn fd_budget(&self) -> (usize, usize) {
+        (self.budget.open(), self.budget.limit())
+    }
+
+    /// Sets the most directory fds all containers may cache together (the process limit
+    /// changed, or descriptors ran out below the budget), shedding at once what is over.
+    pub fn set_fd_budget(&mut self, limit: usize) {
+        self.budget.set_limit(limit);
+        self.enforce_budget(0);
+    }
+
+    /// Closes cached fds across containers, from a rotating start, until the caches hold
+    /// at most the budget minus `room` (and a sixteenth, so that this is not needed at
+    /// every call). Cheap when under.
+    fn enforce_budget(&mut self, room: usize) {
+        let limit = self.budget.limit();
+        if self.budget.open() + room <= limit {
+            return;
+        }
+        let target = limit.saturating_sub(room).saturating_sub(limit / 16);
+        let n = self.containers.len();
+        for i in 0..n {
+            if self.budget.open() <= target {
+                break;
+            }
+            let key = (self.shed_cursor + i) % n;
+            if let Some(c) = self.containers.get_mut(key).and_then(Option::as_mut) {
+                c.shed(target);
+            }
+        }
+        self.shed_cursor = self.shed_cursor.wrapping_add(1);
+    }
+
+    /// Whether an open failed for lack of descriptors since the last call (and clears it).
+    pub fn take_fd_exhaustion(&mut self) -> bool {
+        let mut any = false;
+        for c in self.containers.iter_mut().flatten() {
+            any |= c.take_fd_exhaustion();
+        }
+        any
     }
 
     /// Reports the container's exit in order with its file events: watches `cgroup.events`
     /// in `cgroup_dir` (a cgroup v2 directory: a host path fsmon chose, not container
     /// content) and emits [`WatchOutput::Exited`] when it says `populated 0`.
     pub fn watch_exit(&mut self, id: &str, cgroup_dir: &Path) -> io::Result<()> {
-        let file = std::fs::File::open(cgroup_dir.join("cgroup.events"))?;
+        let path = cgroup_dir.join("cgroup.events");
+        let file = std::fs::File::open(&path)?;
         let wd = sys::add_watch(self.sh.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
+        drop(file);
         let mut exit = ExitWatch {
             id: id.to_owned(),
-            file,
+            path,
             seen_populated: false,
         };
         // Watch first, then read: a change after this read is an event.
@@ -401,6 +492,7 @@ impl Watcher {
         for c in self.containers.iter_mut().flatten() {
             c.finish(&mut self.sh);
         }
+        self.enforce_budget(0);
         out.extend(self.sh.out.drain(..).flatten());
         result
     }
@@ -421,6 +513,7 @@ impl Watcher {
                 c.finish(&mut self.sh);
             }
         }
+        self.enforce_budget(0);
     }
 
     /// Number of watches held, all containers together.
@@ -501,6 +594,10 @@ impl Watcher {
         let Some(owner) = self.sh.wds.get(&ev.wd).copied() else {
             return;
         };
+        if self.budget.full() {
+            // Room for this event's opens, taken from every container's cache.
+            self.enforce_budget(EVENT_FD_ROOM);
+        }
         let Some(c) = self
             .containers
             .get_mut(owner.container)
