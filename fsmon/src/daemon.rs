@@ -730,7 +730,13 @@ impl Daemon {
             name: meta.name,
             image: meta.image,
         };
-        let line = record::container_start(SystemTime::now(), &cref, &upperdir, freeze_us);
+        // How long after its cgroup appeared the container was armed (null for one that
+        // was running before fsmon started).
+        let now = SystemTime::now();
+        let arm_us = since
+            .and_then(|t| now.duration_since(t).ok())
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us);
         self.emit(&line)?;
         // The container's exit, in order with its file events, so that nothing the engine
         // does afterwards (removing a --rm container's layer) is reported as its doing.

@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// Files in the throughput burst.
     #[arg(long, default_value_t = 100_000)]
     pub burst: usize,
+    /// Containers in the start storm (`--only storm`), spread over both engines.
+    #[arg(long, default_value_t = 500)]
+    pub storm: usize,
     /// Run only these parts (comma-separated); all of them by default.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub only: Vec<Part>,
@@ -60,6 +63,9 @@ pub enum Part {
     First,
     /// Detection latency, memory and throughput on a running container.
     Live,
+    /// A start storm: hundreds of containers (4 at a time, 100 directories each), fsmon
+    /// under a systemd service's default `LimitNOFILE=1024:524288`.
+    Storm,
 }
 
 const FIRST: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
@@ -459,6 +465,217 @@ fn run_all(bin: &Path, args: &BenchArgs) -> Result<()> {
     if want(Part::Live) {
         live_container(bin, args)?;
     }
+    if want(Part::Storm) {
+        storm(bin, args.storm)?;
+    }
+    Ok(())
+}
+
+/// What each storm container does: files, a deep directory, 100 directories, then idles.
+const STORM: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; \
+    i=0; while [ $i -lt 100 ]; do mkdir /dir$i; i=$((i+1)); done; touch /dir99/last; \
+    exec sleep 100000";
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The start storm: `n` containers, 4 at a time, over both engines, with fsmon running
+/// under `RLIMIT_NOFILE` 1024:524288 (it raises the soft limit itself). Reports the time
+/// from cgroup mkdir to armed (`arm_us`), fsmon's RSS and fds per container, and its idle
+/// CPU with all of them running.
+fn storm(bin: &Path, n: usize) -> Result<()> {
+    let mut c = Command::new(bin);
+    c.arg("run").arg("--state-dir").arg("/run/fsmon-bench");
+    for h in [V1_HOST, V2_HOST] {
+        c.args(["--docker-host", h]);
+    }
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        c.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 524_288,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut m = Monitor::spawn(c)?;
+    m.wait(Duration::from_secs(30), |l| {
+        l.contains("\"kind\":\"ready\"")
+    })?;
+    let pid = m.child.id();
+    let (rss0, fds0) = (rss_kib(pid), fd_count(pid));
+    let hosts = [V1_HOST, V2_HOST];
+    let tag = format!("fsmon-storm-{}", std::process::id());
+    let t0 = Instant::now();
+    let mut ids: Vec<(&str, String)> = Vec::new();
+    let mut failed = 0;
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<_> = (i..(i + 4).min(n))
+            .map(|k| {
+                let host = hosts[k % 2];
+                let name = format!("{tag}-{k}");
+                let h = std::thread::spawn(move || {
+                    Command::new("docker")
+                        .args([
+                            "-H",
+                            host,
+                            "run",
+                            "-d",
+                            "--network",
+                            "none",
+                            "--label",
+                            "fsmon-test",
+                            "--name",
+                            &name,
+                            TEST_IMAGE,
+                            "sh",
+                            "-c",
+                            STORM,
+                        ])
+                        .output()
+                });
+                (host, h)
+            })
+            .collect();
+        for (host, h) in batch {
+            match h
+                .join()
+                .map_err(|_| anyhow::anyhow!("docker thread panicked"))?
+            {
+                Ok(o) if o.status.success() => {
+                    ids.push((host, String::from_utf8_lossy(&o.stdout).trim().to_owned()))
+                }
+                Ok(o) => {
+                    failed += 1;
+                    eprintln!(
+                        "storm: docker run failed: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("storm: docker run failed: {e}");
+                }
+            }
+        }
+        // Keep the pipe drained while the storm goes on.
+        m.fill();
+        i += 4;
+    }
+    let started_in = t0.elapsed();
+    // Every container armed and its last first-instruction path reported.
+    let want: HashSet<&str> = ids.iter().map(|(_, id)| id.as_str()).collect();
+    let mut arm_us = Vec::new();
+    let mut last_seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while (arm_us.len() < want.len() || last_seen.len() < want.len()) && Instant::now() < deadline {
+        let Some((_, l)) = m.next_line(Instant::now() + Duration::from_secs(1), false) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&l) else {
+            continue;
+        };
+        let Some(id) = v["container"]["id"].as_str().filter(|id| want.contains(id)) else {
+            continue;
+        };
+        match v["kind"].as_str() {
+            Some("container_start") => arm_us.push(v["arm_us"].as_f64().unwrap_or(f64::NAN)),
+            Some("create") if v["path"] == "/dir99/last" => {
+                last_seen.insert(id.to_owned());
+            }
+            Some("overflow") => eprintln!("storm: {l}"),
+            _ => {}
+        }
+    }
+    // Idle: every container sleeping; fsmon's CPU over 10 s.
+    let (rss1, fds1) = (rss_kib(pid), fd_count(pid));
+    let cpu0 = cpu_ticks(pid);
+    let idle_from = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    m.fill();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let idle_cpu = (cpu_ticks(pid) - cpu0) as f64 / hz / idle_from.elapsed().as_secs_f64();
+    let armed = arm_us.len();
+    let reported = last_seen.len();
+    println!("\n## start storm: {n} containers (4 at a time, 100 directories each, both engines), fsmon under LimitNOFILE=1024:524288");
+    println!(
+        "started in {:.0} s, {failed} docker runs failed",
+        started_in.as_secs_f64()
+    );
+    println!("| | value |");
+    println!("|---|---|");
+    println!(
+        "| containers armed (`container_start`) | {armed} of {} |",
+        ids.len()
+    );
+    println!(
+        "| containers whose last first-instruction path was reported | {reported} of {} |",
+        ids.len()
+    );
+    println!(
+        "| cgroup mkdir → armed, median (µs) | {:.0} |",
+        pct(&mut arm_us, 0.5)
+    );
+    println!(
+        "| cgroup mkdir → armed, p99 (µs) | {:.0} |",
+        pct(&mut arm_us, 0.99)
+    );
+    println!(
+        "| cgroup mkdir → armed, max (µs) | {:.0} |",
+        pct(&mut arm_us, 1.0)
+    );
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / ids.len().max(1) as f64;
+    println!(
+        "| fsmon RSS idle → all armed (MiB) | {:.1} → {:.1} |",
+        rss0 as f64 / 1024.0,
+        rss1 as f64 / 1024.0
+    );
+    println!("| fsmon RSS per container (KiB) | {:.1} |", per(rss0, rss1));
+    println!("| fsmon fds before → all armed | {fds0} → {fds1} |");
+    println!(
+        "| fsmon fds per container | {:.2} |",
+        per(fds0 as u64, fds1 as u64)
+    );
+    println!(
+        "| fsmon CPU with all running, idle (% of one core) | {:.2} |",
+        idle_cpu * 100.0
+    );
+    // Clean-up, a batch per engine.
+    for host in hosts {
+        let mine: Vec<&str> = ids
+            .iter()
+            .filter(|(h, _)| *h == host)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        for chunk in mine.chunks(50) {
+            let _ = Command::new("docker")
+                .args(["-H", host, "rm", "-f"])
+                .args(chunk)
+                .output();
+            m.fill();
+        }
+    }
+    m.stop();
     Ok(())
 }
 
