@@ -196,14 +196,21 @@ impl Fsmon {
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Vec<Value>> {
         let deadline = Instant::now() + timeout;
+        // Each record is tested once (a scan of every record per arrival would be
+        // quadratic: tens of thousands of records in the scale tests).
+        let mut hits: Vec<Value> = self.records.iter().filter(|r| pred(r)).cloned().collect();
         loop {
-            let hits: Vec<Value> = self.records.iter().filter(|r| pred(r)).cloned().collect();
             if hits.len() >= n {
                 return Ok(hits);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok(v) => self.records.push(v),
+                Ok(v) => {
+                    if pred(&v) {
+                        hits.push(v.clone());
+                    }
+                    self.records.push(v);
+                }
                 Err(_) => bail!(
                     "only {} of {n} matching records within {timeout:?}; last records: {:#?}",
                     hits.len(),
