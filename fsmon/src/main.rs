@@ -5,7 +5,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use fsmon::daemon::{self, Config, OutputTarget};
+use fsmon::{
+    daemon::{self, Config, OutputTarget},
+    runtimes::Places,
+};
 
 /// Container-aware, lossless file-system change monitor for Linux container hosts.
 ///
@@ -55,6 +58,23 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = -10, allow_hyphen_values = true)]
     nice: i32,
 
+    /// State directory of a containerd whose containers (ctr, nerdctl, Kubernetes CRI) to
+    /// report, as its `--state`/`state =`; repeatable. [default: /run/containerd]
+    #[arg(long = "containerd-state", value_name = "DIR")]
+    containerd_state: Vec<PathBuf>,
+
+    /// Graph root of containers/storage (podman, and CRI-O's layers).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/containers/storage"
+    )]
+    containers_storage: PathBuf,
+
+    /// Run root of containers/storage (CRI-O's bundles).
+    #[arg(long, value_name = "DIR", default_value = "/run/containers/storage")]
+    containers_runroot: PathBuf,
+
     /// Log filter for stderr (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, value_name = "FILTER", env = "FSMON_LOG", default_value = "info")]
     log_level: String,
@@ -101,6 +121,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
+    let places = places(&args);
     let docker_hosts = if !args.docker_host.is_empty() {
         args.docker_host
     } else {
@@ -119,6 +140,7 @@ fn run(args: RunArgs) -> ExitCode {
         freeze: !args.no_freeze,
         freeze_timeout: Duration::from_millis(args.freeze_timeout.max(1)),
         state_dir: args.state_dir.clone(),
+        places,
         ..Config::default()
     };
 
@@ -146,6 +168,20 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("fsmon: error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn places(args: &RunArgs) -> Places {
+    let default = Places::default();
+    Places {
+        containerd_states: if args.containerd_state.is_empty() {
+            default.containerd_states
+        } else {
+            args.containerd_state.clone()
+        },
+        containers_storage: args.containers_storage.clone(),
+        containers_runroot: args.containers_runroot.clone(),
+        ..default
     }
 }
 

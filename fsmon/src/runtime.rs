@@ -291,6 +291,18 @@ impl Runtime {
         }
     }
 
+    /// Name and image of a container found without knowing its engine (a bundle under
+    /// Docker's containerd): the first engine that knows it.
+    pub async fn metadata_any(&self, id: &str, timeout: Duration) -> ContainerMeta {
+        for engine in 0..self.engines.len() {
+            let meta = self.metadata(engine, id, timeout).await;
+            if meta != ContainerMeta::default() {
+                return meta;
+            }
+        }
+        ContainerMeta::default()
+    }
+
     /// Ids of the containers running now on engine `engine` (empty when it is down).
     pub async fn running(&self, engine: usize) -> Vec<String> {
         let Some(docker) = self.state(engine).docker.clone() else {
@@ -333,9 +345,10 @@ impl Runtime {
 /// lower layers as `l/<short>` links. These files are the engine's own, not container
 /// content. `Ok(None)`: not a container of this engine; `Err`: descriptors ran out.
 pub fn overlay2_layer(root: &Path, id: &str) -> std::io::Result<Option<ContainerLayer>> {
-    if id.len() != 64 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
+    let Some(id) = crate::id::ContainerId::parse_canonical(id) else {
         return Ok(None);
-    }
+    };
+    let id = id.as_str();
     let Some(mount_id) = read_engine_file(
         &root
             .join("image/overlay2/layerdb/mounts")
@@ -374,7 +387,7 @@ fn read_engine_file(path: &Path) -> std::io::Result<Option<String>> {
 }
 
 /// Resolves overlay2's `lower` file (`l/ABC:l/DEF`, top-most first) to layer `diff` dirs.
-fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
+pub(crate) fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
     text.trim()
         .split(':')
         .filter(|s| !s.is_empty())
