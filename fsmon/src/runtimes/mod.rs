@@ -216,8 +216,26 @@ impl<'a> AnyRuntime<'a> {
 /// A bundle's layers: `config.json` → `root.path` → its overlay mount.
 pub fn resolve_bundle(dir: &Path) -> Result<(Bundle, ContainerLayer, mount::Method), ResolveError> {
     let bundle = oci::read_bundle(dir)?;
-    let (layer, method) = mount::overlay_at(&bundle.rootfs)?;
+    let (mut layer, method) = mount::overlay_at(&bundle.rootfs)?;
+    resolve_layer_links(&mut layer.lowerdirs);
     Ok((bundle, layer, method))
+}
+
+/// containers/storage mounts its lower layers through short symlinks (`overlay/l/<id>`)
+/// to keep the options short; the watcher opens layers without following symlinks, so
+/// these runtime-made links are resolved here (they are the runtime's, never a
+/// container's). A link that cannot be resolved is left as it is.
+fn resolve_layer_links(lowerdirs: &mut [PathBuf]) {
+    for dir in lowerdirs {
+        if dir
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            if let Ok(real) = std::fs::canonicalize(&*dir) {
+                *dir = real;
+            }
+        }
+    }
 }
 
 /// `dir` if it is a directory.
