@@ -32,6 +32,29 @@ fn fsmon() -> anyhow::Result<Fsmon> {
     )
 }
 
+/// `podman run` of the test image (`mode`: `--rm` or `-d`) with what this host needs.
+fn podman_run(mode: &str, name: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    let image = env("FSMON_PODMAN_IMAGE");
+    let mut args = vec![
+        "run",
+        mode,
+        "--name",
+        name,
+        "--label",
+        "fsmon-test",
+        "--network",
+        "none",
+        // This host's limits are lower than podman's defaults.
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &image,
+    ];
+    args.extend_from_slice(cmd);
+    podman(&args)
+}
+
 fn is(kind: &'static str, id: String) -> impl Fn(&Value) -> bool {
     move |r| r["kind"] == kind && r["container"]["id"] == id.as_str()
 }
@@ -118,24 +141,7 @@ fn podman_containers_are_reported_from_their_first_instruction() -> anyhow::Resu
     let mut f = fsmon()?;
     for round in 0..5 {
         let name = format!("fsmon-podman-{}-{round}", std::process::id());
-        podman(&[
-            "run",
-            "--rm",
-            "--name",
-            &name,
-            "--label",
-            "fsmon-test",
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            &image,
-            "sh",
-            "-c",
-            FIRST,
-        ])?;
+        podman_run("--rm", &name, &["sh", "-c", FIRST])?;
         let id = f.wait_start_stop(WAIT, &name)?;
         let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
         let c = &start["container"];
@@ -179,23 +185,7 @@ fn running_ctr_and_podman_containers_are_armed_before_ready() -> anyhow::Result<
         ],
     )?;
     let name = format!("fsmon-podman-running-{}", std::process::id());
-    let podman_id = podman(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--label",
-        "fsmon-test",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1024:1024",
-        &env("FSMON_PODMAN_IMAGE"),
-        "sleep",
-        "1000",
-    ])?;
+    let podman_id = podman_run("-d", &name, &["sleep", "1000"])?;
     let result = (|| -> anyhow::Result<()> {
         let mut f = fsmon()?;
         let ready_at = f

@@ -439,6 +439,28 @@ pub fn start_engines() -> Result<Vec<Started>> {
     Ok(started)
 }
 
+/// The command that runs tier-3 test binaries, with the whole test bed described in its
+/// environment.
+fn tier3(tests: &[&str], bin: &Path, filter: Option<&str>) -> Command {
+    let mut c = cargo();
+    c.current_dir(util::root())
+        .args(["test", "-p", "fsmon-tests"]);
+    for t in tests {
+        c.args(["--test", t]);
+    }
+    c.args(["--", "--test-threads=1"])
+        .env("FSMON_BIN", bin)
+        .env("FSMON_DOCKER_V1", V1_HOST)
+        .env("FSMON_DOCKER_V2", V2_HOST)
+        .env("FSMON_TEST_IMAGE", TEST_IMAGE)
+        .env("FSMON_CONTAINERD_SOCK", CONTAINERD_SOCK)
+        .env("FSMON_CONTAINERD_STATE", CONTAINERD_STATE)
+        .env("FSMON_CTR_IMAGE", CTR_IMAGE)
+        .env("FSMON_PODMAN_IMAGE", PODMAN_IMAGE);
+    c.args(filter);
+    c
+}
+
 /// `cargo xtask test`.
 pub fn test(args: &TestArgs) -> Result<()> {
     let want = |t: u8| args.tier.is_empty() || args.tier.contains(&t);
@@ -481,50 +503,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
     if want(3) {
         let started = start_engines()?;
         eprintln!("xtask: tier 3 — the fsmon binary against the cgroup v1 and v2 Docker engines");
-        let mut c = cargo();
-        c.current_dir(util::root())
-            .args([
-                "test",
-                "-p",
-                "fsmon-tests",
-                "--test",
-                "docker",
-                "--test",
-                "scale",
-                "--",
-                "--test-threads=1",
-            ])
-            .env("FSMON_BIN", &bin)
-            .env("FSMON_DOCKER_V1", V1_HOST)
-            .env("FSMON_DOCKER_V2", V2_HOST)
-            .env("FSMON_TEST_IMAGE", TEST_IMAGE);
-        if let Some(f) = &args.filter {
-            c.arg(f);
-        }
-        let mut r = run(&mut c);
+        let mut r = run(&mut tier3(
+            &["docker", "scale"],
+            &bin,
+            args.filter.as_deref(),
+        ));
         if r.is_ok() {
             eprintln!("xtask: tier 3 — the fsmon binary against containerd (ctr) and podman");
-            let mut c = cargo();
-            c.current_dir(util::root())
-                .args([
-                    "test",
-                    "-p",
-                    "fsmon-tests",
-                    "--test",
-                    "runtimes",
-                    "--",
-                    "--test-threads=1",
-                ])
-                .env("FSMON_BIN", &bin)
-                .env("FSMON_DOCKER_V1", V1_HOST)
-                .env("FSMON_CONTAINERD_SOCK", CONTAINERD_SOCK)
-                .env("FSMON_CONTAINERD_STATE", CONTAINERD_STATE)
-                .env("FSMON_CTR_IMAGE", CTR_IMAGE)
-                .env("FSMON_PODMAN_IMAGE", PODMAN_IMAGE);
-            if let Some(f) = &args.filter {
-                c.arg(f);
-            }
-            r = run(&mut c);
+            r = run(&mut tier3(&["runtimes"], &bin, args.filter.as_deref()));
         }
         if !args.keep_engines {
             started.iter().for_each(stop);
