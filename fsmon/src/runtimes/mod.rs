@@ -17,6 +17,7 @@ pub mod docker;
 pub mod mount;
 pub mod oci;
 pub mod podman;
+pub mod report;
 
 use std::path::{Path, PathBuf};
 
@@ -205,6 +206,11 @@ impl<'a> AnyRuntime<'a> {
         Err(last.unwrap_or(ResolveError::NoBundle {
             runtime: rt.name().as_str(),
         }))
+    }
+
+    /// The directories that may hold the container's bundle.
+    pub fn bundle_dirs(&self, cg: &ContainerCgroup) -> Vec<PathBuf> {
+        self.inner().bundle_dirs(cg)
     }
 
     /// Who the container is.

@@ -372,6 +372,21 @@ pub fn overlay_at(rootfs: &Path) -> Result<(ContainerLayer, Method), MountError>
     } else {
         st
     };
+    from_mountinfo(rootfs, st.mnt_id).map(|l| (l, Method::Mountinfo))
+}
+
+/// Like [`overlay_at`], but always through `/proc/self/mountinfo` (the fallback; for the
+/// bench and `fsmon resolve`).
+pub fn overlay_via_mountinfo(rootfs: &Path) -> Result<ContainerLayer, MountError> {
+    let c = CString::new(rootfs.as_os_str().as_bytes()).map_err(|_| MountError::NotMounted {
+        path: rootfs.to_owned(),
+    })?;
+    let st = statx_mount(&c, rootfs, STATX_MNT_ID)?;
+    from_mountinfo(rootfs, st.mnt_id)
+}
+
+/// The overlay layers of the mount with (old) id `mnt_id`, from this namespace's mountinfo.
+fn from_mountinfo(rootfs: &Path, mnt_id: u64) -> Result<ContainerLayer, MountError> {
     let text =
         std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| MountError::Io {
             call: "read /proc/self/mountinfo",
@@ -381,12 +396,12 @@ pub fn overlay_at(rootfs: &Path) -> Result<(ContainerLayer, Method), MountError>
     let line = text
         .lines()
         .filter_map(parse_mountinfo_line)
-        .find(|l| l.mnt_id == st.mnt_id)
+        .find(|l| l.mnt_id == mnt_id)
         .ok_or(MountError::NotInMountinfo {
             path: rootfs.to_owned(),
-            mnt_id: st.mnt_id,
+            mnt_id,
         })?;
-    check(rootfs, line.fstype, line.super_opts).map(|l| (l, Method::Mountinfo))
+    check(rootfs, line.fstype, line.super_opts)
 }
 
 fn check(rootfs: &Path, fstype: &str, opts: &[u8]) -> Result<ContainerLayer, MountError> {
