@@ -98,3 +98,34 @@ pub fn resolve_line(cgroup: &str, places: &Places, docker_root: &Path, repeat: u
     out["cost"] = Value::Object(costs);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_missing_containers_say_why() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let places = Places {
+            containerd_states: vec![tmp.path().to_owned()],
+            docker_containerd_states: vec![tmp.path().to_owned()],
+            containers_storage: tmp.path().to_owned(),
+            containers_runroot: tmp.path().to_owned(),
+        };
+        let v = resolve_line("/system.slice/cron.service", &places, tmp.path(), 1);
+        assert_eq!(v["error"], "not a container cgroup fsmon knows");
+        let id = "ab".repeat(32);
+        let v = resolve_line(
+            &format!("/libpod_parent/libpod-{id}"),
+            &places,
+            tmp.path(),
+            3,
+        );
+        assert_eq!(v["runtime"], "podman");
+        assert_eq!(v["id"], id.as_str());
+        assert_eq!(v["error"], "no podman bundle for this container");
+        let v = resolve_line(&format!("/docker/{id}"), &places, tmp.path(), 3);
+        assert_eq!(v["runtime"], "docker");
+        assert_eq!(v["error"], "no docker bundle for this container");
+    }
+}
