@@ -1344,20 +1344,7 @@ fn runtimes(bin: &Path, runs: usize) -> Result<()> {
     };
     let tag = std::process::id();
     // One running container per runtime, for the resolution cost.
-    let docker_id = docker_out(
-        V1_HOST,
-        &[
-            "run",
-            "-d",
-            "--network",
-            "none",
-            "--label",
-            "fsmon-test",
-            TEST_IMAGE,
-            "sleep",
-            "1000",
-        ],
-    )?;
+    let docker_id = docker_test_run(&["sleep", "1000"])?;
     let ctr_id = hex_id(tag, 0);
     ctr(&[
         "run",
@@ -1429,19 +1416,7 @@ fn runtimes(bin: &Path, runs: usize) -> Result<()> {
     })?;
     let mut ids: Vec<(&str, String)> = Vec::new();
     for i in 0..runs {
-        let id = docker_out(
-            V1_HOST,
-            &[
-                "run",
-                "-d",
-                "--network",
-                "none",
-                "--label",
-                "fsmon-test",
-                TEST_IMAGE,
-                "true",
-            ],
-        )?;
+        let id = docker_test_run(&["true"])?;
         ids.push(("docker", id));
         let id = hex_id(tag, i + 1);
         ctr(&["run", "--rm", CTR_IMAGE, &id, "true"])?;
@@ -1510,6 +1485,21 @@ fn hex_id(tag: u32, i: usize) -> String {
         0xfee1_0000_0000_0000u64 | u64::from(tag),
         i
     )
+}
+
+/// `docker run -d` of the test image on the cgroup v1 engine; its id.
+fn docker_test_run(cmd: &[&str]) -> Result<String> {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--label",
+        "fsmon-test",
+        TEST_IMAGE,
+    ];
+    args.extend_from_slice(cmd);
+    docker_out(V1_HOST, &args)
 }
 
 /// `docker -H host args…`; trimmed stdout.
