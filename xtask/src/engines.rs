@@ -359,7 +359,7 @@ fn remove_other_leftovers() {
             "containers",
             "ls",
             "-q",
-            "labels.fsmon-test",
+            r#"labels."fsmon-test""#,
         ])
         .output();
     for id in out
