@@ -274,6 +274,14 @@ impl Runtime {
                 return m.clone();
             }
         }
+        // The engine's own record of the container answers without the API, also while the
+        // engine is down or restarting (the API would leave name and image null for the
+        // container's whole life).
+        let root = self.state(engine).root.clone();
+        if let Some(meta) = root.as_deref().and_then(|r| config_v2_meta(r, id)) {
+            self.state(engine).meta.insert(id.to_owned(), meta.clone());
+            return meta;
+        }
         let Some(docker) = self.state(engine).docker.clone() else {
             return ContainerMeta::default();
         };
@@ -386,6 +394,45 @@ fn read_engine_file(path: &Path) -> std::io::Result<Option<String>> {
     }
 }
 
+/// Name and image from Docker's on-disk container config,
+/// `<root>/containers/<id>/config.v2.json` (`Name`, `Config.Image`), written when the
+/// container is created. `None` when absent, oversized, or without both.
+pub fn config_v2_meta(root: &Path, id: &str) -> Option<ContainerMeta> {
+    use std::io::Read as _;
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(rename = "Image")]
+        image: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct V2 {
+        #[serde(rename = "Name")]
+        name: Option<String>,
+        #[serde(rename = "Config")]
+        config: Option<Config>,
+    }
+    const MAX: u64 = 4 << 20;
+    let id = crate::id::ContainerId::parse_canonical(id)?;
+    let f = std::fs::File::open(
+        root.join("containers")
+            .join(id.as_str())
+            .join("config.v2.json"),
+    )
+    .ok()?;
+    let mut bytes = Vec::new();
+    f.take(MAX + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 > MAX {
+        return None;
+    }
+    let v: V2 = serde_json::from_slice(&bytes).ok()?;
+    let ok = |s: Option<String>| s.filter(|s| !s.is_empty() && s.len() <= 1024);
+    let meta = ContainerMeta {
+        name: ok(v.name.map(|n| n.trim_start_matches('/').to_owned())),
+        image: ok(v.config.and_then(|c| c.image)),
+    };
+    (meta.name.is_some() && meta.image.is_some()).then_some(meta)
+}
+
 /// Resolves overlay2's `lower` file (`l/ABC:l/DEF`, top-most first) to layer `diff` dirs.
 pub(crate) fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
     text.trim()
@@ -413,6 +460,30 @@ pub(crate) fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_config_v2() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let id = "c".repeat(64);
+        let dir = tmp.path().join("containers").join(&id);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("config.v2.json"),
+            br#"{"ID":"cc","Name":"/web","Config":{"Image":"nginx:1.27","Cmd":["x"]},"State":{}}"#,
+        )
+        .expect("write");
+        assert_eq!(
+            config_v2_meta(tmp.path(), &id),
+            Some(ContainerMeta {
+                name: Some("web".into()),
+                image: Some("nginx:1.27".into())
+            })
+        );
+        std::fs::write(dir.join("config.v2.json"), br#"{"Name":"/web"}"#).expect("write");
+        assert_eq!(config_v2_meta(tmp.path(), &id), None, "both or neither");
+        assert_eq!(config_v2_meta(tmp.path(), "../../etc"), None);
+        assert_eq!(config_v2_meta(tmp.path(), &"d".repeat(64)), None);
+    }
 
     #[test]
     fn reads_overlay2_metadata() {
