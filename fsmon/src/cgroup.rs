@@ -6,7 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
-use fsmon_common::CONTAINER_ID_HEX;
+use std::os::unix::ffi::OsStringExt as _;
+
+use crate::{
+    id::{ContainerId, RuntimeName},
+    runtimes::mount::unescape_octal,
+};
 
 /// Which runtime's naming scheme a container cgroup follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,25 +20,58 @@ pub enum RuntimeKind {
     DockerCgroupfs,
     /// Docker with the systemd driver: `.../docker-<id>.scope`.
     DockerSystemd,
-    /// containerd / CRI: `.../cri-containerd-<id>.scope` or kubepods `.../pod<uid>/<id>`.
+    /// containerd's own containers (ctr, nerdctl): `/<namespace>/<id>` (cgroupfs) or
+    /// `.../nerdctl-<id>.scope` (systemd).
     Containerd,
-    /// podman: `.../libpod-<id>.scope` (and `/libpod_parent/libpod-<id>`).
+    /// Kubernetes through containerd's CRI plugin: `.../cri-containerd-<id>.scope`
+    /// (systemd) or `/kubepods[/<qos>]/pod<uid>/<id>` (cgroupfs).
+    Cri,
+    /// podman: `.../libpod-<id>.scope` (systemd) or `/libpod_parent/libpod-<id>`
+    /// (cgroupfs). Its `libpod-conmon-<id>` siblings are not containers.
     Podman,
+    /// CRI-O: `.../crio-<id>.scope` (systemd) or `.../crio-<id>` (cgroupfs). Its
+    /// `crio-conmon-<id>` siblings are not containers.
+    CriO,
+}
+
+impl RuntimeKind {
+    /// The runtime that makes cgroups of this shape.
+    pub fn runtime(self) -> RuntimeName {
+        match self {
+            RuntimeKind::DockerCgroupfs | RuntimeKind::DockerSystemd => RuntimeName::Docker,
+            RuntimeKind::Containerd | RuntimeKind::Cri => RuntimeName::Containerd,
+            RuntimeKind::Podman => RuntimeName::Podman,
+            RuntimeKind::CriO => RuntimeName::CriO,
+        }
+    }
 }
 
 /// A container cgroup recognised from its path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerCgroup {
-    /// The 64-hex container id.
-    pub id: String,
+    /// The container's id.
+    pub id: ContainerId,
     /// The naming scheme it matched.
     pub runtime: RuntimeKind,
+    /// The containerd namespace, when the cgroup name says it (`/<namespace>/<id>`; CRI
+    /// always uses `k8s.io`).
+    pub namespace: Option<String>,
 }
 
-fn is_container_id(s: &str) -> bool {
-    s.len() == CONTAINER_ID_HEX
-        && s.bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+/// The namespace containerd's CRI plugin puts Kubernetes containers in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// A containerd namespace name as containerd validates it: alphanumeric labels joined by
+/// single `.`, `_` or `-`, at most 76 characters. Never `.`/`..`, never a `/`.
+pub fn is_containerd_namespace(s: &str) -> bool {
+    let b = s.as_bytes();
+    let sep = |c: u8| matches!(c, b'.' | b'_' | b'-');
+    !b.is_empty()
+        && b.len() <= 76
+        && b.iter().all(|&c| c.is_ascii_alphanumeric() || sep(c))
+        && !sep(b[0])
+        && !sep(b[b.len() - 1])
+        && !b.windows(2).any(|w| sep(w[0]) && sep(w[1]))
 }
 
 /// Recognises a container's own cgroup from its path relative to the hierarchy root.
@@ -43,55 +81,94 @@ fn is_container_id(s: &str) -> bool {
 /// Anything unknown is `None`: never an error.
 pub fn parse_container_cgroup(path: &str) -> Option<ContainerCgroup> {
     let path = path.trim_end_matches('/');
-    let mut parts = path.rsplit('/');
-    let last = parts.next()?;
-    let parent = parts.next().unwrap_or("");
-    let scoped = |prefix: &str| -> Option<String> {
-        let id = last.strip_prefix(prefix)?.strip_suffix(".scope")?;
-        is_container_id(id).then(|| id.to_owned())
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    let last = *comps.last()?;
+    let parent = comps.len().checked_sub(2).map_or("", |i| comps[i]);
+    let found = |id: ContainerId, runtime: RuntimeKind, namespace: Option<&str>| {
+        Some(ContainerCgroup {
+            id,
+            runtime,
+            namespace: namespace.map(str::to_owned),
+        })
+    };
+    let scoped = |prefix: &str| {
+        ContainerId::parse_canonical(last.strip_prefix(prefix)?.strip_suffix(".scope")?)
     };
     if let Some(id) = scoped("docker-") {
-        return Some(ContainerCgroup {
-            id,
-            runtime: RuntimeKind::DockerSystemd,
-        });
+        return found(id, RuntimeKind::DockerSystemd, None);
     }
     if let Some(id) = scoped("cri-containerd-") {
-        return Some(ContainerCgroup {
-            id,
-            runtime: RuntimeKind::Containerd,
-        });
+        return found(id, RuntimeKind::Cri, Some(CRI_NAMESPACE));
     }
+    if let Some(id) = scoped("nerdctl-") {
+        return found(id, RuntimeKind::Containerd, None);
+    }
+    // `libpod-conmon-<id>.scope` / `crio-conmon-<id>.scope` never match: `conmon-<id>` is
+    // not an id.
     if let Some(id) = scoped("libpod-") {
-        return Some(ContainerCgroup {
-            id,
-            runtime: RuntimeKind::Podman,
-        });
+        return found(id, RuntimeKind::Podman, None);
+    }
+    if let Some(id) = scoped("crio-") {
+        return found(id, RuntimeKind::CriO, None);
     }
     if let Some(id) = last.strip_prefix("libpod-") {
-        if parent == "libpod_parent" && is_container_id(id) {
-            return Some(ContainerCgroup {
-                id: id.to_owned(),
-                runtime: RuntimeKind::Podman,
-            });
+        if parent == "libpod_parent" {
+            return found(ContainerId::parse_canonical(id)?, RuntimeKind::Podman, None);
         }
     }
-    if is_container_id(last) {
-        if parent == "docker" {
-            return Some(ContainerCgroup {
-                id: last.to_owned(),
-                runtime: RuntimeKind::DockerCgroupfs,
-            });
+    // CRI-O with the cgroupfs driver: `/kubepods/<qos>/pod<uid>/crio-<id>`.
+    if let Some(id) = last.strip_prefix("crio-") {
+        if parent.starts_with("pod") && comps.iter().any(|c| c.starts_with("kubepods")) {
+            return found(ContainerId::parse_canonical(id)?, RuntimeKind::CriO, None);
         }
-        // kubepods (cgroupfs driver): /kubepods[/<qos>]/pod<uid>/<id>
-        if parent.starts_with("pod") && path.contains("kubepods") {
-            return Some(ContainerCgroup {
-                id: last.to_owned(),
-                runtime: RuntimeKind::Containerd,
-            });
-        }
+    }
+    let id = ContainerId::parse_canonical(last)?;
+    if parent == "docker" {
+        return found(id, RuntimeKind::DockerCgroupfs, None);
+    }
+    // kubepods (cgroupfs driver): /kubepods[/<qos>]/pod<uid>/<id>
+    if parent.starts_with("pod") && comps.iter().any(|c| c.starts_with("kubepods")) {
+        return found(id, RuntimeKind::Cri, Some(CRI_NAMESPACE));
+    }
+    // containerd's own (ctr, nerdctl with cgroupfs): /<namespace>/<id>, right below the
+    // root. Whether such a container exists is decided by its bundle, not by the name.
+    if comps.len() == 2 && is_containerd_namespace(parent) && !parent.starts_with("kubepods") {
+        return found(id, RuntimeKind::Containerd, Some(parent));
     }
     None
+}
+
+/// The container cgroups that have processes, below a hierarchy mounted at `root`: (path
+/// relative to the root, the cgroup). Containers' own sub-cgroups are not descended into,
+/// and the walk stops at `max_depth` levels (kubepods containers sit 4 deep). For the
+/// containers already running when fsmon starts, whatever runtime made them.
+pub fn find_container_cgroups(root: &Path, max_depth: usize) -> Vec<(String, ContainerCgroup)> {
+    let mut found = Vec::new();
+    let mut stack = vec![(String::new(), 0usize)];
+    while let Some((rel, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(join_rel(root, &rel)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let child = format!("{rel}/{name}");
+            if let Some(cg) = parse_container_cgroup(&child) {
+                let populated = std::fs::read_to_string(e.path().join("cgroup.procs"))
+                    .is_ok_and(|p| !p.trim().is_empty());
+                if populated {
+                    found.push((child, cg));
+                }
+            } else if depth + 1 < max_depth {
+                stack.push((child, depth + 1));
+            }
+        }
+    }
+    found
 }
 
 /// Which hierarchy a cgroup lives in, as far as fsmon cares.
@@ -135,7 +212,9 @@ impl CgroupMounts {
             if left.len() < 5 || right.len() < 3 || left[3] != "/" {
                 continue;
             }
-            let mountpoint = PathBuf::from(unescape_mountinfo(left[4]));
+            let mountpoint = PathBuf::from(std::ffi::OsString::from_vec(unescape_octal(
+                left[4].as_bytes(),
+            )));
             match right[0] {
                 "cgroup2" if m.unified.is_none() => m.unified = Some(mountpoint),
                 "cgroup" if m.freezer.is_none() && right[2].split(',').any(|o| o == "freezer") => {
@@ -188,29 +267,6 @@ pub fn join_rel(root: &Path, rel: &str) -> PathBuf {
     p
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = u32::from(b[i + 1] - b'0') * 64
-                + u32::from(b[i + 2] - b'0') * 8
-                + u32::from(b[i + 3] - b'0');
-            out.push(u8::try_from(v).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,37 +275,123 @@ mod tests {
 
     #[test]
     fn recognises_runtimes() {
-        let cases: Vec<(String, Option<RuntimeKind>)> = vec![
-            (format!("/docker/{ID}"), Some(RuntimeKind::DockerCgroupfs)),
-            (format!("/docker/{ID}/"), Some(RuntimeKind::DockerCgroupfs)),
-            (format!("/system.slice/docker-{ID}.scope"), Some(RuntimeKind::DockerSystemd)),
+        use RuntimeKind::*;
+        type Want = Option<(RuntimeKind, Option<&'static str>)>;
+        let cases: Vec<(String, Want)> = vec![
+            (format!("/docker/{ID}"), Some((DockerCgroupfs, None))),
+            (format!("/docker/{ID}/"), Some((DockerCgroupfs, None))),
+            (format!("/system.slice/docker-{ID}.scope"), Some((DockerSystemd, None))),
+            // ctr (recorded here: `ctr -n default run ...`), nerdctl.
+            (format!("/default/{ID}"), Some((Containerd, Some("default")))),
+            (format!("/my-ns.v2/{ID}"), Some((Containerd, Some("my-ns.v2")))),
+            (format!("/system.slice/nerdctl-{ID}.scope"), Some((Containerd, None))),
             (
                 format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice/cri-containerd-{ID}.scope"),
-                Some(RuntimeKind::Containerd),
+                Some((Cri, Some("k8s.io"))),
             ),
-            (format!("/kubepods/besteffort/pod0a1b2c3d-1111-2222-3333-444455556666/{ID}"), Some(RuntimeKind::Containerd)),
-            (format!("/machine.slice/libpod-{ID}.scope"), Some(RuntimeKind::Podman)),
-            (format!("/libpod_parent/libpod-{ID}"), Some(RuntimeKind::Podman)),
+            (format!("/kubepods/besteffort/pod0a1b2c3d-1111-2222-3333-444455556666/{ID}"), Some((Cri, Some("k8s.io")))),
+            (format!("/kubepods/pod0a1b2c3d-1111-2222-3333-444455556666/{ID}"), Some((Cri, Some("k8s.io")))),
+            (format!("/machine.slice/libpod-{ID}.scope"), Some((Podman, None))),
+            // Recorded here: rootful podman with the cgroupfs manager.
+            (format!("/libpod_parent/libpod-{ID}"), Some((Podman, None))),
+            (
+                format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice/crio-{ID}.scope"),
+                Some((CriO, None)),
+            ),
+            (format!("/kubepods/besteffort/pod0a1b2c3d/crio-{ID}"), Some((CriO, None))),
+            // Runtime helpers beside the container: not containers.
+            (format!("/machine.slice/libpod-conmon-{ID}.scope"), None),
+            (format!("/libpod_parent/libpod-conmon-{ID}"), None),
+            ("/libpod_parent/conmon".into(), None),
+            (format!("/kubepods.slice/kubepods-pod12.slice/crio-conmon-{ID}.scope"), None),
+            (format!("/kubepods/besteffort/pod0a1b2c3d/crio-conmon-{ID}"), None),
             // Not containers, or not the container's own cgroup.
             ("/docker".into(), None),
             ("/".into(), None),
             ("".into(), None),
             ("/system.slice/docker.service".into(), None),
             (format!("/docker/{ID}/init.scope"), None),
+            (format!("/default/{ID}/sub"), None),
+            (format!("/a/b/{ID}"), None),
+            (format!("/{ID}"), None),
+            (format!("/../{ID}"), None),
+            (format!("/-ns/{ID}"), None),
+            (format!("/n..s/{ID}"), None),
+            (format!("/kubepods/{ID}"), None),
+            (format!("/libpod-{ID}"), None),
+            (format!("/crio-{ID}"), None),
             (format!("/docker/{}", &ID[..63]), None),
             (format!("/docker/{}0", ID), None),
             (format!("/docker/{}", ID.to_uppercase()), None),
-            (format!("/other/{ID}"), None),
             (format!("/system.slice/docker-{ID}.scope.extra"), None),
             (format!("/system.slice/docker-{ID}"), None),
             ("/docker/\u{e9}\n../../etc".into(), None),
         ];
         for (path, want) in cases {
             let got = parse_container_cgroup(&path);
-            assert_eq!(got.as_ref().map(|c| c.runtime), want, "{path:?}");
+            assert_eq!(
+                got.as_ref().map(|c| (c.runtime, c.namespace.as_deref())),
+                want,
+                "{path:?}"
+            );
             if let Some(c) = got {
-                assert_eq!(c.id, ID);
+                assert_eq!(c.id.as_str(), ID);
             }
+        }
+    }
+
+    #[test]
+    fn walks_to_running_containers() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        let dirs = [
+            (format!("default/{ID}"), true),
+            (format!("libpod_parent/libpod-{ID}"), false),
+            (format!("kubepods/besteffort/pod1/{ID}"), true),
+            (
+                format!("kubepods/besteffort/pod1/{ID}/nested/docker/{ID}"),
+                true,
+            ),
+            (format!("a/b/c/d/e/f/g/h/i/docker/{ID}"), true),
+        ];
+        for (d, populated) in &dirs {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+            let procs = if *populated { "42\n" } else { "" };
+            std::fs::write(root.join(d).join("cgroup.procs"), procs).expect("write");
+        }
+        let mut got: Vec<String> = find_container_cgroups(root, 8)
+            .into_iter()
+            .map(|(rel, _)| rel)
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                format!("/default/{ID}"),
+                format!("/kubepods/besteffort/pod1/{ID}")
+            ],
+            "populated containers only; not inside a container; not deeper than asked"
+        );
+    }
+
+    #[test]
+    fn containerd_namespaces() {
+        for ok in ["default", "k8s.io", "moby", "a", "a-b_c.d", &"x".repeat(76)] {
+            assert!(is_containerd_namespace(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-a",
+            "a-",
+            "a..b",
+            "a/b",
+            "a b",
+            "\u{e9}",
+            &"x".repeat(77),
+        ] {
+            assert!(!is_containerd_namespace(bad), "{bad:?}");
         }
     }
 

@@ -21,13 +21,18 @@ use fsmon_common::FilterConfig;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
-    cgroup::{parse_container_cgroup, CgroupMounts, Hierarchy},
+    cgroup::{
+        find_container_cgroups, parse_container_cgroup, CgroupMounts, ContainerCgroup, Hierarchy,
+        RuntimeKind,
+    },
     ebpf::{monotonic_ns, CgroupOp, Lifecycle, LifecycleRecord},
-    event::WatchOutput,
+    event::{FileKind, WatchOutput},
     freezer::{FreezeTarget, Freezer, FreezerKind},
+    id::{ContainerId, RuntimeName},
     record::{self, ContainerRef},
-    runtime::{Runtime, RuntimeEvent},
-    watcher::{FdBudget, Watcher},
+    runtime::{ContainerMeta, Runtime, RuntimeEvent},
+    runtimes::{oci, AnyRuntime, Places, Resolved, SetupPaths},
+    watcher::{ContainerLayer, FdBudget, Watcher},
 };
 
 /// Records are written to the output in chunks of about this size (and at the end of
@@ -67,6 +72,8 @@ pub struct Config {
     pub freeze_max_age: Duration,
     /// Where in-flight freezes are recorded so a later fsmon can undo them.
     pub state_dir: PathBuf,
+    /// Where the container runtimes keep their bundles and layers.
+    pub places: Places,
 }
 
 impl Default for Config {
@@ -78,6 +85,7 @@ impl Default for Config {
             freeze_timeout: Duration::from_millis(100),
             freeze_max_age: Duration::from_millis(5),
             state_dir: PathBuf::from("/run/fsmon"),
+            places: Places::default(),
         }
     }
 }
@@ -108,6 +116,7 @@ enum ArmOutcome {
 
 /// A container that could not be armed, retried on the tick.
 struct Unarmed {
+    cgroup: ContainerCgroup,
     unified_cgroup: Option<PathBuf>,
     /// Since when its changes are its own (its cgroup's appearance, or fsmon's start).
     since: SystemTime,
@@ -119,6 +128,21 @@ struct Monitored {
     cref: ContainerRef,
     /// `cref` as a JSON object, for every file record of the container.
     encoded: String,
+    /// Paths the runtime creates while it sets the container up: their `create` is not
+    /// the container's doing and is not reported (README "Runtime setup").
+    setup: SetupPaths,
+}
+
+/// Where a container's layers were found, and what came with them.
+struct Found {
+    layer: ContainerLayer,
+    runtime: RuntimeName,
+    /// The Docker engine that knows it (index of `--docker-host`), when found through one.
+    engine: Option<usize>,
+    /// Name and image that came with the answer (inspect API).
+    meta: Option<ContainerMeta>,
+    /// The bundle lookup, for runtimes resolved on disk.
+    resolved: Option<Resolved>,
 }
 
 struct Daemon {
@@ -135,8 +159,9 @@ struct Daemon {
     /// so they are looked up once, not at every mkdir.
     foreign: HashSet<String>,
     /// Containers of a cgroup v1 engine whose v1 freezer cgroup appeared, waiting for their
-    /// v2 cgroup (value: when the first record fired, CLOCK_MONOTONIC ns).
-    pending: HashMap<String, u64>,
+    /// v2 cgroup (value: when the first record fired, CLOCK_MONOTONIC ns, the cgroup and
+    /// its path).
+    pending: HashMap<String, (u64, ContainerCgroup, String)>,
     outputs: Vec<WatchOutput>,
     lifecycle_lost: u64,
     /// Containers that could not be armed yet (`arm_failed`), retried on the tick.
@@ -346,6 +371,9 @@ impl Daemon {
                     let Some(c) = self.containers.get(&ev.container) else {
                         continue;
                     };
+                    if ev.kind == FileKind::Create && c.setup.contains(&ev.path) {
+                        continue;
+                    }
                     enc.encode(&mut self.pending_out, &c.encoded, &ev);
                     self.write_if_large()?;
                 }
@@ -381,9 +409,10 @@ impl Daemon {
         };
         match rec.op {
             CgroupOp::Mkdir => {
-                if self.containers.contains_key(&cg.id)
-                    || self.foreign.contains(&cg.id)
-                    || self.unarmed.contains_key(&cg.id)
+                let id = cg.id.as_str();
+                if self.containers.contains_key(id)
+                    || self.foreign.contains(id)
+                    || self.unarmed.contains_key(id)
                 {
                     return Ok(());
                 }
@@ -392,10 +421,12 @@ impl Daemon {
                 // runc of a v1 engine never reads the v2 freeze state, so that freeze can
                 // never fail a start, however late it lands (ARCHITECTURE.md).
                 if hierarchy == Hierarchy::Freezer && self.unified_parent_exists(&rec.path) {
-                    self.pending.entry(cg.id).or_insert(rec.ktime_ns);
+                    self.pending
+                        .entry(id.to_owned())
+                        .or_insert_with(|| (rec.ktime_ns, cg.clone(), rec.path.clone()));
                     return Ok(());
                 }
-                let first_ns = self.pending.remove(&cg.id);
+                let first_ns = self.pending.remove(id).map(|(t, _, _)| t);
                 let v1_engine = first_ns.is_some();
                 let since = wall_clock_of(first_ns.unwrap_or(rec.ktime_ns));
                 let age = Duration::from_nanos(monotonic_ns().saturating_sub(rec.ktime_ns));
@@ -428,7 +459,7 @@ impl Daemon {
                     tracing::info!(container_id = %cg.id, age_us = age.as_micros() as u64, "lifecycle record too old to freeze safely; arming without freezing");
                 }
                 self.arm(
-                    &cg.id,
+                    &cg,
                     freeze,
                     self.mounts
                         .dir(Hierarchy::Unified, &rec.path)
@@ -438,15 +469,16 @@ impl Daemon {
                 .await?;
             }
             CgroupOp::Rmdir => {
-                if self.containers.contains_key(&cg.id) {
+                let id = cg.id.as_str();
+                if self.containers.contains_key(id) {
                     // Events queued before the container's cgroup went away are its own:
                     // print them before its watches are dropped.
                     self.drain_watcher()?;
-                    self.stop(&cg.id)?;
+                    self.stop(id)?;
                 }
-                self.foreign.remove(&cg.id);
-                self.pending.remove(&cg.id);
-                self.unarmed.remove(&cg.id);
+                self.foreign.remove(id);
+                self.pending.remove(id);
+                self.unarmed.remove(id);
             }
         }
         Ok(())
@@ -482,18 +514,22 @@ impl Daemon {
     /// not use the v2 hierarchy after all).
     async fn arm_stale_pending(&mut self) {
         let now = monotonic_ns();
-        let stale: Vec<(String, u64)> = self
+        let stale: Vec<(String, u64, ContainerCgroup, String)> = self
             .pending
             .iter()
-            .filter(|(_, &t)| now.saturating_sub(t) > 500_000_000)
-            .map(|(id, &t)| (id.clone(), t))
+            .filter(|(_, (t, _, _))| now.saturating_sub(*t) > 500_000_000)
+            .map(|(id, (t, cg, rel))| (id.clone(), *t, cg.clone(), rel.clone()))
             .collect();
-        for (id, first_ns) in stale {
+        for (id, first_ns, cg, rel) in stale {
             self.pending.remove(&id);
             tracing::warn!(container_id = %id, "no cgroup v2 directory came for this container; armed without freezing");
-            let cgroup = self.unified_cgroup_of(&id);
+            let cgroup = self
+                .mounts
+                .dir(Hierarchy::Unified, &rel)
+                .filter(|d| d.is_dir())
+                .or_else(|| self.unified_cgroup_of(&id));
             let since = Some(wall_clock_of(first_ns));
-            if let Err(e) = self.arm(&id, None, cgroup, since).await {
+            if let Err(e) = self.arm(&cg, None, cgroup, since).await {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
             }
         }
@@ -504,13 +540,14 @@ impl Daemon {
     /// cannot answer) is never dropped silently: see [`Self::arm_failed`].
     async fn arm(
         &mut self,
-        id: &str,
+        cg: &ContainerCgroup,
         freeze: Option<FreezeTarget>,
         unified_cgroup: Option<PathBuf>,
         since: Option<SystemTime>,
     ) -> anyhow::Result<()> {
+        let id = cg.id.as_str();
         let mut outcome = self
-            .try_arm(id, freeze.as_ref(), unified_cgroup.as_deref(), since)
+            .try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)
             .await?;
         if let ArmOutcome::Failed {
             exhausted: true, ..
@@ -519,7 +556,7 @@ impl Daemon {
             // The cache of directory fds gives way, and the container gets a second try.
             self.relieve_fds();
             outcome = self
-                .try_arm(id, freeze.as_ref(), unified_cgroup.as_deref(), since)
+                .try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)
                 .await?;
         }
         match outcome {
@@ -527,7 +564,7 @@ impl Daemon {
                 self.unarmed.remove(id);
             }
             ArmOutcome::Foreign => {
-                tracing::debug!(container_id = %id, "no configured engine knows this container; ignored");
+                tracing::debug!(container_id = %id, "no runtime knows this container; ignored");
                 self.unarmed.remove(id);
                 self.foreign.insert(id.to_owned());
             }
@@ -535,7 +572,7 @@ impl Daemon {
                 self.unarmed.remove(id);
             }
             ArmOutcome::Failed { cause, exhausted } => {
-                self.arm_failed(id, unified_cgroup, since, &cause, exhausted)?;
+                self.arm_failed(cg, unified_cgroup, since, &cause, exhausted)?;
             }
         }
         Ok(())
@@ -547,12 +584,13 @@ impl Daemon {
     /// cgroup appeared, or fsmon's start for one that was already running).
     fn arm_failed(
         &mut self,
-        id: &str,
+        cg: &ContainerCgroup,
         unified_cgroup: Option<PathBuf>,
         since: Option<SystemTime>,
         cause: &str,
         exhausted: bool,
     ) -> anyhow::Result<()> {
+        let id = cg.id.as_str();
         let since = since.unwrap_or(self.started);
         if let Some(u) = self.unarmed.get_mut(id) {
             u.attempts += 1;
@@ -568,12 +606,15 @@ impl Daemon {
             id: id.to_owned(),
             name: meta.name,
             image: meta.image,
+            runtime: cg.runtime.runtime(),
+            pod: None,
         };
         let line = record::overflow(SystemTime::now(), Some(&cref), "arm_failed");
         self.emit(&line)?;
         self.unarmed.insert(
             id.to_owned(),
             Unarmed {
+                cgroup: cg.clone(),
                 unified_cgroup,
                 since,
                 attempts: 1,
@@ -629,8 +670,13 @@ impl Daemon {
             let Some(u) = self.unarmed.get(&id) else {
                 continue;
             };
-            let (cgroup, since, attempts) = (u.unified_cgroup.clone(), u.since, u.attempts);
-            if let Err(e) = self.arm(&id, None, cgroup, Some(since)).await {
+            let (cg, cgroup, since, attempts) = (
+                u.cgroup.clone(),
+                u.unified_cgroup.clone(),
+                u.since,
+                u.attempts,
+            );
+            if let Err(e) = self.arm(&cg, None, cgroup, Some(since)).await {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
             }
             if !self.unarmed.contains_key(&id) {
@@ -641,11 +687,12 @@ impl Daemon {
 
     async fn try_arm(
         &mut self,
-        id: &str,
+        cg: &ContainerCgroup,
         freeze: Option<&FreezeTarget>,
         unified_cgroup: Option<&std::path::Path>,
         since: Option<SystemTime>,
     ) -> anyhow::Result<ArmOutcome> {
+        let id = cg.id.as_str();
         let frozen = match freeze {
             Some(t) => match self.freezer.freeze(t, self.config.freeze_timeout) {
                 Ok(f) => f,
@@ -662,28 +709,16 @@ impl Daemon {
             },
             None => None,
         };
-        let mut meta = None;
-        let found = match self.runtime.layer_on_disk(id) {
-            Ok(Some(x)) => Ok(Some(x)),
-            Ok(None) => match self.runtime.layer_by_inspect(id).await {
-                Ok(x) => Ok(x.map(|(e, l, m)| {
-                    meta = Some(m);
-                    (e, l)
-                })),
-                Err(cause) => Err((cause, false)),
-            },
-            Err(e) => Err((format!("reading the engine's layer metadata: {e}"), true)),
-        };
-        let armed = match found {
-            Ok(Some((engine, layer))) => {
-                let upperdir = layer.upperdir.clone();
+        let armed = match self.locate(cg).await {
+            Ok(Some(found)) => {
                 // A container armed after it started running (fsmon was late) has its
                 // changes since its cgroup appeared reported by scan, not silently indexed.
+                let layer = found.layer.clone();
                 let r = match since {
                     Some(t) => self.watcher.add_container_since(id, layer, t),
                     None => self.watcher.add_container(id, layer),
                 };
-                Ok(Some((engine, upperdir, r)))
+                Ok(Some((found, r)))
             }
             Ok(None) => Ok(None),
             Err(e) => Err(e),
@@ -701,11 +736,12 @@ impl Daemon {
             }
             None => None,
         };
-        let (engine, upperdir, result) = match armed {
+        let (found, result) = match armed {
             Ok(Some(x)) => x,
             Ok(None) => return Ok(ArmOutcome::Foreign),
             Err((cause, exhausted)) => return Ok(ArmOutcome::Failed { cause, exhausted }),
         };
+        let upperdir = found.layer.upperdir.clone();
         if let Err(e) = result {
             self.watcher.remove_container(id);
             if crate::limits::chain_is_fd_exhaustion(&e) {
@@ -717,19 +753,7 @@ impl Daemon {
             tracing::error!(container_id = %id, upperdir = %upperdir.display(), error = %e, "cannot watch the container's upperdir");
             return Ok(ArmOutcome::Gone);
         }
-        let meta = match meta {
-            Some(m) => m,
-            None => {
-                self.runtime
-                    .metadata(engine, id, Duration::from_secs(2))
-                    .await
-            }
-        };
-        let cref = ContainerRef {
-            id: id.to_owned(),
-            name: meta.name,
-            image: meta.image,
-        };
+        let (cref, setup) = self.identify(&cg.id, cg.runtime, found).await;
         // How long after its cgroup appeared the container was armed (null for one that
         // was running before fsmon started).
         let now = SystemTime::now();
@@ -747,12 +771,120 @@ impl Daemon {
             }
         }
         let encoded = cref.encoded();
-        self.containers
-            .insert(id.to_owned(), Monitored { cref, encoded });
+        self.containers.insert(
+            id.to_owned(),
+            Monitored {
+                cref,
+                encoded,
+                setup,
+            },
+        );
         // Arming can itself produce output (a watch-limit overflow) that no fd readiness
         // will announce: print it now.
         self.drain_watcher()?;
         Ok(ArmOutcome::Armed)
+    }
+
+    /// Finds a container's layers, without the network where the runtime allows: Docker's
+    /// overlay2 metadata, then any runtime's bundle and rootfs mount, then (Docker only)
+    /// the inspect API. `Ok(None)`: not a container fsmon can monitor (logged); `Err`:
+    /// (cause, whether descriptors ran out).
+    async fn locate(&self, cg: &ContainerCgroup) -> Result<Option<Found>, (String, bool)> {
+        let id = cg.id.as_str();
+        let docker = cg.runtime.runtime() == RuntimeName::Docker;
+        if docker {
+            match self.runtime.layer_on_disk(id) {
+                Ok(Some((engine, layer))) => {
+                    return Ok(Some(Found {
+                        layer,
+                        runtime: RuntimeName::Docker,
+                        engine: Some(engine),
+                        meta: None,
+                        resolved: None,
+                    }))
+                }
+                Ok(None) => {}
+                Err(e) => return Err((format!("reading the engine's layer metadata: {e}"), true)),
+            }
+        }
+        match AnyRuntime::for_kind(&self.config.places, cg.runtime).resolve(cg) {
+            Ok(r) => {
+                let ident = r
+                    .bundle
+                    .as_ref()
+                    .map(|b| oci::identity_from_annotations(&b.annotations));
+                if ident.is_some_and(|i| i.sandbox) {
+                    tracing::debug!(container_id = %id, "Kubernetes sandbox (pause) container; not monitored");
+                    return Ok(None);
+                }
+                tracing::debug!(container_id = %id, runtime = r.runtime.as_str(), how = r.how.as_str(), upperdir = %r.layer.upperdir.display(), "resolved on disk");
+                return Ok(Some(Found {
+                    layer: r.layer.clone(),
+                    runtime: r.runtime,
+                    engine: None,
+                    meta: None,
+                    resolved: Some(r),
+                }));
+            }
+            Err(e) if !docker => {
+                tracing::debug!(container_id = %id, runtime = cg.runtime.runtime().as_str(), error = %e, "not found on disk; ignored");
+                return Ok(None);
+            }
+            Err(_) => {}
+        }
+        match self.runtime.layer_by_inspect(id).await {
+            Ok(found) => Ok(found.map(|(engine, layer, meta)| Found {
+                layer,
+                runtime: RuntimeName::Docker,
+                engine: Some(engine),
+                meta: Some(meta),
+                resolved: None,
+            })),
+            Err(cause) => Err((cause, false)),
+        }
+    }
+
+    /// Who an armed container is (after the thaw: this may ask a Docker engine), and the
+    /// paths its runtime creates while setting it up.
+    async fn identify(
+        &self,
+        id: &ContainerId,
+        kind: RuntimeKind,
+        found: Found,
+    ) -> (ContainerRef, SetupPaths) {
+        let setup = found
+            .resolved
+            .as_ref()
+            .map(Resolved::setup_paths)
+            .unwrap_or_default();
+        let (name, image, pod) = if found.runtime == RuntimeName::Docker {
+            let meta = match (found.meta, found.engine) {
+                (Some(m), _) => m,
+                (None, Some(engine)) => {
+                    self.runtime
+                        .metadata(engine, id.as_str(), Duration::from_secs(2))
+                        .await
+                }
+                (None, None) => {
+                    self.runtime
+                        .metadata_any(id.as_str(), Duration::from_secs(2))
+                        .await
+                }
+            };
+            (meta.name, meta.image, None)
+        } else {
+            let ident = AnyRuntime::for_kind(&self.config.places, kind)
+                .identity(id, found.resolved.as_ref().and_then(|r| r.bundle.as_ref()));
+            (ident.name, ident.image, ident.pod)
+        };
+        let cref = ContainerRef {
+            id: id.as_str().to_owned(),
+            name,
+            image,
+            runtime: found.runtime,
+            pod,
+        };
+        (cref, setup)
     }
 
     fn stop(&mut self, id: &str) -> anyhow::Result<()> {
@@ -767,12 +899,53 @@ impl Daemon {
     /// Arms every running container not yet armed (at start-up, and after lifecycle
     /// records were lost).
     async fn resync(&mut self) {
+        self.resync_docker().await;
+        self.resync_on_disk().await;
+    }
+
+    /// Arms the running containers of every runtime but Docker (whose engines list theirs
+    /// with names): found by walking the cgroup hierarchy, resolved from disk.
+    async fn resync_on_disk(&mut self) {
+        let (hierarchy, root) = match (&self.mounts.unified, &self.mounts.freezer) {
+            (Some(u), _) => (Hierarchy::Unified, u.clone()),
+            (None, Some(f)) => (Hierarchy::Freezer, f.clone()),
+            (None, None) => return,
+        };
+        for (rel, cg) in find_container_cgroups(&root, 8) {
+            let id = cg.id.as_str();
+            if cg.runtime.runtime() == RuntimeName::Docker
+                || self.containers.contains_key(id)
+                || self.foreign.contains(id)
+                || self.unarmed.contains_key(id)
+            {
+                continue;
+            }
+            let cgroup = self
+                .mounts
+                .dir(Hierarchy::Unified, &rel)
+                .filter(|d| hierarchy == Hierarchy::Unified || d.is_dir());
+            if let Err(e) = self.arm(&cg, None, cgroup, None).await {
+                tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
+            }
+        }
+    }
+
+    /// Arms the running containers the Docker engines list.
+    async fn resync_docker(&mut self) {
         for engine in 0..self.runtime.len() {
             for id in self.runtime.running(engine).await {
                 if !self.containers.contains_key(&id) {
                     // Already running: what is in its layer predates fsmon (since: None).
+                    let Some(cid) = ContainerId::parse(&id) else {
+                        continue;
+                    };
                     let cgroup = self.unified_cgroup_of(&id);
-                    if let Err(e) = self.arm(&id, None, cgroup, None).await {
+                    let cg = ContainerCgroup {
+                        id: cid,
+                        runtime: RuntimeKind::DockerCgroupfs,
+                        namespace: None,
+                    };
+                    if let Err(e) = self.arm(&cg, None, cgroup, None).await {
                         tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
                     }
                 }

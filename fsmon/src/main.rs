@@ -5,7 +5,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use fsmon::daemon::{self, Config, OutputTarget};
+use fsmon::{
+    daemon::{self, Config, OutputTarget},
+    runtimes::Places,
+};
 
 /// Container-aware, lossless file-system change monitor for Linux container hosts.
 ///
@@ -22,6 +25,49 @@ struct Cli {
 enum Command {
     /// Run the daemon: JSON Lines records to --output, logs to stderr. Needs root.
     Run(RunArgs),
+    /// Show where fsmon finds the writable layer of running containers, and how long that
+    /// takes: one JSON line per cgroup (as `/proc/<pid>/cgroup` names it, e.g.
+    /// `/default/<id>`, `/libpod_parent/libpod-<id>`). Reads the runtimes' files only.
+    Resolve(ResolveArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ResolveArgs {
+    /// Container cgroups, relative to the cgroup hierarchy's root.
+    #[arg(required = true, value_name = "CGROUP")]
+    cgroups: Vec<String>,
+
+    /// Resolve each this many times and report the median and minimum cost.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    repeat: u32,
+
+    /// Docker data root (overlay2 `layerdb`).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/docker")]
+    docker_root: PathBuf,
+
+    #[command(flatten)]
+    places: PlacesArgs,
+}
+
+/// Where the container runtimes keep their state.
+#[derive(clap::Args, Debug)]
+struct PlacesArgs {
+    /// State directory of a containerd whose containers (ctr, nerdctl, Kubernetes CRI) to
+    /// report, as its `--state`/`state =`; repeatable. [default: /run/containerd]
+    #[arg(long = "containerd-state", value_name = "DIR")]
+    containerd_state: Vec<PathBuf>,
+
+    /// Graph root of containers/storage (podman, and CRI-O's layers).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/containers/storage"
+    )]
+    containers_storage: PathBuf,
+
+    /// Run root of containers/storage (CRI-O's bundles).
+    #[arg(long, value_name = "DIR", default_value = "/run/containers/storage")]
+    containers_runroot: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -55,6 +101,9 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = -10, allow_hyphen_values = true)]
     nice: i32,
 
+    #[command(flatten)]
+    places: PlacesArgs,
+
     /// Log filter for stderr (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, value_name = "FILTER", env = "FSMON_LOG", default_value = "info")]
     log_level: String,
@@ -64,6 +113,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Resolve(args) => resolve(&args),
     }
 }
 
@@ -101,6 +151,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
+    let places = places(&args.places);
     let docker_hosts = if !args.docker_host.is_empty() {
         args.docker_host
     } else {
@@ -119,6 +170,7 @@ fn run(args: RunArgs) -> ExitCode {
         freeze: !args.no_freeze,
         freeze_timeout: Duration::from_millis(args.freeze_timeout.max(1)),
         state_dir: args.state_dir.clone(),
+        places,
         ..Config::default()
     };
 
@@ -146,6 +198,40 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("fsmon: error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn places(args: &PlacesArgs) -> Places {
+    let default = Places::default();
+    Places {
+        containerd_states: if args.containerd_state.is_empty() {
+            default.containerd_states
+        } else {
+            args.containerd_state.clone()
+        },
+        containers_storage: args.containers_storage.clone(),
+        containers_runroot: args.containers_runroot.clone(),
+        ..default
+    }
+}
+
+fn resolve(args: &ResolveArgs) -> ExitCode {
+    let places = places(&args.places);
+    let mut failed = false;
+    for cgroup in &args.cgroups {
+        let line = fsmon::runtimes::report::resolve_line(
+            cgroup,
+            &places,
+            &args.docker_root,
+            args.repeat.max(1),
+        );
+        failed |= line.get("error").is_some();
+        println!("{line}");
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

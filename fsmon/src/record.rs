@@ -12,10 +12,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use crate::event::{FileEvent, FileKind};
+use crate::{
+    event::{FileEvent, FileKind},
+    id::RuntimeName,
+    runtimes::Pod,
+};
 
 /// Who a record is about.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerRef {
     /// 64-hex id.
     pub id: String,
@@ -23,11 +27,27 @@ pub struct ContainerRef {
     pub name: Option<String>,
     /// Image, when known.
     pub image: Option<String>,
+    /// The runtime that made it.
+    pub runtime: RuntimeName,
+    /// The Kubernetes pod, for a Kubernetes container (`pod` is absent otherwise).
+    pub pod: Option<Pod>,
 }
 
 impl ContainerRef {
     fn to_json(&self) -> Value {
-        json!({ "id": self.id, "name": self.name, "image": self.image })
+        let mut v = json!({
+            "id": self.id,
+            "name": self.name,
+            "image": self.image,
+            "runtime": self.runtime.as_str(),
+        });
+        if let (Some(pod), Value::Object(m)) = (&self.pod, &mut v) {
+            m.insert(
+                "pod".into(),
+                json!({ "name": pod.name, "namespace": pod.namespace, "uid": pod.uid }),
+            );
+        }
+        v
     }
 }
 
@@ -266,6 +286,8 @@ mod tests {
             id: "a".repeat(64),
             name: Some("web".into()),
             image: None,
+            runtime: RuntimeName::Docker,
+            pod: None,
         };
         let ev = FileEvent {
             container: c.id.clone(),
@@ -286,6 +308,11 @@ mod tests {
         assert_eq!(raw, b"/bad\xff\xfe");
         assert_eq!(v["container"]["name"], "web");
         assert_eq!(v["container"]["image"], Value::Null);
+        assert_eq!(v["container"]["runtime"], "docker");
+        assert!(
+            v["container"].get("pod").is_none(),
+            "no pod outside Kubernetes"
+        );
         assert_eq!(v["source"], "inotify");
         assert_eq!(v["is_dir"], false);
     }
@@ -308,6 +335,8 @@ mod tests {
             id: "c".repeat(64),
             name: Some("n\"ame\n".into()),
             image: Some("img:1".into()),
+            runtime: RuntimeName::Podman,
+            pod: None,
         };
         let now = UNIX_EPOCH + Duration::new(1_795_919_754, 5);
         let enc = FileEncoder::new(now);
@@ -356,6 +385,12 @@ mod tests {
             id: "b".repeat(64),
             name: None,
             image: Some("img:1".into()),
+            runtime: RuntimeName::Containerd,
+            pod: Some(Pod {
+                name: Some("web-0".into()),
+                namespace: Some("shop".into()),
+                uid: None,
+            }),
         };
         let v = parse(&container_start(
             UNIX_EPOCH,
@@ -365,6 +400,11 @@ mod tests {
             Some(310),
         ));
         assert_eq!(v["kind"], "container_start");
+        assert_eq!(v["container"]["runtime"], "containerd");
+        assert_eq!(
+            v["container"]["pod"],
+            json!({"name": "web-0", "namespace": "shop", "uid": null})
+        );
         assert_eq!(v["freeze_us"], Value::Null);
         assert_eq!(v["arm_us"], 310);
         assert_eq!(v["upperdir"], "/var/lib/docker/x/diff");

@@ -274,6 +274,14 @@ impl Runtime {
                 return m.clone();
             }
         }
+        // The engine's own record of the container answers without the API, also while the
+        // engine is down or restarting (the API would leave name and image null for the
+        // container's whole life).
+        let root = self.state(engine).root.clone();
+        if let Some(meta) = root.as_deref().and_then(|r| config_v2_meta(r, id)) {
+            self.state(engine).meta.insert(id.to_owned(), meta.clone());
+            return meta;
+        }
         let Some(docker) = self.state(engine).docker.clone() else {
             return ContainerMeta::default();
         };
@@ -289,6 +297,18 @@ impl Runtime {
             }
             _ => ContainerMeta::default(),
         }
+    }
+
+    /// Name and image of a container found without knowing its engine (a bundle under
+    /// Docker's containerd): the first engine that knows it.
+    pub async fn metadata_any(&self, id: &str, timeout: Duration) -> ContainerMeta {
+        for engine in 0..self.engines.len() {
+            let meta = self.metadata(engine, id, timeout).await;
+            if meta != ContainerMeta::default() {
+                return meta;
+            }
+        }
+        ContainerMeta::default()
     }
 
     /// Ids of the containers running now on engine `engine` (empty when it is down).
@@ -333,9 +353,10 @@ impl Runtime {
 /// lower layers as `l/<short>` links. These files are the engine's own, not container
 /// content. `Ok(None)`: not a container of this engine; `Err`: descriptors ran out.
 pub fn overlay2_layer(root: &Path, id: &str) -> std::io::Result<Option<ContainerLayer>> {
-    if id.len() != 64 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
+    let Some(id) = crate::id::ContainerId::parse_canonical(id) else {
         return Ok(None);
-    }
+    };
+    let id = id.as_str();
     let Some(mount_id) = read_engine_file(
         &root
             .join("image/overlay2/layerdb/mounts")
@@ -373,8 +394,47 @@ fn read_engine_file(path: &Path) -> std::io::Result<Option<String>> {
     }
 }
 
+/// Name and image from Docker's on-disk container config,
+/// `<root>/containers/<id>/config.v2.json` (`Name`, `Config.Image`), written when the
+/// container is created. `None` when absent, oversized, or without both.
+pub fn config_v2_meta(root: &Path, id: &str) -> Option<ContainerMeta> {
+    use std::io::Read as _;
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(rename = "Image")]
+        image: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct V2 {
+        #[serde(rename = "Name")]
+        name: Option<String>,
+        #[serde(rename = "Config")]
+        config: Option<Config>,
+    }
+    const MAX: u64 = 4 << 20;
+    let id = crate::id::ContainerId::parse_canonical(id)?;
+    let f = std::fs::File::open(
+        root.join("containers")
+            .join(id.as_str())
+            .join("config.v2.json"),
+    )
+    .ok()?;
+    let mut bytes = Vec::new();
+    f.take(MAX + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 > MAX {
+        return None;
+    }
+    let v: V2 = serde_json::from_slice(&bytes).ok()?;
+    let ok = |s: Option<String>| s.filter(|s| !s.is_empty() && s.len() <= 1024);
+    let meta = ContainerMeta {
+        name: ok(v.name.map(|n| n.trim_start_matches('/').to_owned())),
+        image: ok(v.config.and_then(|c| c.image)),
+    };
+    (meta.name.is_some() && meta.image.is_some()).then_some(meta)
+}
+
 /// Resolves overlay2's `lower` file (`l/ABC:l/DEF`, top-most first) to layer `diff` dirs.
-fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
+pub(crate) fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
     text.trim()
         .split(':')
         .filter(|s| !s.is_empty())
@@ -400,6 +460,30 @@ fn parse_lower(overlay2: &Path, text: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_config_v2() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let id = "c".repeat(64);
+        let dir = tmp.path().join("containers").join(&id);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("config.v2.json"),
+            br#"{"ID":"cc","Name":"/web","Config":{"Image":"nginx:1.27","Cmd":["x"]},"State":{}}"#,
+        )
+        .expect("write");
+        assert_eq!(
+            config_v2_meta(tmp.path(), &id),
+            Some(ContainerMeta {
+                name: Some("web".into()),
+                image: Some("nginx:1.27".into())
+            })
+        );
+        std::fs::write(dir.join("config.v2.json"), br#"{"Name":"/web"}"#).expect("write");
+        assert_eq!(config_v2_meta(tmp.path(), &id), None, "both or neither");
+        assert_eq!(config_v2_meta(tmp.path(), "../../etc"), None);
+        assert_eq!(config_v2_meta(tmp.path(), &"d".repeat(64)), None);
+    }
 
     #[test]
     fn reads_overlay2_metadata() {

@@ -356,3 +356,42 @@ pub fn assert_bracketed(recs: &[&Value], what: &str) {
         "{what}"
     );
 }
+
+/// Runs `ctr` against the test containerd (`FSMON_CONTAINERD_SOCK`) in namespace `ns`;
+/// returns trimmed stdout, or an error with stderr.
+pub fn ctr(ns: &str, args: &[&str]) -> Result<String> {
+    tool(
+        Command::new("ctr")
+            .args(["-a", &env("FSMON_CONTAINERD_SOCK"), "-n", ns])
+            .args(args),
+        "ctr",
+        args,
+    )
+}
+
+/// Runs `podman`; returns trimmed stdout, or an error with stderr.
+pub fn podman(args: &[&str]) -> Result<String> {
+    tool(Command::new("podman").args(args), "podman", args)
+}
+
+fn tool(cmd: &mut Command, name: &str, args: &[&str]) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {name}"))?;
+    if !out.status.success() {
+        bail!(
+            "{name} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A fresh random 64-hex id (ctr takes the id from its user; fsmon's cgroup filter wants
+/// 64 hex digits).
+pub fn random_id() -> String {
+    let mut b = [0u8; 32];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read as _;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

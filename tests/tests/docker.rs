@@ -40,6 +40,7 @@ fn run_stop_start_rm_on_both_engines() -> anyhow::Result<()> {
         let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
         assert_eq!(start["container"]["name"], name.as_str(), "{label}");
         assert_eq!(start["container"]["image"], image().as_str(), "{label}");
+        assert_eq!(start["container"]["runtime"], "docker", "{label}");
         assert!(
             start["upperdir"]
                 .as_str()

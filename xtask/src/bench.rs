@@ -66,6 +66,9 @@ pub enum Part {
     /// A start storm: hundreds of containers (4 at a time, 100 directories each), fsmon
     /// under `ulimit -n 1024` (soft and hard).
     Storm,
+    /// Per runtime (Docker, containerd, podman): upperdir resolution cost by method, and
+    /// cgroup mkdir → armed.
+    Runtimes,
 }
 
 const FIRST: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
@@ -467,6 +470,9 @@ fn run_all(bin: &Path, args: &BenchArgs) -> Result<()> {
     }
     if want(Part::Storm) {
         storm(bin, args.storm)?;
+    }
+    if want(Part::Runtimes) {
+        runtimes(bin, args.runs)?;
     }
     Ok(())
 }
@@ -1301,4 +1307,212 @@ impl Drop for Sysctl {
     fn drop(&mut self) {
         let _ = std::fs::write(&self.path, self.old.trim());
     }
+}
+
+/// Per runtime: what resolving a container's upperdir costs, by method (`fsmon resolve`,
+/// the daemon's own code), and the time from a container's cgroup appearing to its watch
+/// being armed (`arm_us` of `container_start`) for containers started while fsmon runs.
+fn runtimes(bin: &Path, runs: usize) -> Result<()> {
+    use engines::{CONTAINERD_SOCK, CONTAINERD_STATE, CTR_IMAGE, PODMAN_IMAGE};
+    let ctr = |args: &[&str]| {
+        Command::new("ctr")
+            .args(["-a", CONTAINERD_SOCK, "-n", "default"])
+            .args(args)
+            .output()
+    };
+    let podman_run = |mode: &str, name: &str, cmd: &[&str]| {
+        Command::new("podman")
+            .args([
+                "run",
+                mode,
+                "--name",
+                name,
+                "--label",
+                "fsmon-test",
+                "--network",
+                "none",
+            ])
+            .args([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+                PODMAN_IMAGE,
+            ])
+            .args(cmd)
+            .output()
+    };
+    let tag = std::process::id();
+    // One running container per runtime, for the resolution cost.
+    let docker_id = docker_test_run(&["sleep", "1000"])?;
+    let ctr_id = hex_id(tag, 0);
+    ctr(&[
+        "run",
+        "-d",
+        "--label",
+        "fsmon-test=1",
+        CTR_IMAGE,
+        &ctr_id,
+        "sleep",
+        "1000",
+    ])?;
+    let podman_name = format!("fsmon-bench-{tag}");
+    let podman_id =
+        String::from_utf8_lossy(&podman_run("-d", &podman_name, &["sleep", "1000"])?.stdout)
+            .trim()
+            .to_owned();
+    let out = Command::new(bin)
+        .args([
+            "resolve",
+            "--repeat",
+            "1000",
+            "--containerd-state",
+            CONTAINERD_STATE,
+        ])
+        .arg(format!("/docker/{docker_id}"))
+        .arg(format!("/default/{ctr_id}"))
+        .arg(format!("/libpod_parent/libpod-{podman_id}"))
+        .output()?;
+    println!("\n## upperdir resolution per runtime (`fsmon resolve --repeat 1000`, µs per lookup)");
+    println!("| runtime | fsmon arms with | step / method | median µs | min µs |");
+    println!("|---|---|---|---|---|");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line)?;
+        if let Some(e) = v.get("error") {
+            bail!("fsmon resolve {}: {e}", v["cgroup"]);
+        }
+        for (method, c) in v["cost"].as_object().into_iter().flatten() {
+            println!(
+                "| {} | {} | {method} | {:.1} | {:.1} |",
+                v["runtime"].as_str().unwrap_or("?"),
+                v["how"].as_str().unwrap_or("?"),
+                c["median_us"].as_f64().unwrap_or(f64::NAN),
+                c["min_us"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    let _ = docker_out(V1_HOST, &["rm", "-f", &docker_id]);
+    let _ = ctr(&["tasks", "kill", "-s", "SIGKILL", &ctr_id]);
+    let _ = Command::new("podman")
+        .args(["rm", "-f", "-t", "0", &podman_name])
+        .output();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = ctr(&["tasks", "delete", "-f", &ctr_id]);
+    let _ = ctr(&["containers", "delete", &ctr_id]);
+
+    // Cgroup mkdir → armed, per runtime, `runs` containers each, started one at a time.
+    let mut c = Command::new(bin);
+    c.args([
+        "run",
+        "--state-dir",
+        "/run/fsmon-bench",
+        "--docker-host",
+        V1_HOST,
+    ])
+    .args(["--containerd-state", CONTAINERD_STATE]);
+    let mut m = Monitor::spawn(c)?;
+    m.wait(Duration::from_secs(30), |l| {
+        l.contains("\"kind\":\"ready\"")
+    })?;
+    let mut ids: Vec<(&str, String)> = Vec::new();
+    for i in 0..runs {
+        let id = docker_test_run(&["true"])?;
+        ids.push(("docker", id));
+        let id = hex_id(tag, i + 1);
+        ctr(&["run", "--rm", CTR_IMAGE, &id, "true"])?;
+        ids.push(("containerd", id));
+        let name = format!("fsmon-bench-{tag}-{i}");
+        let out = podman_run("-d", &name, &["true"])?;
+        ids.push((
+            "podman",
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        ));
+    }
+    let mut arm: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    m.scan(Duration::from_secs(2), |_, l| {
+        if let Ok(v) = serde_json::from_str::<Value>(l) {
+            if v["kind"] == "container_start" {
+                if let (Some(id), Some(us)) = (v["container"]["id"].as_str(), v["arm_us"].as_u64())
+                {
+                    arm.insert(id.to_owned(), us);
+                }
+            }
+        }
+        false
+    });
+    m.stop();
+    println!("\n## cgroup mkdir → armed per runtime (`arm_us`, {runs} containers each, µs)");
+    println!("| runtime | armed | median | p90 | max |");
+    println!("|---|---|---|---|---|");
+    for runtime in ["docker", "containerd", "podman"] {
+        let mut v: Vec<u64> = ids
+            .iter()
+            .filter(|(r, _)| *r == runtime)
+            .filter_map(|(_, id)| arm.get(id).copied())
+            .collect();
+        v.sort_unstable();
+        let at = |q: f64| {
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        println!(
+            "| {runtime} | {}/{runs} | {} | {} | {} |",
+            v.len(),
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
+    }
+    for (runtime, id) in &ids {
+        match *runtime {
+            "docker" => drop(docker_out(V1_HOST, &["rm", "-f", id])),
+            "podman" => drop(
+                Command::new("podman")
+                    .args(["rm", "-f", "-t", "0", id])
+                    .output(),
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A 64-hex container id for ctr, unique to this bench run.
+fn hex_id(tag: u32, i: usize) -> String {
+    format!(
+        "{:016x}{:048x}",
+        0xfee1_0000_0000_0000u64 | u64::from(tag),
+        i
+    )
+}
+
+/// `docker run -d` of the test image on the cgroup v1 engine; its id.
+fn docker_test_run(cmd: &[&str]) -> Result<String> {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--label",
+        "fsmon-test",
+        TEST_IMAGE,
+    ];
+    args.extend_from_slice(cmd);
+    docker_out(V1_HOST, &args)
+}
+
+/// `docker -H host args…`; trimmed stdout.
+fn docker_out(host: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(["-H", host])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

@@ -1,5 +1,5 @@
-//! The test bed: Docker engines with cgroup v1 and cgroup v2, test images built from local
-//! files, and the test tiers run in order.
+//! The test bed: Docker engines with cgroup v1 and cgroup v2, a system containerd of its
+//! own, podman, test images built from local files, and the test tiers run in order.
 //!
 //! Engines already answering on their sockets are used as they are and left running;
 //! engines this command starts are stopped at the end (unless `--keep-engines`). Leftovers
@@ -25,6 +25,20 @@ pub const V2_HOST: &str = "unix:///var/run/docker-v2.sock";
 /// The image the tests run: a busybox root file system imported from local files.
 /// The tag changes whenever the image's content does, so an old image is never reused.
 pub const TEST_IMAGE: &str = "fsmon-test:2";
+/// The test containerd's state directory: bundles are under it, and fsmon is told with
+/// `--containerd-state`.
+pub const CONTAINERD_STATE: &str = "/run/fsmon-containerd";
+/// The test containerd's socket. Not the default `/run/containerd/containerd.sock`: a
+/// dockerd adopts a containerd that answers there when it starts (ENVIRONMENT.md), so the
+/// order in which the engines come up would matter.
+pub const CONTAINERD_SOCK: &str = "/run/fsmon-containerd/containerd.sock";
+/// The test image as containerd names it (`docker save` of TEST_IMAGE, imported).
+pub const CTR_IMAGE: &str = "docker.io/library/fsmon-test:2";
+/// The test image as podman names it (`podman load` of the same archive).
+pub const PODMAN_IMAGE: &str = "localhost/fsmon-test:2";
+const CONTAINERD_CONFIG: &str = "/var/lib/fsmon-test/containerd.toml";
+const CONTAINERD_PIDFILE: &str = "/run/fsmon-containerd.pid";
+const PODMAN_DROP_IN: &str = "/etc/containers/containers.conf.d/50-fsmon-test.conf";
 
 /// `cargo xtask test` options.
 #[derive(clap::Args, Debug)]
@@ -32,7 +46,8 @@ pub struct TestArgs {
     /// Leave the engines this command started running afterwards.
     #[arg(long)]
     pub keep_engines: bool,
-    /// Only these tiers (1 unit, 2 overlay, 3 docker); default all.
+    /// Only these tiers (1 unit, 2 overlay, 3 engines: Docker, containerd, podman); default
+    /// all.
     #[arg(long, value_delimiter = ',')]
     pub tier: Vec<u8>,
     /// Passed to the tier-3 test binary as a filter (test name substring).
@@ -223,10 +238,165 @@ fn remove_leftover_containers(host: &str) {
     }
 }
 
+fn containerd_up() -> bool {
+    ok(Command::new("ctr").args(["-a", CONTAINERD_SOCK, "version"]))
+}
+
+/// A system containerd with its own config file, socket, root and state (a user's
+/// `/etc/containerd/config.toml` is left alone), and its CRI plugin configured as this
+/// host needs (`restrict_oom_score_adj`: no raising of OOM scores in this VM).
+fn start_containerd() -> Result<Option<Started>> {
+    if containerd_up() {
+        eprintln!("xtask: test containerd already running at {CONTAINERD_SOCK}");
+        return Ok(None);
+    }
+    clean_stale(CONTAINERD_PIDFILE, CONTAINERD_SOCK);
+    std::fs::create_dir_all("/var/lib/fsmon-test")?;
+    std::fs::write(
+        CONTAINERD_CONFIG,
+        format!(
+            r#"# Written by `cargo xtask test`: the test bed's own containerd.
+version = 2
+root = "/var/lib/fsmon-containerd"
+state = "{CONTAINERD_STATE}"
+[grpc]
+  address = "{CONTAINERD_SOCK}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/library/fsmon-pause:1"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+"#
+        ),
+    )?;
+    let log = "/var/log/fsmon-containerd.log";
+    eprintln!("xtask: starting the test containerd (config: {CONTAINERD_CONFIG}, log: {log})");
+    let logf = std::fs::File::create(log)?;
+    let child = Command::new("setsid")
+        .args(["containerd", "--config", CONTAINERD_CONFIG])
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .spawn()
+        .context("cannot start containerd (package containerd)")?;
+    std::fs::write(CONTAINERD_PIDFILE, child.id().to_string())?;
+    let start = Instant::now();
+    while !containerd_up() {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the test containerd did not answer at {CONTAINERD_SOCK} in 30 s; see {log}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(Some(Started {
+        pidfile: CONTAINERD_PIDFILE,
+        name: "test containerd",
+    }))
+}
+
+/// podman with runc: crun refuses this hybrid host ("cgroups in hybrid mode not
+/// supported"). A drop-in of its own, so a user's containers.conf stays as it is.
+fn configure_podman() -> Result<()> {
+    let want = "# Written by `cargo xtask test`: crun refuses hybrid cgroup hosts.\n[engine]\nruntime = \"runc\"\n";
+    if std::fs::read_to_string(PODMAN_DROP_IN).ok().as_deref() != Some(want) {
+        std::fs::create_dir_all("/etc/containers/containers.conf.d")?;
+        std::fs::write(PODMAN_DROP_IN, want)?;
+    }
+    Ok(())
+}
+
+/// The test image in containerd (`default` for ctr, `k8s.io` for CRI) and in podman, from
+/// the same archive as Docker's.
+fn ensure_other_images() -> Result<()> {
+    let in_ns = |ns: &str| {
+        Command::new("ctr")
+            .args(["-a", CONTAINERD_SOCK, "-n", ns, "images", "ls", "-q"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l == CTR_IMAGE)
+            })
+            .unwrap_or(false)
+    };
+    let missing_ns: Vec<&str> = ["default", "k8s.io"]
+        .into_iter()
+        .filter(|ns| !in_ns(ns))
+        .collect();
+    let podman_has = ok(Command::new("podman").args(["image", "exists", PODMAN_IMAGE]));
+    if missing_ns.is_empty() && podman_has {
+        return Ok(());
+    }
+    let dir = tempdir()?;
+    let archive = dir.join("image.tar");
+    run(Command::new("docker")
+        .args(["-H", V1_HOST, "save", "-o"])
+        .arg(&archive)
+        .arg(TEST_IMAGE))?;
+    for ns in missing_ns {
+        run(Command::new("ctr")
+            .args(["-a", CONTAINERD_SOCK, "-n", ns, "images", "import"])
+            .arg(&archive)
+            .stdout(Stdio::null()))?;
+    }
+    if !podman_has {
+        run(Command::new("podman")
+            .args(["load", "-q", "-i"])
+            .arg(&archive)
+            .stdout(Stdio::null()))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Removes test containers of containerd and podman that an earlier run left behind.
+fn remove_other_leftovers() {
+    let out = Command::new("ctr")
+        .args([
+            "-a",
+            CONTAINERD_SOCK,
+            "-n",
+            "default",
+            "containers",
+            "ls",
+            "-q",
+            r#"labels."fsmon-test""#,
+        ])
+        .output();
+    for id in out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        let ctr = |args: &[&str]| {
+            ok(Command::new("ctr")
+                .args(["-a", CONTAINERD_SOCK, "-n", "default"])
+                .args(args))
+        };
+        ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+        std::thread::sleep(Duration::from_millis(200));
+        ctr(&["tasks", "delete", "-f", id]);
+        ctr(&["containers", "delete", id]);
+    }
+    let _ = Command::new("podman")
+        .args(["rm", "-f", "-t", "0", "--filter", "label=fsmon-test"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
 /// Installs what the test bed needs and starts both engines; returns what it started.
 pub fn start_engines() -> Result<Vec<Started>> {
     util::require_root("the test bed")?;
-    util::apt_install(&["docker.io", "busybox-static", "inotify-tools"])?;
+    util::apt_install(&[
+        "docker.io",
+        "busybox-static",
+        "inotify-tools",
+        "containerd",
+        "runc",
+        "podman",
+        "conmon",
+        "catatonit",
+    ])?;
     if !Path::new("/sys/kernel/tracing/events").is_dir()
         && !Path::new("/sys/kernel/debug/tracing/events").is_dir()
     {
@@ -254,7 +424,41 @@ pub fn start_engines() -> Result<Vec<Started>> {
         remove_leftover_containers(host);
         ensure_image(host)?;
     }
+    // After the Docker engines, and on a socket of its own: no dockerd adopts it.
+    match start_containerd() {
+        Ok(Some(s)) => started.push(s),
+        Ok(None) => {}
+        Err(e) => {
+            started.iter().for_each(stop);
+            return Err(e);
+        }
+    }
+    configure_podman()?;
+    remove_other_leftovers();
+    ensure_other_images()?;
     Ok(started)
+}
+
+/// The command that runs tier-3 test binaries, with the whole test bed described in its
+/// environment.
+fn tier3(tests: &[&str], bin: &Path, filter: Option<&str>) -> Command {
+    let mut c = cargo();
+    c.current_dir(util::root())
+        .args(["test", "-p", "fsmon-tests"]);
+    for t in tests {
+        c.args(["--test", t]);
+    }
+    c.args(["--", "--test-threads=1"])
+        .env("FSMON_BIN", bin)
+        .env("FSMON_DOCKER_V1", V1_HOST)
+        .env("FSMON_DOCKER_V2", V2_HOST)
+        .env("FSMON_TEST_IMAGE", TEST_IMAGE)
+        .env("FSMON_CONTAINERD_SOCK", CONTAINERD_SOCK)
+        .env("FSMON_CONTAINERD_STATE", CONTAINERD_STATE)
+        .env("FSMON_CTR_IMAGE", CTR_IMAGE)
+        .env("FSMON_PODMAN_IMAGE", PODMAN_IMAGE);
+    c.args(filter);
+    c
 }
 
 /// `cargo xtask test`.
@@ -299,32 +503,20 @@ pub fn test(args: &TestArgs) -> Result<()> {
     if want(3) {
         let started = start_engines()?;
         eprintln!("xtask: tier 3 — the fsmon binary against the cgroup v1 and v2 Docker engines");
-        let mut c = cargo();
-        c.current_dir(util::root())
-            .args([
-                "test",
-                "-p",
-                "fsmon-tests",
-                "--test",
-                "docker",
-                "--test",
-                "scale",
-                "--",
-                "--test-threads=1",
-            ])
-            .env("FSMON_BIN", &bin)
-            .env("FSMON_DOCKER_V1", V1_HOST)
-            .env("FSMON_DOCKER_V2", V2_HOST)
-            .env("FSMON_TEST_IMAGE", TEST_IMAGE);
-        if let Some(f) = &args.filter {
-            c.arg(f);
+        let mut r = run(&mut tier3(
+            &["docker", "scale"],
+            &bin,
+            args.filter.as_deref(),
+        ));
+        if r.is_ok() {
+            eprintln!("xtask: tier 3 — the fsmon binary against containerd (ctr) and podman");
+            r = run(&mut tier3(&["runtimes"], &bin, args.filter.as_deref()));
         }
-        let r = run(&mut c);
         if !args.keep_engines {
             started.iter().for_each(stop);
         }
         r?;
-        ran.push("tier 3 (docker v1 + v2)");
+        ran.push("tier 3 (docker v1 + v2, containerd, podman)");
     }
     eprintln!(
         "xtask: ran {} in {:.0} s",

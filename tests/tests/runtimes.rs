@@ -1,0 +1,236 @@
+//! Tier 3 beyond Docker: the real `fsmon` binary against a system containerd (`ctr`, 64-hex
+//! ids) and rootful podman, real containers. Run with `cargo xtask test` (it starts the
+//! test containerd on its own socket, configures podman, imports the test image into both
+//! and sets the environment).
+
+use std::time::Duration;
+
+use fsmon_tests::{assert_bracketed, ctr, env, podman, random_id, Fsmon};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What every container does first: the lossless-start paths, and a file made and deleted
+/// at once.
+const FIRST: &str =
+    "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2; touch /gone; rm /gone";
+const FIRST_PATHS: [&str; 7] = [
+    "/f0",
+    "/a",
+    "/a/b",
+    "/a/b/c",
+    "/a/b/c/f1",
+    "/a/b/c/f2",
+    "/gone",
+];
+
+fn fsmon() -> anyhow::Result<Fsmon> {
+    // One Docker engine too, so that its records keep their place beside the others.
+    Fsmon::start(
+        &[env("FSMON_DOCKER_V1")],
+        &["--containerd-state", &env("FSMON_CONTAINERD_STATE")],
+    )
+}
+
+/// `podman run` of the test image (`mode`: `--rm` or `-d`) with what this host needs.
+fn podman_run(mode: &str, name: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    let image = env("FSMON_PODMAN_IMAGE");
+    let mut args = vec![
+        "run",
+        mode,
+        "--name",
+        name,
+        "--label",
+        "fsmon-test",
+        "--network",
+        "none",
+        // This host's limits are lower than podman's defaults.
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &image,
+    ];
+    args.extend_from_slice(cmd);
+    podman(&args)
+}
+
+fn is(kind: &'static str, id: String) -> impl Fn(&Value) -> bool {
+    move |r| r["kind"] == kind && r["container"]["id"] == id.as_str()
+}
+
+/// Every first-instruction path created, `/gone` deleted, nothing of the runtime's own
+/// setup (`setup`: mount points it made in the layer) reported, start first, stop last.
+fn check_first(f: &mut Fsmon, id: &str, what: &str, setup: &[&str]) {
+    f.settle(Duration::from_millis(800));
+    let recs = f.of(id);
+    assert_bracketed(&recs, &format!("{what}: {recs:#?}"));
+    for p in FIRST_PATHS {
+        assert!(
+            recs.iter().any(|r| r["kind"] == "create" && r["path"] == p),
+            "{what}: no create of {p}: {recs:#?}"
+        );
+    }
+    assert!(
+        recs.iter()
+            .any(|r| r["kind"] == "delete" && r["path"] == "/gone"),
+        "{what}: no delete of /gone: {recs:#?}"
+    );
+    for p in setup {
+        assert!(
+            !recs.iter().any(|r| r["path"] == *p),
+            "{what}: the runtime's setup of {p} reported as the container's: {recs:#?}"
+        );
+    }
+}
+
+#[test]
+fn ctr_containers_are_reported_from_their_first_instruction() -> anyhow::Result<()> {
+    let image = env("FSMON_CTR_IMAGE");
+    let mut f = fsmon()?;
+    for round in 0..5 {
+        let id = random_id();
+        ctr(
+            "default",
+            &[
+                "run",
+                "--rm",
+                "--label",
+                "fsmon-test=1",
+                &image,
+                &id,
+                "sh",
+                "-c",
+                FIRST,
+            ],
+        )?;
+        let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        let c = &start["container"];
+        assert_eq!(c["runtime"], "containerd", "{start}");
+        assert_eq!(
+            c["name"],
+            Value::Null,
+            "ctr containers have no name: {start}"
+        );
+        assert!(
+            c.get("pod").is_none(),
+            "not a Kubernetes container: {start}"
+        );
+        assert!(
+            start["upperdir"]
+                .as_str()
+                .is_some_and(|u| u.contains("io.containerd.snapshotter.v1.overlayfs/snapshots/")),
+            "{start}"
+        );
+        check_first(
+            &mut f,
+            &id,
+            &format!("ctr round {round}"),
+            &["/proc", "/dev", "/sys", "/run"],
+        );
+    }
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+#[test]
+fn podman_containers_are_reported_from_their_first_instruction() -> anyhow::Result<()> {
+    let image = env("FSMON_PODMAN_IMAGE");
+    let mut f = fsmon()?;
+    for round in 0..5 {
+        let name = format!("fsmon-podman-{}-{round}", std::process::id());
+        podman_run("--rm", &name, &["sh", "-c", FIRST])?;
+        let id = f.wait_start_stop(WAIT, &name)?;
+        let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+        let c = &start["container"];
+        assert_eq!(c["runtime"], "podman", "{start}");
+        assert_eq!(c["image"], image.as_str(), "{start}");
+        assert!(c.get("pod").is_none(), "{start}");
+        check_first(
+            &mut f,
+            &id,
+            &format!("podman round {round}"),
+            &[
+                "/etc/hosts",
+                "/etc/hostname",
+                "/run",
+                "/run/.containerenv",
+                "/proc",
+                "/dev",
+                "/sys",
+            ],
+        );
+    }
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+#[test]
+fn running_ctr_and_podman_containers_are_armed_before_ready() -> anyhow::Result<()> {
+    let ctr_id = random_id();
+    ctr(
+        "default",
+        &[
+            "run",
+            "-d",
+            "--label",
+            "fsmon-test=1",
+            &env("FSMON_CTR_IMAGE"),
+            &ctr_id,
+            "sleep",
+            "1000",
+        ],
+    )?;
+    let name = format!("fsmon-podman-running-{}", std::process::id());
+    let podman_id = podman_run("-d", &name, &["sleep", "1000"])?;
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = fsmon()?;
+        let ready_at = f
+            .records
+            .iter()
+            .position(|r| r["kind"] == "ready")
+            .unwrap_or(usize::MAX);
+        for (id, runtime) in [(&ctr_id, "containerd"), (&podman_id, "podman")] {
+            let at = f.records.iter().position(|r| {
+                r["kind"] == "container_start" && r["container"]["id"] == id.as_str()
+            });
+            assert!(
+                at.is_some_and(|a| a < ready_at),
+                "{runtime}: container_start before ready: {:#?}",
+                f.records
+            );
+            let start = &f.records[at.unwrap_or(0)];
+            assert_eq!(start["container"]["runtime"], runtime, "{start}");
+            assert_eq!(
+                start["freeze_us"],
+                Value::Null,
+                "already running: not frozen"
+            );
+        }
+        let podman_start = f.wait_for(WAIT, is("container_start", podman_id.clone()))?;
+        assert_eq!(podman_start["container"]["name"], name.as_str());
+        // Monitoring is live: a change now is reported, and the end ends it.
+        podman(&["exec", &name, "touch", "/late"])?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "create"
+                && r["path"] == "/late"
+                && r["container"]["id"] == podman_id.as_str()
+        })?;
+        ctr("default", &["tasks", "kill", "-s", "SIGKILL", &ctr_id])?;
+        podman(&["rm", "-f", "-t", "0", &name])?;
+        f.wait_for(WAIT, is("container_stop", ctr_id.clone()))?;
+        f.wait_for(WAIT, is("container_stop", podman_id.clone()))?;
+        let (code, _) = f.stop()?;
+        assert_eq!(code, 0);
+        Ok(())
+    })();
+    let _ = ctr("default", &["tasks", "kill", "-s", "SIGKILL", &ctr_id]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = ctr("default", &["tasks", "delete", "-f", &ctr_id]);
+    let _ = ctr("default", &["containers", "delete", &ctr_id]);
+    let _ = podman(&["rm", "-f", "-t", "0", &name]);
+    result
+}
