@@ -2,10 +2,12 @@
 //! event, runtime event, periodic check, shutdown). Tests and `main` drive it through
 //! [`run`].
 //!
-//! Arming a new container (the lossless start) happens inline in the loop: freeze the
-//! cgroup, resolve the upperdir from disk, arm the recursive watch, thaw, then print
-//! `container_start`. File events of that container are read only after, so they always
-//! follow its `container_start`.
+//! Arming a new container (the lossless start) happens inline in the loop and never waits
+//! on a runtime: freeze the cgroup, resolve the upperdir from disk, arm the recursive
+//! watch, thaw, then print `container_start`. What only an engine's API can tell (the
+//! layer of a Docker container not found on disk, a name not on disk) is asked by a task
+//! whose answer comes back as a loop input; meanwhile the container's records are held, so
+//! they always follow its `container_start`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -32,7 +34,7 @@ use crate::{
     record::{self, ContainerRef},
     runtime::{ContainerMeta, Runtime, RuntimeEvent},
     runtimes::{oci, AnyRuntime, Places, Resolved, SetupPaths},
-    watcher::{ContainerLayer, FdBudget, Watcher},
+    watcher::{ArmStats, ContainerLayer, FdBudget, WatchError, Watcher},
 };
 
 /// Records are written to the output in chunks of about this size (and at the end of
@@ -99,8 +101,11 @@ impl AsRawFd for RawFdRef {
 
 /// How an attempt to arm a container ended.
 enum ArmOutcome {
-    /// Armed; `container_start` printed.
+    /// Armed; `container_start` printed (or held until its name and image come).
     Armed,
+    /// Not found on disk: an engine is asked by a task; armed when the answer comes
+    /// (late: what it did meanwhile is reported by scan).
+    Asking,
     /// No configured engine knows it.
     Foreign,
     /// Its layer went away while arming (the container is gone).
@@ -123,6 +128,46 @@ struct Unarmed {
     attempts: u32,
 }
 
+/// An answer from a task that asked a runtime: the event loop never waits on one.
+enum Answer {
+    /// A Docker container not found on disk, by the inspect API.
+    Layer {
+        id: String,
+        result: Result<Option<(usize, ContainerLayer, ContainerMeta)>, String>,
+    },
+    /// Name and image of an armed container whose records are held until they come.
+    Meta { id: String, meta: ContainerMeta },
+    /// The containers an engine runs (resync after lifecycle records were lost).
+    Running { ids: Vec<String> },
+}
+
+/// A Docker container whose layer an engine is being asked for.
+struct Asking {
+    cgroup: ContainerCgroup,
+    unified_cgroup: Option<PathBuf>,
+    since: Option<SystemTime>,
+}
+
+/// The `container_start` of a container armed while its name and image are asked for.
+struct HeldStart {
+    at: SystemTime,
+    upperdir: PathBuf,
+    freeze_us: Option<u64>,
+    arm_us: Option<u64>,
+    /// What the watcher reported meanwhile (when, what), printed after `container_start`.
+    outputs: Vec<(SystemTime, WatchOutput)>,
+}
+
+/// At most this many outputs are held for a container waiting for its name and image;
+/// beyond, `container_start` goes out with what is known.
+const HELD_MAX: usize = 1 << 16;
+
+/// The longest a container's records are held for its name and image.
+const META_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A loop turn longer than this is logged (at most once a second).
+const SLOW_TURN: Duration = Duration::from_millis(10);
+
 /// A container being monitored.
 struct Monitored {
     cref: ContainerRef,
@@ -131,6 +176,8 @@ struct Monitored {
     /// Paths the runtime creates while it sets the container up: their `create` is not
     /// the container's doing and is not reported (README "Runtime setup").
     setup: SetupPaths,
+    /// Set while its name and image are asked for: its records wait here, in order.
+    held: Option<HeldStart>,
 }
 
 /// Where a container's layers were found, and what came with them.
@@ -171,6 +218,10 @@ struct Daemon {
     /// When this fsmon started: what a container that was running before did is reported
     /// by scan from then on if it could not be armed at once.
     started: SystemTime,
+    /// Docker containers whose layer an engine is being asked for.
+    asking: HashMap<String, Asking>,
+    /// Where the tasks that ask runtimes send their answers.
+    answers: mpsc::UnboundedSender<Answer>,
 }
 
 /// Runs the daemon until `shutdown` resolves. Returns an error only for fatal problems
@@ -220,6 +271,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let watcher = Watcher::new().context("cannot create the inotify instance")?;
     let (rt_tx, mut rt_rx) = mpsc::unbounded_channel();
     let runtime = Runtime::start(&config.docker_hosts, rt_tx);
+    let (answers, mut answers_rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
         config,
         mounts,
@@ -236,6 +288,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         unarmed: HashMap::new(),
         fd_budget_max: 0,
         started: SystemTime::now(),
+        asking: HashMap::new(),
+        answers,
     };
     d.fd_budget_max = d.watcher.fd_budget().1;
     let (cached, budget) = d.watcher.fd_budget();
@@ -274,47 +328,68 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             _ => break,
         }
     }
-    d.resync().await;
+    d.resync_docker().await;
+    d.resync_on_disk();
     d.emit(&record::ready(SystemTime::now(), &d.config.docker_hosts))?;
     d.flush()?;
 
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut batch = Vec::new();
+    let mut slow = SlowTurns::default();
     loop {
-        tokio::select! {
+        // Nothing in a turn awaits: what needs a runtime's answer is asked by a task
+        // whose answer comes back as an input (`answers_rx`).
+        let input = tokio::select! {
             biased;
             () = &mut shutdown => break,
             r = lifecycle.next_batch(&mut batch) => {
+                let t = std::time::Instant::now();
                 r.context("reading the eBPF ring buffer")?;
                 for rec in std::mem::take(&mut batch) {
-                    d.on_lifecycle(rec).await?;
+                    d.on_lifecycle(rec)?;
                 }
+                ("lifecycle", t)
             }
             g = watch_fd.readable() => {
+                let t = std::time::Instant::now();
                 let mut g = g.context("polling the inotify fd")?;
                 d.drain_watcher()?;
                 g.clear_ready();
+                ("inotify", t)
             }
-            Some(ev) = rt_rx.recv() => d.on_runtime(ev),
+            Some(a) = answers_rx.recv() => {
+                let t = std::time::Instant::now();
+                d.on_answer(a)?;
+                ("answer", t)
+            }
+            Some(ev) = rt_rx.recv() => {
+                let t = std::time::Instant::now();
+                d.on_runtime(ev);
+                ("runtime", t)
+            }
             _ = tick.tick() => {
+                let t = std::time::Instant::now();
                 let lost = lifecycle.lost();
                 if lost > d.lifecycle_lost {
                     tracing::error!(lost = lost - d.lifecycle_lost, "eBPF ring buffer was full: lifecycle records lost; resyncing with the engines");
                     d.lifecycle_lost = lost;
                     d.emit(&record::overflow(SystemTime::now(), None, "lifecycle"))?;
-                    d.resync().await;
+                    d.ask_running();
+                    d.resync_on_disk();
                 }
                 d.regrow_fds();
-                d.arm_stale_pending().await;
-                d.retry_unarmed().await;
+                d.arm_stale_pending();
+                d.retry_unarmed();
                 // Directories left unwatched at the watch limit get their watch when the
                 // limit allows; what changed meanwhile is reported by scan.
                 d.watcher.retry_unwatched();
                 d.drain_watcher()?;
+                ("tick", t)
             }
-        }
+        };
         d.flush()?;
+        slow.note(input.0, input.1.elapsed());
     }
     // Drain what the kernel has already queued, so nothing observed is lost at exit.
     d.drain_watcher()?;
@@ -365,42 +440,157 @@ impl Daemon {
         }
         let now = SystemTime::now();
         let enc = record::FileEncoder::new(now);
+        let mut result = Ok(());
         for o in outputs.drain(..) {
-            match o {
-                WatchOutput::File(ev) => {
-                    let Some(c) = self.containers.get(&ev.container) else {
-                        continue;
-                    };
-                    if ev.kind == FileKind::Create && c.setup.contains(&ev.path) {
-                        continue;
-                    }
-                    enc.encode(&mut self.pending_out, &c.encoded, &ev);
-                    self.write_if_large()?;
-                }
-                WatchOutput::Exited { container } => {
-                    if self.containers.contains_key(&container) {
-                        self.stop(&container)?;
-                    }
-                }
-                WatchOutput::Overflow { container, reason } => {
-                    let c = container
-                        .as_ref()
-                        .and_then(|id| self.containers.get(id))
-                        .map(|c| c.cref.clone());
-                    if container.is_some() && c.is_none() {
-                        continue;
-                    }
-                    tracing::warn!(container_id = ?container, reason, "events lost; rescanning");
-                    let line = record::overflow(now, c.as_ref(), reason);
-                    self.emit(&line)?;
-                }
+            result = self.output(now, &enc, o);
+            if result.is_err() {
+                break;
             }
         }
+        outputs.clear();
         self.outputs = outputs;
+        result
+    }
+
+    /// Prints one output of the watcher (observed at `now`, encoded by `enc`), or holds
+    /// it behind its container's `container_start` while that waits for a name.
+    fn output(
+        &mut self,
+        now: SystemTime,
+        enc: &record::FileEncoder,
+        o: WatchOutput,
+    ) -> anyhow::Result<()> {
+        let container = match &o {
+            WatchOutput::File(ev) => Some(&ev.container),
+            WatchOutput::Exited { container } => Some(container),
+            WatchOutput::Overflow { container, .. } => container.as_ref(),
+        };
+        if let Some(id) = container {
+            if let Some(held) = self
+                .containers
+                .get_mut(id.as_str())
+                .and_then(|c| c.held.as_mut())
+            {
+                let id = id.as_str().to_owned();
+                held.outputs.push((now, o));
+                if held.outputs.len() >= HELD_MAX {
+                    tracing::warn!(container_id = %id, "too many records held for the container's name; printing them without");
+                    self.release(&id, None)?;
+                }
+                return Ok(());
+            }
+        }
+        match o {
+            WatchOutput::File(ev) => {
+                let Some(c) = self.containers.get(ev.container.as_str()) else {
+                    return Ok(());
+                };
+                if ev.kind == FileKind::Create && c.setup.contains(&ev.path) {
+                    return Ok(());
+                }
+                enc.encode(&mut self.pending_out, &c.encoded, &ev);
+                self.write_if_large()?;
+            }
+            WatchOutput::Exited { container } => {
+                if self.containers.contains_key(container.as_str()) {
+                    self.stop(container.as_str())?;
+                }
+            }
+            WatchOutput::Overflow { container, reason } => {
+                let c = container
+                    .as_ref()
+                    .and_then(|id| self.containers.get(id.as_str()))
+                    .map(|c| c.cref.clone());
+                if container.is_some() && c.is_none() {
+                    return Ok(());
+                }
+                tracing::warn!(container_id = ?container, reason, "events lost; rescanning");
+                let line = record::overflow(now, c.as_ref(), reason);
+                self.emit(&line)?;
+            }
+        }
         Ok(())
     }
 
-    async fn on_lifecycle(&mut self, rec: LifecycleRecord) -> anyhow::Result<()> {
+    /// Prints the held `container_start` of container `id` (with `meta` when it came),
+    /// then what it did meanwhile, in order.
+    fn release(&mut self, id: &str, meta: Option<ContainerMeta>) -> anyhow::Result<()> {
+        let Some(c) = self.containers.get_mut(id) else {
+            return Ok(());
+        };
+        let Some(held) = c.held.take() else {
+            return Ok(());
+        };
+        let meta = meta.unwrap_or_else(|| self.runtime.cached_meta(id));
+        c.cref.name = c.cref.name.take().or(meta.name);
+        c.cref.image = c.cref.image.take().or(meta.image);
+        c.encoded = c.cref.encoded();
+        let line = record::container_start(
+            held.at,
+            &c.cref,
+            &held.upperdir,
+            held.freeze_us,
+            held.arm_us,
+        );
+        self.emit(&line)?;
+        let mut enc: Option<(SystemTime, record::FileEncoder)> = None;
+        for (t, o) in held.outputs {
+            if enc.as_ref().is_none_or(|(et, _)| *et != t) {
+                enc = Some((t, record::FileEncoder::new(t)));
+            }
+            if let Some((_, e)) = &enc {
+                self.output(t, e, o)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An answer from a task that asked a runtime.
+    fn on_answer(&mut self, a: Answer) -> anyhow::Result<()> {
+        match a {
+            Answer::Meta { id, meta } => self.release(&id, Some(meta)),
+            Answer::Layer { id, result } => {
+                // Gone meanwhile (its cgroup was removed): nothing to arm.
+                let Some(ask) = self.asking.remove(&id) else {
+                    return Ok(());
+                };
+                let outcome = match result {
+                    Ok(Some((engine, layer, meta))) => {
+                        let found = Found {
+                            layer,
+                            runtime: RuntimeName::Docker,
+                            engine: Some(engine),
+                            meta: Some(meta),
+                            resolved: None,
+                        };
+                        let r = self.add_to_watcher(&ask.cgroup.id, &found, ask.since);
+                        self.finish_arm(
+                            &ask.cgroup,
+                            found,
+                            r,
+                            None,
+                            ask.unified_cgroup.as_deref(),
+                            ask.since,
+                        )?
+                    }
+                    Ok(None) => ArmOutcome::Foreign,
+                    Err(cause) => ArmOutcome::Failed {
+                        cause,
+                        exhausted: false,
+                    },
+                };
+                self.settle(&ask.cgroup, ask.unified_cgroup, ask.since, outcome)
+            }
+            Answer::Running { ids } => {
+                for id in ids {
+                    self.arm_running_docker(&id);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_lifecycle(&mut self, rec: LifecycleRecord) -> anyhow::Result<()> {
         let Some(cg) = parse_container_cgroup(&rec.path) else {
             return Ok(());
         };
@@ -465,11 +655,11 @@ impl Daemon {
                         .dir(Hierarchy::Unified, &rec.path)
                         .filter(|_| hierarchy == Hierarchy::Unified),
                     Some(since),
-                )
-                .await?;
+                )?;
             }
             CgroupOp::Rmdir => {
                 let id = cg.id.as_str();
+                self.asking.remove(id);
                 if self.containers.contains_key(id) {
                     // Events queued before the container's cgroup went away are its own:
                     // print them before its watches are dropped.
@@ -512,7 +702,7 @@ impl Daemon {
 
     /// Arms, without freezing, containers whose v2 cgroup never came (a runtime that does
     /// not use the v2 hierarchy after all).
-    async fn arm_stale_pending(&mut self) {
+    fn arm_stale_pending(&mut self) {
         let now = monotonic_ns();
         let stale: Vec<(String, u64, ContainerCgroup, String)> = self
             .pending
@@ -529,7 +719,7 @@ impl Daemon {
                 .filter(|d| d.is_dir())
                 .or_else(|| self.unified_cgroup_of(&id));
             let since = Some(wall_clock_of(first_ns));
-            if let Err(e) = self.arm(&cg, None, cgroup, since).await {
+            if let Err(e) = self.arm(&cg, None, cgroup, since) {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
             }
         }
@@ -538,38 +728,44 @@ impl Daemon {
     /// Freeze (optionally) → resolve upperdir → arm → thaw → `container_start`. A
     /// container that cannot be armed for lack of resources (descriptors, an engine that
     /// cannot answer) is never dropped silently: see [`Self::arm_failed`].
-    async fn arm(
+    fn arm(
         &mut self,
         cg: &ContainerCgroup,
         freeze: Option<FreezeTarget>,
         unified_cgroup: Option<PathBuf>,
         since: Option<SystemTime>,
     ) -> anyhow::Result<()> {
-        let id = cg.id.as_str();
-        let mut outcome = self
-            .try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)
-            .await?;
+        let mut outcome = self.try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)?;
         if let ArmOutcome::Failed {
             exhausted: true, ..
         } = outcome
         {
             // The cache of directory fds gives way, and the container gets a second try.
             self.relieve_fds();
-            outcome = self
-                .try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)
-                .await?;
+            outcome = self.try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)?;
         }
+        self.settle(cg, unified_cgroup, since, outcome)
+    }
+
+    /// Books how an attempt to arm ended.
+    fn settle(
+        &mut self,
+        cg: &ContainerCgroup,
+        unified_cgroup: Option<PathBuf>,
+        since: Option<SystemTime>,
+        outcome: ArmOutcome,
+    ) -> anyhow::Result<()> {
+        let id = cg.id.as_str();
         match outcome {
-            ArmOutcome::Armed => {
+            ArmOutcome::Armed | ArmOutcome::Gone => {
                 self.unarmed.remove(id);
             }
+            // Stays in `unarmed` if it was there: the answer settles it.
+            ArmOutcome::Asking => {}
             ArmOutcome::Foreign => {
                 tracing::debug!(container_id = %id, "no runtime knows this container; ignored");
                 self.unarmed.remove(id);
                 self.foreign.insert(id.to_owned());
-            }
-            ArmOutcome::Gone => {
-                self.unarmed.remove(id);
             }
             ArmOutcome::Failed { cause, exhausted } => {
                 self.arm_failed(cg, unified_cgroup, since, &cause, exhausted)?;
@@ -664,8 +860,13 @@ impl Daemon {
 
     /// Retries the containers that could not be armed (on the tick). Not frozen: they
     /// run already; what they did meanwhile is reported by scan.
-    async fn retry_unarmed(&mut self) {
-        let ids: Vec<String> = self.unarmed.keys().cloned().collect();
+    fn retry_unarmed(&mut self) {
+        let ids: Vec<String> = self
+            .unarmed
+            .keys()
+            .filter(|id| !self.asking.contains_key(*id))
+            .cloned()
+            .collect();
         for id in ids {
             let Some(u) = self.unarmed.get(&id) else {
                 continue;
@@ -676,7 +877,7 @@ impl Daemon {
                 u.since,
                 u.attempts,
             );
-            if let Err(e) = self.arm(&cg, None, cgroup, Some(since)).await {
+            if let Err(e) = self.arm(&cg, None, cgroup, Some(since)) {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
             }
             if !self.unarmed.contains_key(&id) {
@@ -685,7 +886,7 @@ impl Daemon {
         }
     }
 
-    async fn try_arm(
+    fn try_arm(
         &mut self,
         cg: &ContainerCgroup,
         freeze: Option<&FreezeTarget>,
@@ -709,19 +910,10 @@ impl Daemon {
             },
             None => None,
         };
-        let armed = match self.locate(cg).await {
-            Ok(Some(found)) => {
-                // A container armed after it started running (fsmon was late) has its
-                // changes since its cgroup appeared reported by scan, not silently indexed.
-                let layer = found.layer.clone();
-                let r = match since {
-                    Some(t) => self.watcher.add_container_since(id, layer, t),
-                    None => self.watcher.add_container(id, layer),
-                };
-                Ok(Some((found, r)))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
+        let located = self.locate(cg);
+        let added = match &located {
+            Ok(Located::Found(found)) => Some(self.add_to_watcher(&cg.id, found, since)),
+            _ => None,
         };
         let freeze_us = match frozen.map(|f| self.freezer.thaw(f)) {
             Some(Ok(rep)) => {
@@ -736,13 +928,49 @@ impl Daemon {
             }
             None => None,
         };
-        let (found, result) = match armed {
-            Ok(Some(x)) => x,
-            Ok(None) => return Ok(ArmOutcome::Foreign),
-            Err((cause, exhausted)) => return Ok(ArmOutcome::Failed { cause, exhausted }),
-        };
+        match (located, added) {
+            (Ok(Located::Found(found)), Some(r)) => {
+                self.finish_arm(cg, *found, r, freeze_us, unified_cgroup, since)
+            }
+            (Ok(Located::Ask), _) => {
+                self.ask_layer(cg, unified_cgroup, since);
+                Ok(ArmOutcome::Asking)
+            }
+            (Ok(_), _) => Ok(ArmOutcome::Foreign),
+            (Err((cause, exhausted)), _) => Ok(ArmOutcome::Failed { cause, exhausted }),
+        }
+    }
+
+    /// Arms the recursive watch on a found layer (reporting by scan what it got since
+    /// `since`: a container armed after it started running has those changes reported,
+    /// not silently indexed).
+    fn add_to_watcher(
+        &mut self,
+        id: &ContainerId,
+        found: &Found,
+        since: Option<SystemTime>,
+    ) -> Result<ArmStats, WatchError> {
+        let layer = found.layer.clone();
+        match since {
+            Some(t) => self.watcher.add_container_since(id.as_str(), layer, t),
+            None => self.watcher.add_container(id.as_str(), layer),
+        }
+    }
+
+    /// After the watch is armed (and the cgroup thawed): `container_start`, or its hold
+    /// while the container's name and image are asked for, and the exit watch.
+    fn finish_arm(
+        &mut self,
+        cg: &ContainerCgroup,
+        found: Found,
+        added: Result<ArmStats, WatchError>,
+        freeze_us: Option<u64>,
+        unified_cgroup: Option<&std::path::Path>,
+        since: Option<SystemTime>,
+    ) -> anyhow::Result<ArmOutcome> {
+        let id = cg.id.as_str();
         let upperdir = found.layer.upperdir.clone();
-        if let Err(e) = result {
+        if let Err(e) = added {
             self.watcher.remove_container(id);
             if crate::limits::chain_is_fd_exhaustion(&e) {
                 return Ok(ArmOutcome::Failed {
@@ -753,15 +981,30 @@ impl Daemon {
             tracing::error!(container_id = %id, upperdir = %upperdir.display(), error = %e, "cannot watch the container's upperdir");
             return Ok(ArmOutcome::Gone);
         }
-        let (cref, setup) = self.identify(&cg.id, cg.runtime, found).await;
+        let (cref, setup, ask) = self.identify(&cg.id, cg.runtime, found);
         // How long after its cgroup appeared the container was armed (null for one that
         // was running before fsmon started).
         let now = SystemTime::now();
         let arm_us = since
             .and_then(|t| now.duration_since(t).ok())
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us);
-        self.emit(&line)?;
+        let held = match ask {
+            Some(engine) => {
+                self.ask_meta(engine, id);
+                Some(HeldStart {
+                    at: now,
+                    upperdir,
+                    freeze_us,
+                    arm_us,
+                    outputs: Vec::new(),
+                })
+            }
+            None => {
+                let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us);
+                self.emit(&line)?;
+                None
+            }
+        };
         // The container's exit, in order with its file events, so that nothing the engine
         // does afterwards (removing a --rm container's layer) is reported as its doing.
         // Without a v2 cgroup, the cgroup's rmdir record ends monitoring instead.
@@ -777,6 +1020,7 @@ impl Daemon {
                 cref,
                 encoded,
                 setup,
+                held,
             },
         );
         // Arming can itself produce output (a watch-limit overflow) that no fd readiness
@@ -785,23 +1029,60 @@ impl Daemon {
         Ok(ArmOutcome::Armed)
     }
 
-    /// Finds a container's layers, without the network where the runtime allows: Docker's
-    /// overlay2 metadata, then any runtime's bundle and rootfs mount, then (Docker only)
-    /// the inspect API. `Ok(None)`: not a container fsmon can monitor (logged); `Err`:
-    /// (cause, whether descriptors ran out).
-    async fn locate(&self, cg: &ContainerCgroup) -> Result<Option<Found>, (String, bool)> {
+    /// Asks the Docker engines for the layer of a container not found on disk, by a task.
+    fn ask_layer(
+        &mut self,
+        cg: &ContainerCgroup,
+        unified_cgroup: Option<&std::path::Path>,
+        since: Option<SystemTime>,
+    ) {
+        let id = cg.id.as_str().to_owned();
+        if self.asking.contains_key(&id) {
+            return;
+        }
+        tracing::debug!(container_id = %id, "not found on disk; asking the engines");
+        self.asking.insert(
+            id.clone(),
+            Asking {
+                cgroup: cg.clone(),
+                unified_cgroup: unified_cgroup.map(PathBuf::from),
+                since,
+            },
+        );
+        let (runtime, answers) = (self.runtime.clone(), self.answers.clone());
+        tokio::spawn(async move {
+            let result = runtime.layer_by_inspect(&id).await;
+            let _ = answers.send(Answer::Layer { id, result });
+        });
+    }
+
+    /// Asks an engine for the name and image of an armed container, by a task (bounded
+    /// by [`META_TIMEOUT`]); its records are held until the answer.
+    fn ask_meta(&self, engine: Option<usize>, id: &str) {
+        let (runtime, answers, id) = (self.runtime.clone(), self.answers.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let meta = runtime.meta_by_inspect(engine, &id, META_TIMEOUT).await;
+            let _ = answers.send(Answer::Meta { id, meta });
+        });
+    }
+
+    /// Finds a container's layers on disk, without the network: Docker's overlay2
+    /// metadata, then any runtime's bundle and rootfs mount. `Located::Ask`: a Docker
+    /// container that only an engine's inspect API can place. `Err`: (cause, whether
+    /// descriptors ran out).
+    fn locate(&self, cg: &ContainerCgroup) -> Result<Located, (String, bool)> {
         let id = cg.id.as_str();
         let docker = cg.runtime.runtime() == RuntimeName::Docker;
         if docker {
             match self.runtime.layer_on_disk(id) {
                 Ok(Some((engine, layer))) => {
-                    return Ok(Some(Found {
+                    return Ok(Located::Found(Box::new(Found {
                         layer,
                         runtime: RuntimeName::Docker,
                         engine: Some(engine),
                         meta: None,
                         resolved: None,
-                    }))
+                    })))
                 }
                 Ok(None) => {}
                 Err(e) => return Err((format!("reading the engine's layer metadata: {e}"), true)),
@@ -815,61 +1096,51 @@ impl Daemon {
                     .map(|b| oci::identity_from_annotations(&b.annotations));
                 if ident.is_some_and(|i| i.sandbox) {
                     tracing::debug!(container_id = %id, "Kubernetes sandbox (pause) container; not monitored");
-                    return Ok(None);
+                    return Ok(Located::NotMonitored);
                 }
                 tracing::debug!(container_id = %id, runtime = r.runtime.as_str(), how = r.how.as_str(), upperdir = %r.layer.upperdir.display(), "resolved on disk");
-                return Ok(Some(Found {
+                Ok(Located::Found(Box::new(Found {
                     layer: r.layer.clone(),
                     runtime: r.runtime,
                     engine: None,
                     meta: None,
                     resolved: Some(r),
-                }));
+                })))
             }
-            Err(e) if !docker => {
+            Err(_) if docker => Ok(Located::Ask),
+            Err(e) => {
                 tracing::debug!(container_id = %id, runtime = cg.runtime.runtime().as_str(), error = %e, "not found on disk; ignored");
-                return Ok(None);
+                Ok(Located::NotMonitored)
             }
-            Err(_) => {}
-        }
-        match self.runtime.layer_by_inspect(id).await {
-            Ok(found) => Ok(found.map(|(engine, layer, meta)| Found {
-                layer,
-                runtime: RuntimeName::Docker,
-                engine: Some(engine),
-                meta: Some(meta),
-                resolved: None,
-            })),
-            Err(cause) => Err((cause, false)),
         }
     }
 
-    /// Who an armed container is (after the thaw: this may ask a Docker engine), and the
-    /// paths its runtime creates while setting it up.
-    async fn identify(
+    /// Who an armed container is, without asking an engine, and the paths its runtime
+    /// creates while setting it up. The third value is `Some(engine)` when the Docker
+    /// engines are to be asked for the name and image (not on disk: not yet connected to
+    /// the engine, or its files are elsewhere).
+    fn identify(
         &self,
         id: &ContainerId,
         kind: RuntimeKind,
         found: Found,
-    ) -> (ContainerRef, SetupPaths) {
+    ) -> (ContainerRef, SetupPaths, Option<Option<usize>>) {
         let setup = found
             .resolved
             .as_ref()
             .map(Resolved::setup_paths)
             .unwrap_or_default();
+        let mut ask = None;
         let (name, image, pod) = if found.runtime == RuntimeName::Docker {
-            let meta = match (found.meta, found.engine) {
-                (Some(m), _) => m,
-                (None, Some(engine)) => {
-                    self.runtime
-                        .metadata(engine, id.as_str(), Duration::from_secs(2))
-                        .await
-                }
-                (None, None) => {
-                    self.runtime
-                        .metadata_any(id.as_str(), Duration::from_secs(2))
-                        .await
-                }
+            let meta = match found.meta {
+                Some(m) => m,
+                None => match self.runtime.meta_on_disk(found.engine, id.as_str()) {
+                    Some(m) => m,
+                    None => {
+                        ask = Some(found.engine);
+                        self.runtime.cached_meta(id.as_str())
+                    }
+                },
             };
             (meta.name, meta.image, None)
         } else {
@@ -884,10 +1155,12 @@ impl Daemon {
             runtime: found.runtime,
             pod,
         };
-        (cref, setup)
+        (cref, setup, ask)
     }
 
     fn stop(&mut self, id: &str) -> anyhow::Result<()> {
+        // Its held records go out first, behind its `container_start`.
+        self.release(id, None)?;
         self.watcher.remove_container(id);
         if let Some(c) = self.containers.remove(id) {
             let line = record::container_stop(SystemTime::now(), &c.cref);
@@ -896,16 +1169,9 @@ impl Daemon {
         Ok(())
     }
 
-    /// Arms every running container not yet armed (at start-up, and after lifecycle
-    /// records were lost).
-    async fn resync(&mut self) {
-        self.resync_docker().await;
-        self.resync_on_disk().await;
-    }
-
     /// Arms the running containers of every runtime but Docker (whose engines list theirs
     /// with names): found by walking the cgroup hierarchy, resolved from disk.
-    async fn resync_on_disk(&mut self) {
+    fn resync_on_disk(&mut self) {
         let (hierarchy, root) = match (&self.mounts.unified, &self.mounts.freezer) {
             (Some(u), _) => (Hierarchy::Unified, u.clone()),
             (None, Some(f)) => (Hierarchy::Freezer, f.clone()),
@@ -917,6 +1183,7 @@ impl Daemon {
                 || self.containers.contains_key(id)
                 || self.foreign.contains(id)
                 || self.unarmed.contains_key(id)
+                || self.asking.contains_key(id)
             {
                 continue;
             }
@@ -924,32 +1191,96 @@ impl Daemon {
                 .mounts
                 .dir(Hierarchy::Unified, &rel)
                 .filter(|d| hierarchy == Hierarchy::Unified || d.is_dir());
-            if let Err(e) = self.arm(&cg, None, cgroup, None).await {
+            if let Err(e) = self.arm(&cg, None, cgroup, None) {
                 tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
             }
         }
     }
 
-    /// Arms the running containers the Docker engines list.
+    /// Arms the running containers the Docker engines list (at start-up, before `ready`).
     async fn resync_docker(&mut self) {
         for engine in 0..self.runtime.len() {
             for id in self.runtime.running(engine).await {
-                if !self.containers.contains_key(&id) {
-                    // Already running: what is in its layer predates fsmon (since: None).
-                    let Some(cid) = ContainerId::parse(&id) else {
-                        continue;
-                    };
-                    let cgroup = self.unified_cgroup_of(&id);
-                    let cg = ContainerCgroup {
-                        id: cid,
-                        runtime: RuntimeKind::DockerCgroupfs,
-                        namespace: None,
-                    };
-                    if let Err(e) = self.arm(&cg, None, cgroup, None).await {
-                        tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
-                    }
-                }
+                self.arm_running_docker(&id);
             }
+        }
+    }
+
+    /// Asks every Docker engine for its running containers, by tasks (after lifecycle
+    /// records were lost); they are armed when the answers come.
+    fn ask_running(&self) {
+        for engine in 0..self.runtime.len() {
+            let (runtime, answers) = (self.runtime.clone(), self.answers.clone());
+            tokio::spawn(async move {
+                let ids = runtime.running(engine).await;
+                let _ = answers.send(Answer::Running { ids });
+            });
+        }
+    }
+
+    /// Arms a container a Docker engine says is running, unless it already is.
+    fn arm_running_docker(&mut self, id: &str) {
+        if self.containers.contains_key(id) || self.asking.contains_key(id) {
+            return;
+        }
+        let Some(cid) = ContainerId::parse(id) else {
+            return;
+        };
+        // Already running: what is in its layer predates fsmon (since: None).
+        let cgroup = self.unified_cgroup_of(id);
+        let cg = ContainerCgroup {
+            id: cid,
+            runtime: RuntimeKind::DockerCgroupfs,
+            namespace: None,
+        };
+        if let Err(e) = self.arm(&cg, None, cgroup, None) {
+            tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
+        }
+    }
+}
+
+/// Where [`Daemon::locate`] found a container.
+enum Located {
+    /// On disk.
+    Found(Box<Found>),
+    /// A Docker container only an engine can place.
+    Ask,
+    /// Not a container fsmon monitors (logged).
+    NotMonitored,
+}
+
+/// Counts loop turns longer than [`SLOW_TURN`] and logs them, at most once a second.
+#[derive(Default)]
+struct SlowTurns {
+    count: u64,
+    worst: Duration,
+    worst_input: &'static str,
+    logged: Option<std::time::Instant>,
+}
+
+impl SlowTurns {
+    fn note(&mut self, input: &'static str, took: Duration) {
+        if took < SLOW_TURN {
+            return;
+        }
+        self.count += 1;
+        if took > self.worst {
+            self.worst = took;
+            self.worst_input = input;
+        }
+        if self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::info!(
+                turns = self.count,
+                worst_ms = self.worst.as_secs_f64() * 1e3,
+                input = self.worst_input,
+                "slow event-loop turns (nothing else is read meanwhile)"
+            );
+            self.logged = Some(std::time::Instant::now());
+            self.count = 0;
+            self.worst = Duration::ZERO;
         }
     }
 }

@@ -215,9 +215,10 @@ impl Runtime {
             .unwrap_or_default()
     }
 
-    /// Finds a container's layer through the inspect API (fallback; milliseconds).
-    /// `Ok(None)`: no connected engine knows it; `Err`: an engine could not answer (down,
-    /// or no descriptor left for the request), so it may be one of its containers.
+    /// Finds a container's layer through the inspect API (fallback; milliseconds; run as
+    /// a task, never on the event loop). `Ok(None)`: every engine answered and none knows
+    /// it; `Err`: an engine could not answer (not connected yet, down, or no descriptor
+    /// left for the request), so it may be one of its containers.
     pub async fn layer_by_inspect(
         &self,
         id: &str,
@@ -225,6 +226,7 @@ impl Runtime {
         let mut failed = None;
         for engine in 0..self.engines.len() {
             let Some(docker) = self.state(engine).docker.clone() else {
+                failed = Some(format!("{}: not connected", self.engines[engine].0));
                 continue;
             };
             let info = match docker
@@ -267,48 +269,67 @@ impl Runtime {
         failed.map_or(Ok(None), Err)
     }
 
-    /// Name and image: from the event cache, else by inspect (bounded by `timeout`).
-    pub async fn metadata(&self, engine: usize, id: &str, timeout: Duration) -> ContainerMeta {
-        if let Some(m) = self.state(engine).meta.get(id) {
-            if m.name.is_some() && m.image.is_some() {
-                return m.clone();
-            }
-        }
-        // The engine's own record of the container answers without the API, also while the
-        // engine is down or restarting (the API would leave name and image null for the
-        // container's whole life).
-        let root = self.state(engine).root.clone();
-        if let Some(meta) = root.as_deref().and_then(|r| config_v2_meta(r, id)) {
-            self.state(engine).meta.insert(id.to_owned(), meta.clone());
-            return meta;
-        }
-        let Some(docker) = self.state(engine).docker.clone() else {
-            return ContainerMeta::default();
+    /// Name and image without asking an engine: from the event cache when complete,
+    /// else from the engine's own record of the container (`config.v2.json`, known also
+    /// while the engine is down or restarting). `engine: None`: any engine that knows it.
+    pub fn meta_on_disk(&self, engine: Option<usize>, id: &str) -> Option<ContainerMeta> {
+        let engines = match engine {
+            Some(e) => e..e + 1,
+            None => 0..self.engines.len(),
         };
-        let fut = docker.inspect_container(id, None::<InspectContainerOptions>);
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(info)) => {
-                let meta = ContainerMeta {
-                    name: info.name.map(|n| n.trim_start_matches('/').to_owned()),
-                    image: info.config.and_then(|c| c.image),
-                };
-                self.state(engine).meta.insert(id.to_owned(), meta.clone());
-                meta
+        for engine in engines {
+            if let Some(m) = self.state(engine).meta.get(id) {
+                if m.name.is_some() && m.image.is_some() {
+                    return Some(m.clone());
+                }
             }
-            _ => ContainerMeta::default(),
+            let root = self.state(engine).root.clone();
+            if let Some(meta) = root.as_deref().and_then(|r| config_v2_meta(r, id)) {
+                self.state(engine).meta.insert(id.to_owned(), meta.clone());
+                return Some(meta);
+            }
         }
+        None
     }
 
-    /// Name and image of a container found without knowing its engine (a bundle under
-    /// Docker's containerd): the first engine that knows it.
-    pub async fn metadata_any(&self, id: &str, timeout: Duration) -> ContainerMeta {
-        for engine in 0..self.engines.len() {
-            let meta = self.metadata(engine, id, timeout).await;
-            if meta != ContainerMeta::default() {
+    /// Name and image, asked for (bounded by `timeout`): from `engine` or the first
+    /// engine that knows the container, by the inspect API, or from disk once an engine
+    /// that was not connected yet tells where its files are. Runs as a task, never on the
+    /// event loop; default (nulls) at the bound.
+    pub async fn meta_by_inspect(
+        &self,
+        engine: Option<usize>,
+        id: &str,
+        timeout: Duration,
+    ) -> ContainerMeta {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(meta) = self.meta_on_disk(engine, id) {
                 return meta;
             }
+            let engines = match engine {
+                Some(e) => e..e + 1,
+                None => 0..self.engines.len(),
+            };
+            for engine in engines {
+                let Some(docker) = self.state(engine).docker.clone() else {
+                    continue;
+                };
+                let fut = docker.inspect_container(id, None::<InspectContainerOptions>);
+                if let Ok(Ok(info)) = tokio::time::timeout_at(deadline, fut).await {
+                    let meta = ContainerMeta {
+                        name: info.name.map(|n| n.trim_start_matches('/').to_owned()),
+                        image: info.config.and_then(|c| c.image),
+                    };
+                    self.state(engine).meta.insert(id.to_owned(), meta.clone());
+                    return meta;
+                }
+            }
+            if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+                return ContainerMeta::default();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        ContainerMeta::default()
     }
 
     /// Ids of the containers running now on engine `engine` (empty when it is down).

@@ -748,3 +748,143 @@ fn watch_limit_hits_one_container_and_not_the_others() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A Unix socket proxy in front of a Docker engine that delays every chunk the engine
+/// sends back by `delay` (requests pass at once; answers keep their order).
+struct SlowProxy {
+    path: std::path::PathBuf,
+}
+
+impl SlowProxy {
+    fn start(upstream: &str, delay: Duration) -> anyhow::Result<SlowProxy> {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let upstream = std::path::PathBuf::from(upstream.trim_start_matches("unix://"));
+        let path = std::env::temp_dir().join(format!("{}.sock", unique("slow-engine")));
+        let listener = UnixListener::bind(&path)?;
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(engine) = UnixStream::connect(&upstream) else {
+                    continue;
+                };
+                let (Ok(mut c_in), Ok(mut e_out)) = (client.try_clone(), engine.try_clone()) else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut e_out);
+                    let _ = e_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+                let mut e_in = engine;
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        match std::io::Read::read(&mut e_in, &mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if tx
+                                    .send((std::time::Instant::now(), buf[..n].to_vec()))
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                let mut c_out = client;
+                std::thread::spawn(move || {
+                    for (at, chunk) in rx {
+                        std::thread::sleep(
+                            (at + delay).saturating_duration_since(std::time::Instant::now()),
+                        );
+                        if std::io::Write::write_all(&mut c_out, &chunk).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Ok(SlowProxy { path })
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The `arm_us` of the named containers' `container_start` records.
+fn arm_us_of(f: &Fsmon, names: &[String]) -> Vec<u64> {
+    f.records
+        .iter()
+        .filter(|r| {
+            r["kind"] == "container_start"
+                && r["container"]["name"]
+                    .as_str()
+                    .is_some_and(|n| names.iter().any(|m| m == n))
+        })
+        .filter_map(|r| r["arm_us"].as_u64())
+        .collect()
+}
+
+#[test]
+fn a_slow_engine_delays_no_other_container() -> anyhow::Result<()> {
+    let engines = engines();
+    let [(fast_label, fast), (slow_label, slow)] = [engines[0].clone(), engines[1].clone()];
+    // Every answer of the slow engine comes 2 s late (its event stream too).
+    let proxy = SlowProxy::start(&slow, Duration::from_secs(2))?;
+    let mut f = Fsmon::start(&[fast.clone(), proxy.url()], &[])?;
+    let slow_names = {
+        let slow = slow.clone();
+        std::thread::spawn(move || run_many(&slow, slow_label, 12, 4))
+    };
+    let fast_names = run_many(&fast, fast_label, 24, 4)?;
+    let slow_names = slow_names
+        .join()
+        .map_err(|_| anyhow::anyhow!("docker thread panicked"))??;
+    // Every first-instruction path of both engines' containers, each bracketed by its
+    // own container_start/stop with its name: records in order, none lost.
+    check_lossless(
+        &mut f,
+        &format!("{fast_label} beside a slow engine"),
+        &fast_names,
+    )?;
+    check_lossless(
+        &mut f,
+        &format!("{slow_label} behind a 2 s proxy"),
+        &slow_names,
+    )?;
+    let fast_arm = arm_us_of(&f, &fast_names);
+    let slow_arm = arm_us_of(&f, &slow_names);
+    eprintln!(
+        "arm_us: {fast_label} max {:?} (n {}), {slow_label} behind the proxy max {:?} (n {})",
+        fast_arm.iter().max(),
+        fast_arm.len(),
+        slow_arm.iter().max(),
+        slow_arm.len()
+    );
+    // Not a timing target: a container whose arming waited for the slow engine would
+    // take at least its 2 s delay.
+    assert!(
+        fast_arm.iter().all(|us| *us < 1_500_000),
+        "{fast_label}: armed behind the slow engine: {fast_arm:?}"
+    );
+    for name in &slow_names {
+        let start = f
+            .records
+            .iter()
+            .find(|r| r["kind"] == "container_start" && r["container"]["name"] == name.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{name}: no container_start"))?;
+        assert_eq!(start["container"]["image"], image().as_str(), "{start}");
+    }
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
