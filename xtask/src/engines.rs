@@ -6,6 +6,7 @@
 //! of an earlier run (a stale pid file, a dead engine's socket) are cleaned first.
 
 use std::{
+    os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -93,6 +94,22 @@ fn wait_up(host: &str, log: &str) -> Result<()> {
     )
 }
 
+/// `setsid …` for a daemon that outlives this command. It inherits no descriptor but its
+/// stdio: a lock held by whoever ran `cargo xtask` (e.g. `flock`) would otherwise live on
+/// in the engines and be held until they stop.
+fn daemon_command() -> Command {
+    let mut c = Command::new("setsid");
+    // SAFETY: between fork and exec only an async-signal-safe system call is made.
+    unsafe {
+        c.pre_exec(|| {
+            // close_range(3, ~0, CLOSE_RANGE_CLOEXEC): every inherited fd closes at exec.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32);
+            Ok(())
+        });
+    }
+    c
+}
+
 fn start_v1() -> Result<Option<Started>> {
     if engine_up(V1_HOST) {
         eprintln!("xtask: cgroup v1 engine already running at {V1_HOST}");
@@ -102,7 +119,7 @@ fn start_v1() -> Result<Option<Started>> {
     let log = "/var/log/fsmon-dockerd-v1.log";
     eprintln!("xtask: starting the cgroup v1 engine (log: {log})");
     let logf = std::fs::File::create(log)?;
-    Command::new("setsid")
+    daemon_command()
         .args([
             "dockerd",
             "--iptables=false",
@@ -141,7 +158,7 @@ fn start_v2() -> Result<Option<Started>> {
         mount -t tmpfs tmpfs /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && \
         exec dockerd --iptables=false --ip6tables=false --bridge=none --data-root /var/lib/docker-v2 \
           --exec-root /var/run/docker-v2 -H unix:///var/run/docker-v2.sock --pidfile /var/run/docker-v2.pid";
-    Command::new("setsid")
+    daemon_command()
         .args(["unshare", "-m", "sh", "-c", script])
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
@@ -272,7 +289,7 @@ state = "{CONTAINERD_STATE}"
     let log = "/var/log/fsmon-containerd.log";
     eprintln!("xtask: starting the test containerd (config: {CONTAINERD_CONFIG}, log: {log})");
     let logf = std::fs::File::create(log)?;
-    let child = Command::new("setsid")
+    let child = daemon_command()
         .args(["containerd", "--config", CONTAINERD_CONFIG])
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
