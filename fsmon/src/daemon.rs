@@ -1274,7 +1274,7 @@ impl SlowTurns {
         {
             tracing::info!(
                 turns = self.count,
-                worst_ms = self.worst.as_secs_f64() * 1e3,
+                worst_us = u64::try_from(self.worst.as_micros()).unwrap_or(u64::MAX),
                 input = self.worst_input,
                 "slow event-loop turns (nothing else is read meanwhile)"
             );
