@@ -12,8 +12,7 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    io::Write,
-    os::fd::{AsFd, AsRawFd, RawFd},
+    os::fd::{AsRawFd, RawFd},
     path::PathBuf,
     time::{Duration, SystemTime},
 };
@@ -31,9 +30,11 @@ use crate::{
     event::{FileKind, WatchOutput},
     freezer::{FreezeTarget, Freezer, FreezerKind},
     id::{ContainerId, RuntimeName},
+    output::Output,
     record::{self, ContainerRef},
     runtime::{ContainerMeta, Runtime, RuntimeEvent},
     runtimes::{oci, AnyRuntime, Places, Resolved, SetupPaths},
+    stats::{Gauges, Stats},
     watcher::{ArmStats, ContainerLayer, FdBudget, WatchError, Watcher},
 };
 
@@ -76,6 +77,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where the container runtimes keep their bundles and layers.
     pub places: Places,
+    /// How often a `stats` record is printed (zero: only at exit).
+    pub stats_interval: Duration,
 }
 
 impl Default for Config {
@@ -88,6 +91,7 @@ impl Default for Config {
             freeze_max_age: Duration::from_millis(5),
             state_dir: PathBuf::from("/run/fsmon"),
             places: Places::default(),
+            stats_interval: Duration::from_secs(60),
         }
     }
 }
@@ -198,7 +202,7 @@ struct Daemon {
     freezer: Freezer,
     watcher: Watcher,
     runtime: Runtime,
-    out: Box<dyn Write + Send>,
+    out: Output,
     /// Records not yet written to `out` (written when large, and after every loop turn).
     pending_out: Vec<u8>,
     containers: HashMap<String, Monitored>,
@@ -222,29 +226,15 @@ struct Daemon {
     asking: HashMap<String, Asking>,
     /// Where the tasks that ask runtimes send their answers.
     answers: mpsc::UnboundedSender<Answer>,
+    /// Counters for the `stats` record.
+    stats: Stats,
 }
 
 /// Runs the daemon until `shutdown` resolves. Returns an error only for fatal problems
 /// (eBPF cannot load or attach, output unusable); everything a container or an engine does
 /// is handled and logged.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let out: Box<dyn Write + Send> = match &config.output {
-        // Our own handle on fd 1, written in whole batches (std's `Stdout` would add a
-        // lock and a line buffer to every write).
-        OutputTarget::Stdout => Box::new(std::fs::File::from(
-            std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("cannot use stdout")?,
-        )),
-        OutputTarget::File(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open --output {}", p.display()))?,
-        ),
-    };
+    let out = Output::open(&config.output)?;
     let mounts = CgroupMounts::discover()
         .context("cannot read the cgroup mounts from /proc/self/mountinfo")?;
     if mounts.unified.is_none() && mounts.freezer.is_none() {
@@ -290,6 +280,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         started: SystemTime::now(),
         asking: HashMap::new(),
         answers,
+        stats: Stats::default(),
     };
     d.fd_budget_max = d.watcher.fd_budget().1;
     let (cached, budget) = d.watcher.fd_budget();
@@ -334,7 +325,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     d.flush()?;
 
     tokio::pin!(shutdown);
+    // SIGHUP reopens --output (logrotate). Without a handler its default action would end
+    // the daemon, so failing to install one is fatal.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let stats_every = d.config.stats_interval;
+    let mut stats_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + stats_every,
+        stats_every.max(Duration::from_millis(1)),
+    );
     let mut batch = Vec::new();
     let mut slow = SlowTurns::default();
     loop {
@@ -368,8 +368,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.on_runtime(ev);
                 ("runtime", t)
             }
+            _ = stats_tick.tick(), if !stats_every.is_zero() => {
+                let t = std::time::Instant::now();
+                d.emit_stats(lifecycle.lost(), false)?;
+                ("stats", t)
+            }
+            Some(()) = hangup.recv() => {
+                let t = std::time::Instant::now();
+                // Everything observed so far goes to the old file, then the new one.
+                d.flush()?;
+                d.out.reopen();
+                ("hangup", t)
+            }
             _ = tick.tick() => {
                 let t = std::time::Instant::now();
+                // A reader that went away ends the daemon like SIGTERM (output.rs).
+                if d.out.reader_gone() {
+                    break;
+                }
                 let lost = lifecycle.lost();
                 if lost > d.lifecycle_lost {
                     tracing::error!(lost = lost - d.lifecycle_lost, "eBPF ring buffer was full: lifecycle records lost; resyncing with the engines");
@@ -390,9 +406,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         };
         d.flush()?;
         slow.note(input.0, input.1.elapsed());
+        if d.out.is_closed() {
+            break;
+        }
     }
     // Drain what the kernel has already queued, so nothing observed is lost at exit.
     d.drain_watcher()?;
+    d.emit_stats(lifecycle.lost(), true)?;
     d.flush()?;
     tracing::info!("shutting down");
     Ok(())
@@ -400,8 +420,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
 impl Daemon {
     fn emit(&mut self, line: &str) -> anyhow::Result<()> {
+        self.stats.daemon_record(line);
         self.pending_out.extend_from_slice(line.as_bytes());
         self.write_if_large()
+    }
+
+    /// Prints a `stats` record (`last`: the one at exit).
+    fn emit_stats(&mut self, lifecycle_lost: u64, last: bool) -> anyhow::Result<()> {
+        let gauges = Gauges {
+            containers_monitored: self.containers.len(),
+            containers_unarmed: self.unarmed.len(),
+            watches: self.watcher.watch_count(),
+            lifecycle_lost,
+            uptime_s: self.started.elapsed().unwrap_or_default().as_secs_f64(),
+            last,
+        };
+        let line = self.stats.record(SystemTime::now(), &gauges);
+        self.emit(&line)
     }
 
     fn write_if_large(&mut self) -> anyhow::Result<()> {
@@ -413,9 +448,7 @@ impl Daemon {
 
     fn flush(&mut self) -> anyhow::Result<()> {
         if !self.pending_out.is_empty() {
-            self.out
-                .write_all(&self.pending_out)
-                .context("writing to --output")?;
+            self.out.write_all(&self.pending_out)?;
             self.pending_out.clear();
         }
         Ok(())
@@ -489,6 +522,7 @@ impl Daemon {
                     return Ok(());
                 }
                 enc.encode(&mut self.pending_out, &c.encoded, &ev);
+                self.stats.file_record(ev.kind);
                 self.write_if_large()?;
             }
             WatchOutput::Exited { container } => {
@@ -722,6 +756,9 @@ impl Daemon {
             if let Err(e) = self.arm(&cg, None, cgroup, since) {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
             }
+            if self.containers.contains_key(&id) {
+                self.stats.late_arm();
+            }
         }
     }
 
@@ -879,6 +916,9 @@ impl Daemon {
             );
             if let Err(e) = self.arm(&cg, None, cgroup, Some(since)) {
                 tracing::error!(container_id = %id, error = %e, "cannot arm");
+            }
+            if self.containers.contains_key(&id) {
+                self.stats.late_arm();
             }
             if !self.unarmed.contains_key(&id) {
                 tracing::info!(container_id = %id, attempts, "armed a container that could not be armed before");

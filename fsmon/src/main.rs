@@ -1,6 +1,7 @@
 //! The `fsmon` command line: parses arguments, sets up logging to stderr, and runs the
-//! daemon until SIGINT/SIGTERM. Fatal errors end with one clear line on stderr and a
-//! non-zero exit status.
+//! daemon until SIGINT/SIGTERM (or until the reader of its output goes away). A bad
+//! command line is one `fsmon: error: …` line and exit status 2; a fatal error at run time
+//! is one such line and exit status 1.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -15,7 +16,13 @@ use fsmon::{
 /// Reports every file each container changes in its own writable layer, from its first
 /// instruction to its last, as JSON Lines.
 #[derive(Parser, Debug)]
-#[command(name = "fsmon", version, about, long_about)]
+#[command(
+    name = "fsmon",
+    version,
+    about,
+    long_about,
+    after_help = "Examples:\n  fsmon run                                  # records on stdout, logs on stderr\n  fsmon run --output /var/log/fsmon.jsonl    # appended, mode 0600, reopened on SIGHUP\n  fsmon run | jq -c 'select(.kind == \"create\")'\n\nRecords are documented in docs/events.md; `fsmon run --help` lists every option."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +31,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the daemon: JSON Lines records to --output, logs to stderr. Needs root.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// Show where fsmon finds the writable layer of running containers, and how long that
     /// takes: one JSON line per cgroup (as `/proc/<pid>/cgroup` names it, e.g.
@@ -70,63 +78,162 @@ struct PlacesArgs {
     containers_runroot: PathBuf,
 }
 
+const RUN_EXAMPLES: &str = "Examples:
+  fsmon run
+  fsmon run -H unix:///var/run/docker.sock -H unix:///var/run/docker-v2.sock
+  fsmon run --output /var/log/fsmon.jsonl --log-format json --stats-interval 300
+  fsmon run | jq -c 'select(.kind == \"delete\") | {id: .container.id, path}'
+
+Records are documented in docs/events.md. SIGINT/SIGTERM: drain and exit 0. SIGHUP: reopen
+--output (for logrotate). A reader that closes the stream (`fsmon run | head -3`) ends
+fsmon like SIGTERM.";
+
+/// How log lines on stderr look.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line (for journald/Fluent Bit/Vector).
+    Json,
+}
+
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Docker engine to follow; repeat for several engines on one host.
     /// [default: $DOCKER_HOST, else unix:///var/run/docker.sock]
+    ///
+    /// Example: -H unix:///var/run/docker.sock -H unix:///var/run/docker-v2.sock
     #[arg(long = "docker-host", short = 'H', value_name = "URL")]
     docker_host: Vec<String>,
 
-    /// Where records go: a file path (appended to) or - for stdout.
+    /// Where records go: a file path or - for stdout. A file is appended to, created with
+    /// mode 0600, and reopened on SIGHUP (logrotate: move it away, then SIGHUP).
+    ///
+    /// Example: --output /var/log/fsmon.jsonl
     #[arg(long, short = 'o', value_name = "PATH|-", default_value = "-")]
     output: String,
 
     /// Do not freeze starting containers while their watch is armed (arm and scan only;
     /// the first milliseconds of a container may then be reported by scan or missed).
+    ///
+    /// Example: --no-freeze
     #[arg(long)]
     no_freeze: bool,
 
     /// Longest time a starting container may stay frozen, in milliseconds; past it the
     /// container is thawed and arming finishes without the freeze.
+    ///
+    /// Example: --freeze-timeout 50
     #[arg(long, value_name = "MS", default_value_t = 100)]
     freeze_timeout: u64,
 
     /// Directory (on tmpfs) where in-flight freezes are recorded, so that a restarted fsmon
     /// thaws what a killed one left frozen.
+    ///
+    /// Example: --state-dir /run/fsmon
     #[arg(long, value_name = "DIR", default_value = "/run/fsmon")]
     state_dir: PathBuf,
 
     /// Scheduling niceness of the daemon (-20..19). fsmon reacts to a container's cgroup
     /// appearing while runc sets the container up; a busy host must not make it late.
-    #[arg(long, value_name = "N", default_value_t = -10, allow_hyphen_values = true)]
+    ///
+    /// Example: --nice -5
+    #[arg(long, value_name = "N", default_value_t = -10, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
     nice: i32,
 
     #[command(flatten)]
     places: PlacesArgs,
 
-    /// Log filter for stderr (error, warn, info, debug, trace, or a tracing filter).
+    /// Seconds between two `stats` records (counters since start); 0 prints one only at
+    /// exit.
+    ///
+    /// Example: --stats-interval 300
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    stats_interval: u64,
+
+    /// Log filter for stderr (error, warn, info, debug, trace, or a tracing filter such as
+    /// `fsmon=debug`).
+    ///
+    /// Example: --log-level warn
     #[arg(long, value_name = "FILTER", env = "FSMON_LOG", default_value = "info")]
     log_level: String,
+
+    /// Format of the log lines on stderr.
+    ///
+    /// Example: --log-format json
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command {
         Command::Run(args) => run(args),
         Command::Resolve(args) => resolve(&args),
     }
 }
 
+/// `--help` and `--version` as clap prints them; any other command-line error as one
+/// line (scripts and systemd's journal show one line well), exit status 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    eprintln!("fsmon: error: {} (see fsmon run --help)", one_line(e));
+    ExitCode::from(2)
+}
+
+/// clap's message without its `error: ` prefix, usage block and tips, on one line.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut parts = Vec::new();
+    for l in text.lines() {
+        let l = l.trim();
+        if l.starts_with("Usage:") || l.starts_with("For more information") {
+            break;
+        }
+        if !l.is_empty() {
+            parts.push(l.strip_prefix("error: ").unwrap_or(l).to_owned());
+        }
+    }
+    parts.join(" ")
+}
+
 fn run(args: RunArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "fsmon: error: invalid --log-level {:?}: {e} (see fsmon run --help)",
+                args.log_level
+            );
+            return ExitCode::from(2);
+        }
+    };
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match args.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
 
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -171,6 +278,7 @@ fn run(args: RunArgs) -> ExitCode {
         freeze_timeout: Duration::from_millis(args.freeze_timeout.max(1)),
         state_dir: args.state_dir.clone(),
         places,
+        stats_interval: Duration::from_secs(args.stats_interval),
         ..Config::default()
     };
 

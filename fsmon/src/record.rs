@@ -106,9 +106,14 @@ fn put_path(m: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
     }
 }
 
+/// The version of the record schema (`docs/events.md`), printed in `ready`. It changes
+/// when a field changes meaning or goes away, not when one is added.
+pub const SCHEMA: u32 = 1;
+
 /// `ready`: attached, and every running container is armed.
 pub fn ready(now: SystemTime, engines: &[String]) -> String {
     let mut m = base("ready", now);
+    m.insert("schema".into(), json!(SCHEMA));
     m.insert(
         "version".into(),
         Value::String(env!("CARGO_PKG_VERSION").into()),
@@ -147,6 +152,15 @@ pub fn overflow(now: SystemTime, c: Option<&ContainerRef>, reason: &str) -> Stri
         m.insert("container".into(), c.to_json());
     }
     m.insert("reason".into(), Value::String(reason.into()));
+    line(m)
+}
+
+/// `stats`: the daemon's counters (`body`'s fields follow `time` and `kind`).
+pub fn stats(now: SystemTime, body: Value) -> String {
+    let mut m = base("stats", now);
+    if let Value::Object(b) = body {
+        m.extend(b);
+    }
     line(m)
 }
 
@@ -413,5 +427,6 @@ mod tests {
         assert!(v.get("container").is_none());
         let v = parse(&ready(UNIX_EPOCH, &["unix:///var/run/docker.sock".into()]));
         assert_eq!(v["kind"], "ready");
+        assert_eq!(v["schema"], SCHEMA);
     }
 }
