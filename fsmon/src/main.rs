@@ -102,7 +102,7 @@ struct RunArgs {
     /// Docker engine to follow; repeat for several engines on one host.
     /// [default: $DOCKER_HOST, else unix:///var/run/docker.sock]
     ///
-    /// Example: -H unix:///var/run/docker.sock -H unix:///var/run/docker-v2.sock
+    /// Example: --docker-host unix:///var/run/docker.sock --docker-host unix:///var/run/docker-v2.sock
     #[arg(long = "docker-host", short = 'H', value_name = "URL")]
     docker_host: Vec<String>,
 

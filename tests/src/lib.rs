@@ -52,6 +52,18 @@ pub fn docker(host: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// A container name no other test run uses: `fsmon-<prefix>-<pid>-<nanoseconds>`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "fsmon-{prefix}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    )
+}
+
 /// `docker run -d` of the test image, labelled for clean-up; returns the container id.
 pub fn run_detached(host: &str, name: &str, cmd: &[&str]) -> Result<String> {
     run_test_image(host, "-d", name, cmd)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fsmon_tests::{
-    assert_bracketed, docker, engines, frozen_cgroups, image, run_detached, run_rm, Fsmon,
+    assert_bracketed, docker, engines, frozen_cgroups, image, run_detached, run_rm, unique, Fsmon,
 };
 use serde_json::Value;
 
@@ -17,17 +17,6 @@ fn hosts() -> Vec<String> {
 
 fn is(kind: &'static str, id: String) -> impl Fn(&Value) -> bool {
     move |r| r["kind"] == kind && r["container"]["id"] == id.as_str()
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "fsmon-{prefix}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-    )
 }
 
 #[test]

@@ -408,6 +408,7 @@ pub fn start_engines() -> Result<Vec<Started>> {
         "docker.io",
         "busybox-static",
         "inotify-tools",
+        "jq",
         "containerd",
         "runc",
         "podman",
@@ -458,7 +459,7 @@ pub fn start_engines() -> Result<Vec<Started>> {
 
 /// The command that runs tier-3 test binaries, with the whole test bed described in its
 /// environment.
-fn tier3(tests: &[&str], bin: &Path, filter: Option<&str>) -> Command {
+fn tier3(tests: &[&str], bin: &Path, image: &str, filter: Option<&str>) -> Command {
     let mut c = cargo();
     c.current_dir(util::root())
         .args(["test", "-p", "fsmon-tests"]);
@@ -473,7 +474,8 @@ fn tier3(tests: &[&str], bin: &Path, filter: Option<&str>) -> Command {
         .env("FSMON_CONTAINERD_SOCK", CONTAINERD_SOCK)
         .env("FSMON_CONTAINERD_STATE", CONTAINERD_STATE)
         .env("FSMON_CTR_IMAGE", CTR_IMAGE)
-        .env("FSMON_PODMAN_IMAGE", PODMAN_IMAGE);
+        .env("FSMON_PODMAN_IMAGE", PODMAN_IMAGE)
+        .env("FSMON_IMAGE", image);
     c.args(filter);
     c
 }
@@ -519,15 +521,22 @@ pub fn test(args: &TestArgs) -> Result<()> {
     }
     if want(3) {
         let started = start_engines()?;
+        // The deployment test runs the fsmon image under the cgroup v1 engine.
+        let image = crate::image::build(V1_HOST)?;
         eprintln!("xtask: tier 3 — the fsmon binary against the cgroup v1 and v2 Docker engines");
         let mut r = run(&mut tier3(
             &["docker", "scale"],
             &bin,
+            &image,
             args.filter.as_deref(),
         ));
         if r.is_ok() {
             eprintln!("xtask: tier 3 — the fsmon binary against containerd (ctr) and podman");
-            r = run(&mut tier3(&["runtimes"], &bin, args.filter.as_deref()));
+            r = run(&mut tier3(&["runtimes"], &bin, &image, args.filter.as_deref()));
+        }
+        if r.is_ok() {
+            eprintln!("xtask: tier 3 — operator experience: filters, output, stats, docs, the fsmon image");
+            r = run(&mut tier3(&["operator"], &bin, &image, args.filter.as_deref()));
         }
         if !args.keep_engines {
             started.iter().for_each(stop);

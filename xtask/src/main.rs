@@ -1,4 +1,4 @@
-//! fsmon's task runner: `cargo xtask <build-ebpf|build|run|test|engines|bench>`.
+//! fsmon's task runner: `cargo xtask <build-ebpf|build|run|test|engines|bench|image>`.
 //!
 //! Everything a newcomer or CI needs is here, so that one command (`cargo xtask test`)
 //! installs what is missing, starts the Docker engines the tests need, builds, and runs
@@ -7,6 +7,7 @@
 mod bench;
 mod ebpf;
 mod engines;
+mod image;
 mod util;
 
 use anyhow::Result;
@@ -39,6 +40,9 @@ enum Cmd {
     /// Measure start-latency overhead, first-instruction completeness, detection latency,
     /// throughput and memory side by side with the baseline (root; starts the engines).
     Bench(bench::BenchArgs),
+    /// Build the fsmon container image from local files (deploy/Dockerfile, FROM scratch;
+    /// no registry).
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -55,5 +59,6 @@ fn main() -> Result<()> {
         Cmd::Test(args) => engines::test(&args),
         Cmd::Engines => engines::start_engines().map(|_| ()),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Image(args) => image::build(&args.docker_host).map(|_| ()),
     }
 }
