@@ -134,6 +134,13 @@ impl Fsmon {
                 });
             }
         }
+        Self::from_command(cmd, state_dir)
+    }
+
+    /// Starts `cmd`, whose stdout carries fsmon's records (fsmon itself, or `docker logs
+    /// -f` of an fsmon container), and waits for `ready`.
+    pub fn from_command(mut cmd: Command, state_dir: tempfile::TempDir) -> Result<Fsmon> {
+        cmd.stdout(Stdio::piped());
         let mut child = cmd.spawn().context("starting fsmon")?;
         let stdout = child.stdout.take().context("fsmon stdout")?;
         let (tx, rx) = mpsc::channel();

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use fsmon_tests::{engines, env, frozen_cgroups, run_rm, unique, Fsmon};
+use fsmon_tests::{docker, engines, env, frozen_cgroups, run_rm, unique, Fsmon};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -606,4 +606,86 @@ fn documented_records_and_jq_recipes_match_the_binary() -> anyhow::Result<()> {
         "schema check passes"
     );
     Ok(())
+}
+
+/// The fsmon image (`cargo xtask image`) run under the cgroup v1 engine as the README
+/// documents it (privileged, host PID and cgroup namespaces, the host paths it needs)
+/// reports the host's containers on both engines, and stops cleanly with `docker stop`.
+#[test]
+fn image_runs_under_docker_with_the_documented_mounts() -> anyhow::Result<()> {
+    let image = env("FSMON_IMAGE");
+    let (_, host) = engines().remove(0);
+    let name = unique("image");
+    let state = format!("/run/{name}");
+    let mut args: Vec<String> = [
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--label",
+        "fsmon-test",
+        "--privileged",
+        "--pid",
+        "host",
+        "--cgroupns",
+        "host",
+        "-v",
+        "/sys/fs/cgroup:/sys/fs/cgroup",
+        "-v",
+        "/sys/kernel/btf:/sys/kernel/btf:ro",
+        "-v",
+        "/sys/kernel/tracing:/sys/kernel/tracing",
+        "-v",
+        "/run:/run",
+        "-v",
+        "/var/lib/docker:/var/lib/docker:ro",
+        "-v",
+        "/var/lib/docker-v2:/var/lib/docker-v2:ro",
+        &image,
+        "run",
+        "--state-dir",
+        &state,
+        "--stats-interval",
+        "0",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    for (_, h) in engines() {
+        args.push("--docker-host".into());
+        args.push(h.replace("/var/run/", "/run/"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id = docker(&host, &args)?;
+    let mut logs = Command::new("docker");
+    logs.args(["-H", &host, "logs", "-f", &id]);
+    let started = Fsmon::from_command(logs, tempfile::tempdir()?);
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = started?;
+        for (label, h) in engines() {
+            let n = unique(label);
+            run_rm(&h, &n, &["sh", "-c", "touch /from-the-image-test"])?;
+            let cid = f.wait_start_stop(WAIT, &n)?;
+            assert!(
+                f.of(&cid)
+                    .iter()
+                    .any(|r| r["kind"] == "create" && r["path"] == "/from-the-image-test"),
+                "{label}: the file a container made is reported"
+            );
+        }
+        docker(&host, &["stop", "-t", "20", &id])?;
+        let code = docker(&host, &["inspect", "-f", "{{.State.ExitCode}}", &id])?;
+        assert_eq!(code, "0", "fsmon's exit status under docker stop");
+        let (_, records) = f.stop()?;
+        assert_eq!(
+            records.last().map(|r| r["final"].clone()),
+            Some(true.into()),
+            "the final stats record was printed"
+        );
+        Ok(())
+    })();
+    let _ = docker(&host, &["rm", "-f", &id]);
+    let _ = std::fs::remove_dir(&state);
+    assert!(frozen_cgroups().is_empty(), "{:?}", frozen_cgroups());
+    result
 }

@@ -76,7 +76,17 @@ pub fn build(host: &str) -> Result<String> {
         rootfs.join("etc/passwd"),
         "root:x:0:0:root:/:/usr/bin/fsmon\n",
     )?;
-    std::fs::copy(&bin, rootfs.join("usr/bin/fsmon")).context("copying fsmon")?;
+    // Without the debug information the release profile keeps for backtraces (50 MB).
+    let strip = util::which("strip").map(|strip| {
+        Command::new(strip)
+            .args(["--strip-debug", "-o"])
+            .arg(rootfs.join("usr/bin/fsmon"))
+            .arg(&bin)
+            .status()
+    });
+    if !matches!(strip, Some(Ok(st)) if st.success()) {
+        std::fs::copy(&bin, rootfs.join("usr/bin/fsmon")).context("copying fsmon")?;
+    }
     for lib in linked_libraries(&bin)? {
         copy_into(&rootfs, &lib)?;
     }
