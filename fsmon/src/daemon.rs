@@ -28,6 +28,7 @@ use crate::{
     },
     ebpf::{monotonic_ns, CgroupOp, Lifecycle, LifecycleRecord},
     event::{FileKind, WatchOutput},
+    filter::{ContainerFilter, Decision, RecordFilter},
     freezer::{FreezeTarget, Freezer, FreezerKind},
     id::{ContainerId, RuntimeName},
     output::Output,
@@ -79,6 +80,10 @@ pub struct Config {
     pub places: Places,
     /// How often a `stats` record is printed (zero: only at exit).
     pub stats_interval: Duration,
+    /// Which containers are armed (`--filter`, `--exclude`).
+    pub containers: ContainerFilter,
+    /// Which file records are printed (`--path`, `--exclude-path`, `--kind`).
+    pub records: RecordFilter,
 }
 
 impl Default for Config {
@@ -92,6 +97,8 @@ impl Default for Config {
             state_dir: PathBuf::from("/run/fsmon"),
             places: Places::default(),
             stats_interval: Duration::from_secs(60),
+            containers: ContainerFilter::default(),
+            records: RecordFilter::default(),
         }
     }
 }
@@ -112,6 +119,8 @@ enum ArmOutcome {
     Asking,
     /// No configured engine knows it.
     Foreign,
+    /// The operator's filters exclude it: not armed, no records.
+    Excluded,
     /// Its layer went away while arming (the container is gone).
     Gone,
     /// It could not be armed now; retried on the tick.
@@ -209,6 +218,8 @@ struct Daemon {
     /// Cgroups recognised as containers that no configured engine knows (podman, ...),
     /// so they are looked up once, not at every mkdir.
     foreign: HashSet<String>,
+    /// Containers the filters exclude (until their cgroup goes).
+    excluded: HashSet<String>,
     /// Containers of a cgroup v1 engine whose v1 freezer cgroup appeared, waiting for their
     /// v2 cgroup (value: when the first record fired, CLOCK_MONOTONIC ns, the cgroup and
     /// its path).
@@ -272,6 +283,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pending_out: Vec::with_capacity(OUT_CHUNK * 2),
         containers: HashMap::new(),
         foreign: HashSet::new(),
+        excluded: HashSet::new(),
         pending: HashMap::new(),
         outputs: Vec::new(),
         lifecycle_lost: 0,
@@ -521,6 +533,13 @@ impl Daemon {
                 if ev.kind == FileKind::Create && c.setup.contains(&ev.path) {
                     return Ok(());
                 }
+                if !self
+                    .config
+                    .records
+                    .keeps(ev.kind.as_str(), &ev.path, ev.old_path.as_deref())
+                {
+                    return Ok(());
+                }
                 enc.encode(&mut self.pending_out, &c.encoded, &ev);
                 self.stats.file_record(ev.kind);
                 self.write_if_large()?;
@@ -559,6 +578,18 @@ impl Daemon {
         c.cref.name = c.cref.name.take().or(meta.name);
         c.cref.image = c.cref.image.take().or(meta.image);
         c.encoded = c.cref.encoded();
+        if self.config.containers.decide_engine_meta(
+            id,
+            Some((c.cref.name.as_deref(), c.cref.image.as_deref())),
+        ) == Decision::Skip
+        {
+            // Excluded once its name and image came: nothing of it is printed.
+            tracing::debug!(container_id = %id, "excluded by the filters; watch removed");
+            self.watcher.remove_container(id);
+            self.containers.remove(id);
+            self.excluded.insert(id.to_owned());
+            return Ok(());
+        }
         let line = record::container_start(
             held.at,
             &c.cref,
@@ -636,6 +667,7 @@ impl Daemon {
                 let id = cg.id.as_str();
                 if self.containers.contains_key(id)
                     || self.foreign.contains(id)
+                    || self.excluded.contains(id)
                     || self.unarmed.contains_key(id)
                 {
                     return Ok(());
@@ -701,6 +733,7 @@ impl Daemon {
                     self.stop(id)?;
                 }
                 self.foreign.remove(id);
+                self.excluded.remove(id);
                 self.pending.remove(id);
                 self.unarmed.remove(id);
             }
@@ -803,6 +836,11 @@ impl Daemon {
                 tracing::debug!(container_id = %id, "no runtime knows this container; ignored");
                 self.unarmed.remove(id);
                 self.foreign.insert(id.to_owned());
+            }
+            ArmOutcome::Excluded => {
+                tracing::debug!(container_id = %id, "excluded by the filters; not armed");
+                self.unarmed.remove(id);
+                self.excluded.insert(id.to_owned());
             }
             ArmOutcome::Failed { cause, exhausted } => {
                 self.arm_failed(cg, unified_cgroup, since, &cause, exhausted)?;
@@ -934,6 +972,18 @@ impl Daemon {
         since: Option<SystemTime>,
     ) -> anyhow::Result<ArmOutcome> {
         let id = cg.id.as_str();
+        // Decided before anything is frozen or watched, from what is known already (the id,
+        // the engine's cached name and image); what needs more is decided once the
+        // container's identity is known (`finish_arm`, `release`).
+        let cached = self.runtime.cached_meta(id);
+        let early = self.config.containers.decide_engine_meta(
+            id,
+            (cached.name.is_some() || cached.image.is_some())
+                .then_some((cached.name.as_deref(), cached.image.as_deref())),
+        );
+        if early == Decision::Skip {
+            return Ok(ArmOutcome::Excluded);
+        }
         let frozen = match freeze {
             Some(t) => match self.freezer.freeze(t, self.config.freeze_timeout) {
                 Ok(f) => f,
@@ -1022,6 +1072,17 @@ impl Daemon {
             return Ok(ArmOutcome::Gone);
         }
         let (cref, setup, ask) = self.identify(&cg.id, cg.runtime, found);
+        // Its name and image are known unless an engine is being asked for them (then
+        // `release` decides, before its `container_start`).
+        if ask.is_none()
+            && self.config.containers.decide_engine_meta(
+                id,
+                Some((cref.name.as_deref(), cref.image.as_deref())),
+            ) == Decision::Skip
+        {
+            self.watcher.remove_container(id);
+            return Ok(ArmOutcome::Excluded);
+        }
         // How long after its cgroup appeared the container was armed (null for one that
         // was running before fsmon started).
         let now = SystemTime::now();
@@ -1222,6 +1283,7 @@ impl Daemon {
             if cg.runtime.runtime() == RuntimeName::Docker
                 || self.containers.contains_key(id)
                 || self.foreign.contains(id)
+                || self.excluded.contains(id)
                 || self.unarmed.contains_key(id)
                 || self.asking.contains_key(id)
             {
@@ -1260,7 +1322,10 @@ impl Daemon {
 
     /// Arms a container a Docker engine says is running, unless it already is.
     fn arm_running_docker(&mut self, id: &str) {
-        if self.containers.contains_key(id) || self.asking.contains_key(id) {
+        if self.containers.contains_key(id)
+            || self.asking.contains_key(id)
+            || self.excluded.contains(id)
+        {
             return;
         }
         let Some(cid) = ContainerId::parse(id) else {

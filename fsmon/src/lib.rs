@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod ebpf;
 pub mod event;
+pub mod filter;
 pub mod freezer;
 pub mod id;
 pub mod limits;

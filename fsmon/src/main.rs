@@ -159,6 +159,44 @@ struct RunArgs {
     #[arg(long, value_name = "FILTER", env = "FSMON_LOG", default_value = "info")]
     log_level: String,
 
+    /// Monitor only the containers that match (docker-CLI style): `id=` (prefix), `name=`,
+    /// `image=` (`nginx` matches any tag), `runtime=`, `namespace=`, `pod=`. Repeat: the
+    /// same key ORs, different keys AND. A container that does not match is not armed at
+    /// all (no freeze, no watch). `id` is decided before anything else; `name`/`image`
+    /// from the engine's cached metadata, else once it is known (then the container was
+    /// briefly armed, but nothing of it is printed).
+    ///
+    /// Example: --filter name=web --filter name=api --filter image=nginx
+    #[arg(long, value_name = "KEY=VALUE")]
+    filter: Vec<String>,
+
+    /// Do not monitor the containers that match (same keys and rules as --filter).
+    ///
+    /// Example: --exclude name=fsmon --exclude id=3f2a
+    #[arg(long, value_name = "KEY=VALUE")]
+    exclude: Vec<String>,
+
+    /// Print only file records whose container path matches a glob (`*` within a
+    /// component, `**` any depth, `?` one character); repeatable. A rename matches by
+    /// either path.
+    ///
+    /// Example: --path '/etc/**' --path '/usr/bin/*'
+    #[arg(long, value_name = "GLOB")]
+    path: Vec<String>,
+
+    /// Do not print file records whose container path matches a glob; repeatable.
+    ///
+    /// Example: --exclude-path '/tmp/**'
+    #[arg(long, value_name = "GLOB")]
+    exclude_path: Vec<String>,
+
+    /// Print only these file record kinds (create, modify, attrib, delete, rename); comma
+    /// separated or repeated. Container and daemon records are always printed.
+    ///
+    /// Example: --kind create,delete
+    #[arg(long, value_name = "KINDS")]
+    kind: Vec<String>,
+
     /// Format of the log lines on stderr.
     ///
     /// Example: --log-format json
@@ -215,6 +253,27 @@ fn one_line(e: &clap::Error) -> String {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let filters = fsmon::filter::ContainerFilter::parse(&args.filter, &args.exclude)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            if args.filter.iter().chain(&args.exclude).any(|a| a.starts_with("label=")) {
+                Err("label filters are not supported yet: fsmon does not collect the engines' labels".into())
+            } else {
+                Ok(f)
+            }
+        });
+    let records = fsmon::filter::RecordFilter::parse(&args.path, &args.exclude_path, &args.kind);
+    let (containers, records) = match (filters, records) {
+        (Ok(c), Ok(r)) => (c, r),
+        (Err(e), _) => {
+            eprintln!("fsmon: error: --filter/--exclude: {e} (see fsmon run --help)");
+            return ExitCode::from(2);
+        }
+        (_, Err(e)) => {
+            eprintln!("fsmon: error: {e} (see fsmon run --help)");
+            return ExitCode::from(2);
+        }
+    };
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
         Ok(f) => f,
         Err(e) => {
@@ -279,6 +338,8 @@ fn run(args: RunArgs) -> ExitCode {
         state_dir: args.state_dir.clone(),
         places,
         stats_interval: Duration::from_secs(args.stats_interval),
+        containers,
+        records,
         ..Config::default()
     };
 

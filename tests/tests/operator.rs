@@ -689,3 +689,136 @@ fn image_runs_under_docker_with_the_documented_mounts() -> anyhow::Result<()> {
     assert!(frozen_cgroups().is_empty(), "{:?}", frozen_cgroups());
     result
 }
+
+/// The inode numbers (hex, as fdinfo prints them) that process `pid` has inotify watches on.
+fn watched_inodes(pid: u32) -> HashSet<String> {
+    let mut inodes = HashSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return inodes;
+    };
+    for e in dir.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for line in text.lines().filter(|l| l.starts_with("inotify wd:")) {
+            if let Some(ino) = line.split_whitespace().find_map(|w| w.strip_prefix("ino:")) {
+                inodes.insert(ino.to_owned());
+            }
+        }
+    }
+    inodes
+}
+
+/// `--filter`/`--exclude` decide which containers are armed at all (an excluded one has no
+/// watch and no record), `--path`/`--kind` which file records are printed.
+#[test]
+fn filters_arm_only_the_chosen_containers() -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let (label, host) = engines().remove(0);
+    let script = "mkdir /keep; touch /keep/a /other; echo x > /keep/a; sleep 4; rm /keep/a";
+    let image = fsmon_tests::image();
+    let names: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| format!("{}-{n}", unique(label)))
+        .collect();
+    let mut ids = Vec::new();
+    for n in &names {
+        ids.push(docker(
+            &host,
+            &[
+                "create",
+                "--network",
+                "none",
+                "--label",
+                "fsmon-test",
+                "--name",
+                n,
+                &image,
+                "sh",
+                "-c",
+                script,
+            ],
+        )?);
+    }
+    let filter_a = format!("name={}", names[0]);
+    let filter_b = format!("name={}", names[1]);
+    let exclude_b = format!("id={}", &ids[1][..12]);
+    let mut f = Fsmon::start(
+        &hosts(),
+        &[
+            "--filter",
+            &filter_a,
+            "--filter",
+            &filter_b,
+            "--exclude",
+            &exclude_b,
+            "--kind",
+            "create,delete",
+            "--path",
+            "/keep/**",
+        ],
+    )?;
+    let runs: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (host, id) = (host.clone(), id.clone());
+            std::thread::spawn(move || docker(&host, &["start", "-a", &id]))
+        })
+        .collect();
+    f.wait_for(WAIT, |r| {
+        r["kind"] == "container_start" && r["container"]["id"] == ids[0].as_str()
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    // While all three run: only the chosen one's layer is watched.
+    let watched = watched_inodes(f.pid());
+    let upper_inode = |id: &str| -> anyhow::Result<String> {
+        let dir = docker(
+            &host,
+            &["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", id],
+        )?;
+        Ok(format!("{:x}", std::fs::metadata(dir)?.ino()))
+    };
+    assert!(
+        watched.contains(&upper_inode(&ids[0])?),
+        "the chosen container is watched"
+    );
+    for id in &ids[1..] {
+        assert!(!watched.contains(&upper_inode(id)?), "{id} is not watched");
+    }
+    for r in runs {
+        r.join()
+            .map_err(|_| anyhow::anyhow!("docker thread panicked"))??;
+    }
+    f.wait_for(WAIT, |r| {
+        r["kind"] == "container_stop" && r["container"]["id"] == ids[0].as_str()
+    })?;
+    let (code, records) = f.stop()?;
+    assert_eq!(code, 0);
+    for id in &ids[1..] {
+        assert!(
+            !records.iter().any(|r| r["container"]["id"] == id.as_str()),
+            "nothing about {id}"
+        );
+    }
+    let files: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r["container"]["id"] == ids[0].as_str() && r["path"].is_string())
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap_or_default().to_owned(),
+                r["path"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        files,
+        [
+            ("create".to_owned(), "/keep".to_owned()),
+            ("create".to_owned(), "/keep/a".to_owned()),
+            ("delete".to_owned(), "/keep/a".to_owned())
+        ],
+        "only creates and deletes under /keep"
+    );
+    for id in &ids {
+        let _ = docker(&host, &["rm", "-f", id]);
+    }
+    Ok(())
+}
