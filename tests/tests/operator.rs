@@ -719,9 +719,15 @@ fn filters_arm_only_the_chosen_containers() -> anyhow::Result<()> {
         .iter()
         .map(|n| format!("{}-{n}", unique(label)))
         .collect();
-    let mut ids = Vec::new();
-    for n in &names {
-        ids.push(docker(
+    // fsmon runs before the containers are created, as on a live host: the engine's
+    // `create` events give it their names before their cgroups appear, so the name
+    // filters are decided before anything is frozen or watched.
+    let filter_a = format!("name={}", names[0]);
+    let filter_b = format!("name={}", names[1]);
+    // B is excluded by an id prefix: it has to exist to have an id, so it alone is
+    // created before fsmon starts (an id is decided from the cgroup alone anyway).
+    let create = |n: &str| {
+        docker(
             &host,
             &[
                 "create",
@@ -736,11 +742,10 @@ fn filters_arm_only_the_chosen_containers() -> anyhow::Result<()> {
                 "-c",
                 script,
             ],
-        )?);
-    }
-    let filter_a = format!("name={}", names[0]);
-    let filter_b = format!("name={}", names[1]);
-    let exclude_b = format!("id={}", &ids[1][..12]);
+        )
+    };
+    let id_b = create(&names[1])?;
+    let exclude_b = format!("id={}", &id_b[..12]);
     let mut f = Fsmon::start(
         &hosts(),
         &[
@@ -756,6 +761,7 @@ fn filters_arm_only_the_chosen_containers() -> anyhow::Result<()> {
             "/keep/**",
         ],
     )?;
+    let ids = vec![create(&names[0])?, id_b, create(&names[2])?];
     let runs: Vec<_> = ids
         .iter()
         .map(|id| {
