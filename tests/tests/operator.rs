@@ -609,7 +609,7 @@ fn documented_records_and_jq_recipes_match_the_binary() -> anyhow::Result<()> {
 }
 
 /// The fsmon image (`cargo xtask image`) run under the cgroup v1 engine as the README
-/// documents it (privileged, host PID and cgroup namespaces, the host paths it needs)
+/// documents it (capabilities instead of --privileged, host PID and cgroup namespaces, the host paths it needs)
 /// reports the host's containers on both engines, and stops cleanly with `docker stop`.
 #[test]
 fn image_runs_under_docker_with_the_documented_mounts() -> anyhow::Result<()> {
@@ -624,7 +624,16 @@ fn image_runs_under_docker_with_the_documented_mounts() -> anyhow::Result<()> {
         &name,
         "--label",
         "fsmon-test",
-        "--privileged",
+        "--cap-add=SYS_ADMIN",
+        "--cap-add=SYS_RESOURCE",
+        "--cap-add=SYS_NICE",
+        "--cap-add=SYS_PTRACE",
+        "--cap-add=DAC_READ_SEARCH",
+        "--cap-add=DAC_OVERRIDE",
+        "--cap-add=FOWNER",
+        "--cap-add=KILL",
+        "--security-opt=seccomp=unconfined",
+        "--security-opt=apparmor=unconfined",
         "--pid",
         "host",
         "--cgroupns",
