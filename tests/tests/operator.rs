@@ -625,7 +625,6 @@ fn image_runs_under_docker_with_the_documented_mounts() -> anyhow::Result<()> {
         "--label",
         "fsmon-test",
         "--cap-add=SYS_ADMIN",
-        "--cap-add=SYS_RESOURCE",
         "--cap-add=SYS_NICE",
         "--cap-add=SYS_PTRACE",
         "--cap-add=DAC_READ_SEARCH",
