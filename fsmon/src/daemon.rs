@@ -28,7 +28,7 @@ use crate::{
     },
     ebpf::{monotonic_ns, CgroupOp, Lifecycle, LifecycleRecord},
     event::{FileKind, WatchOutput},
-    filter::{ContainerFilter, Decision, RecordFilter},
+    filter::{ContainerFilter, Decision, Facts, Meta, RecordFilter},
     freezer::{FreezeTarget, Freezer, FreezerKind},
     id::{ContainerId, RuntimeName},
     output::Output,
@@ -578,11 +578,7 @@ impl Daemon {
         c.cref.name = c.cref.name.take().or(meta.name);
         c.cref.image = c.cref.image.take().or(meta.image);
         c.encoded = c.cref.encoded();
-        if self.config.containers.decide_engine_meta(
-            id,
-            Some((c.cref.name.as_deref(), c.cref.image.as_deref())),
-        ) == Decision::Skip
-        {
+        if self.config.containers.decide(&facts_of(&c.cref)) == Decision::Skip {
             // Excluded once its name and image came: nothing of it is printed.
             tracing::debug!(container_id = %id, "excluded by the filters; watch removed");
             self.watcher.remove_container(id);
@@ -964,6 +960,61 @@ impl Daemon {
         }
     }
 
+    /// The filters' decision before anything is frozen or watched, from what is known at
+    /// the cgroup's appearance: the id and the runtime (from the cgroup's name), a Docker
+    /// container's name and image when its engine already told them (its `create` event),
+    /// and another runtime's identity (name, image, Kubernetes pod) from its bundle's
+    /// annotations and its own small metadata files. Those files are read here only when a
+    /// filter needs them, so that an excluded container is never frozen. `NotYet`: decided
+    /// again once its identity is known (`finish_arm`, `release`).
+    fn decide_early(&self, cg: &ContainerCgroup) -> Decision {
+        let filter = &self.config.containers;
+        if filter.is_empty() {
+            return Decision::Monitor;
+        }
+        let id = cg.id.as_str();
+        let runtime = cg.runtime.runtime();
+        let mut facts = Facts {
+            id,
+            runtime: Some(runtime.as_str()),
+            meta: None,
+        };
+        let decision = filter.decide(&facts);
+        if decision != Decision::NotYet {
+            return decision;
+        }
+        if runtime == RuntimeName::Docker {
+            let cached = self.runtime.cached_meta(id);
+            if cached.name.is_none() && cached.image.is_none() {
+                return Decision::NotYet;
+            }
+            facts.meta = Some(Meta {
+                name: cached.name.as_deref(),
+                image: cached.image.as_deref(),
+                ..Meta::default()
+            });
+            return filter.decide(&facts);
+        }
+        let rt = AnyRuntime::for_kind(&self.config.places, cg.runtime);
+        let bundle = rt
+            .bundle_dirs(cg)
+            .iter()
+            .find_map(|d| oci::read_bundle(d).ok());
+        let ident = rt.identity(&cg.id, bundle.as_ref());
+        if bundle.is_none() && ident.name.is_none() && ident.image.is_none() {
+            return Decision::NotYet;
+        }
+        let pod = ident.pod.as_ref();
+        facts.meta = Some(Meta {
+            name: ident.name.as_deref(),
+            image: ident.image.as_deref(),
+            labels: None,
+            namespace: pod.and_then(|p| p.namespace.as_deref()),
+            pod: pod.and_then(|p| p.name.as_deref()),
+        });
+        filter.decide(&facts)
+    }
+
     fn try_arm(
         &mut self,
         cg: &ContainerCgroup,
@@ -972,16 +1023,7 @@ impl Daemon {
         since: Option<SystemTime>,
     ) -> anyhow::Result<ArmOutcome> {
         let id = cg.id.as_str();
-        // Decided before anything is frozen or watched, from what is known already (the id,
-        // the engine's cached name and image); what needs more is decided once the
-        // container's identity is known (`finish_arm`, `release`).
-        let cached = self.runtime.cached_meta(id);
-        let early = self.config.containers.decide_engine_meta(
-            id,
-            (cached.name.is_some() || cached.image.is_some())
-                .then_some((cached.name.as_deref(), cached.image.as_deref())),
-        );
-        if early == Decision::Skip {
+        if self.decide_early(cg) == Decision::Skip {
             return Ok(ArmOutcome::Excluded);
         }
         let frozen = match freeze {
@@ -1074,12 +1116,7 @@ impl Daemon {
         let (cref, setup, ask) = self.identify(&cg.id, cg.runtime, found);
         // Its name and image are known unless an engine is being asked for them (then
         // `release` decides, before its `container_start`).
-        if ask.is_none()
-            && self.config.containers.decide_engine_meta(
-                id,
-                Some((cref.name.as_deref(), cref.image.as_deref())),
-            ) == Decision::Skip
-        {
+        if ask.is_none() && self.config.containers.decide(&facts_of(&cref)) == Decision::Skip {
             self.watcher.remove_container(id);
             return Ok(ArmOutcome::Excluded);
         }
@@ -1341,6 +1378,22 @@ impl Daemon {
         if let Err(e) = self.arm(&cg, None, cgroup, None) {
             tracing::error!(container_id = %id, error = %e, "cannot arm a running container");
         }
+    }
+}
+
+/// What the filters know of a container once its identity is known.
+fn facts_of(c: &ContainerRef) -> Facts<'_> {
+    let pod = c.pod.as_ref();
+    Facts {
+        id: &c.id,
+        runtime: Some(c.runtime.as_str()),
+        meta: Some(Meta {
+            name: c.name.as_deref(),
+            image: c.image.as_deref(),
+            labels: None,
+            namespace: pod.and_then(|p| p.namespace.as_deref()),
+            pod: pod.and_then(|p| p.name.as_deref()),
+        }),
     }
 }
 

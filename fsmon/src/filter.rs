@@ -251,28 +251,6 @@ impl ContainerFilter {
     }
 }
 
-impl ContainerFilter {
-    /// Decides for a container of a Docker engine from its name and image (`None`: the
-    /// engine's metadata is not known yet). Labels are not collected from the engines yet,
-    /// so `label=` is refused on the command line (see `main.rs`); a Docker container has
-    /// no Kubernetes namespace or pod.
-    pub fn decide_engine_meta(
-        &self,
-        id: &str,
-        meta: Option<(Option<&str>, Option<&str>)>,
-    ) -> Decision {
-        self.decide(&Facts {
-            id,
-            runtime: meta.map(|_| "docker"),
-            meta: meta.map(|(name, image)| Meta {
-                name,
-                image,
-                ..Meta::default()
-            }),
-        })
-    }
-}
-
 /// A path glob: `*` matches within one path component, `**` any number of components,
 /// `?` one character. Anchored at `/` (container paths are absolute).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -447,6 +425,51 @@ mod tests {
             );
             assert_eq!(f.decide(&early), *at_start, "{inc:?} {exc:?} at start");
         }
+    }
+
+    #[test]
+    fn kubernetes_decisions() {
+        let known = Facts {
+            id: ID,
+            runtime: Some("containerd"),
+            meta: Some(Meta {
+                name: Some("web"),
+                image: Some("registry.local/shop/web:3"),
+                labels: None,
+                namespace: Some("shop"),
+                pod: Some("web-0"),
+            }),
+        };
+        use Decision::*;
+        let table: &[(&[&str], &[&str], Decision)] = &[
+            (&["namespace=shop"], &[], Monitor),
+            (&["namespace=kube-system"], &[], Skip),
+            (&["pod=web-0"], &[], Monitor),
+            (&["pod=web-1", "pod=web-0"], &[], Monitor),
+            (&["namespace=shop", "pod=db-0"], &[], Skip),
+            (&["runtime=containerd", "namespace=shop"], &[], Monitor),
+            (&["runtime=cri-o", "namespace=shop"], &[], Skip),
+            (&[], &["namespace=shop"], Skip),
+            (&[], &["pod=db-0"], Monitor),
+            (&["image=registry.local/shop/web"], &[], Monitor),
+        ];
+        for (inc, exc, want) in table {
+            let f = ContainerFilter::parse(&args(inc), &args(exc)).expect("parses");
+            assert_eq!(f.decide(&known), *want, "{inc:?} {exc:?}");
+        }
+        // A container outside Kubernetes has no namespace and no pod.
+        let plain = Facts {
+            id: ID,
+            runtime: Some("podman"),
+            meta: Some(Meta {
+                name: Some("web"),
+                ..Meta::default()
+            }),
+        };
+        let f = ContainerFilter::parse(&args(&["namespace=shop"]), &[]).expect("parses");
+        assert_eq!(f.decide(&plain), Skip);
+        let f = ContainerFilter::parse(&[], &args(&["pod=web-0"])).expect("parses");
+        assert_eq!(f.decide(&plain), Monitor);
     }
 
     #[test]

@@ -532,11 +532,21 @@ pub fn test(args: &TestArgs) -> Result<()> {
         ));
         if r.is_ok() {
             eprintln!("xtask: tier 3 — the fsmon binary against containerd (ctr) and podman");
-            r = run(&mut tier3(&["runtimes"], &bin, &image, args.filter.as_deref()));
+            r = run(&mut tier3(
+                &["runtimes"],
+                &bin,
+                &image,
+                args.filter.as_deref(),
+            ));
         }
         if r.is_ok() {
             eprintln!("xtask: tier 3 — operator experience: filters, output, stats, docs, the fsmon image");
-            r = run(&mut tier3(&["operator"], &bin, &image, args.filter.as_deref()));
+            r = run(&mut tier3(
+                &["operator"],
+                &bin,
+                &image,
+                args.filter.as_deref(),
+            ));
         }
         if !args.keep_engines {
             started.iter().for_each(stop);
