@@ -62,10 +62,14 @@ struct ResolveArgs {
 struct PlacesArgs {
     /// State directory of a containerd whose containers (ctr, nerdctl, Kubernetes CRI) to
     /// report, as its `--state`/`state =`; repeatable. [default: /run/containerd]
+    ///
+    /// Example: --containerd-state /run/containerd --containerd-state /run/k3s/containerd
     #[arg(long = "containerd-state", value_name = "DIR")]
     containerd_state: Vec<PathBuf>,
 
     /// Graph root of containers/storage (podman, and CRI-O's layers).
+    ///
+    /// Example: --containers-storage /var/lib/containers/storage
     #[arg(
         long,
         value_name = "DIR",
@@ -74,6 +78,8 @@ struct PlacesArgs {
     containers_storage: PathBuf,
 
     /// Run root of containers/storage (CRI-O's bundles).
+    ///
+    /// Example: --containers-runroot /run/containers/storage
     #[arg(long, value_name = "DIR", default_value = "/run/containers/storage")]
     containers_runroot: PathBuf,
 }
