@@ -393,6 +393,29 @@ pub fn podman(args: &[&str]) -> Result<String> {
     tool(Command::new("podman").args(args), "podman", args)
 }
 
+/// `podman run` of the test image (`mode`: `--rm` or `-d`) with what this host needs.
+pub fn podman_run(mode: &str, name: &str, cmd: &[&str]) -> Result<String> {
+    let image = env("FSMON_PODMAN_IMAGE");
+    let mut args = vec![
+        "run",
+        mode,
+        "--name",
+        name,
+        "--label",
+        "fsmon-test",
+        "--network",
+        "none",
+        // This host's limits are lower than podman's defaults.
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &image,
+    ];
+    args.extend_from_slice(cmd);
+    podman(&args)
+}
+
 fn tool(cmd: &mut Command, name: &str, args: &[&str]) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {name}"))?;
     if !out.status.success() {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use fsmon_tests::{assert_bracketed, ctr, env, podman, random_id, Fsmon};
+use fsmon_tests::{assert_bracketed, ctr, env, podman, podman_run, random_id, Fsmon};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -30,29 +30,6 @@ fn fsmon() -> anyhow::Result<Fsmon> {
         &[env("FSMON_DOCKER_V1")],
         &["--containerd-state", &env("FSMON_CONTAINERD_STATE")],
     )
-}
-
-/// `podman run` of the test image (`mode`: `--rm` or `-d`) with what this host needs.
-fn podman_run(mode: &str, name: &str, cmd: &[&str]) -> anyhow::Result<String> {
-    let image = env("FSMON_PODMAN_IMAGE");
-    let mut args = vec![
-        "run",
-        mode,
-        "--name",
-        name,
-        "--label",
-        "fsmon-test",
-        "--network",
-        "none",
-        // This host's limits are lower than podman's defaults.
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1024:1024",
-        &image,
-    ];
-    args.extend_from_slice(cmd);
-    podman(&args)
 }
 
 fn is(kind: &'static str, id: String) -> impl Fn(&Value) -> bool {
