@@ -1,6 +1,7 @@
 //! Tier 3: what an operator relies on around the record stream — `--output` with log
-//! rotation, a reader that closes the stream, the `stats` counters, the command line — with
-//! the real `fsmon` binary against the real Docker engines. Run with `cargo xtask test`.
+//! rotation, a reader that closes the stream, the `stats` counters, the command line, the
+//! filters, the image — with the real `fsmon` binary against the real Docker engines, and
+//! containerd (ctr) and podman for the filters. Run with `cargo xtask test`.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -12,7 +13,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use fsmon_tests::{docker, engines, env, frozen_cgroups, run_rm, unique, Fsmon};
+use fsmon_tests::{
+    ctr, docker, engines, env, frozen_cgroups, podman, podman_run, random_id, run_detached, run_rm,
+    unique, Fsmon,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -835,5 +839,163 @@ fn filters_arm_only_the_chosen_containers() -> anyhow::Result<()> {
     for id in &ids {
         let _ = docker(&host, &["rm", "-f", id]);
     }
+    Ok(())
+}
+
+/// The writable layer of a running ctr container, from its rootfs mount's `upperdir=`.
+fn ctr_upperdir(id: &str) -> anyhow::Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let suffix = format!("/{id}/rootfs");
+    mountinfo
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|m| m.ends_with(&suffix))
+        })
+        .find_map(|l| {
+            let opts = l.rsplit(' ').next()?;
+            opts.split(',')
+                .find_map(|o| o.strip_prefix("upperdir="))
+                .map(PathBuf::from)
+        })
+        .with_context(|| format!("no overlay rootfs mount for ctr container {id}"))
+}
+
+/// `runtime=`, `namespace=` and `pod=` against real containers of every runtime: ctr
+/// containers carrying the CRI plugin's annotations (what the kubelet's containers carry;
+/// no kubelet here), a podman and a Docker container. Only the chosen Kubernetes container
+/// is watched and reported; the others (decided from the cgroup's runtime, or from the
+/// bundle's annotations before anything is frozen) get no watch and no record.
+#[test]
+fn runtime_namespace_and_pod_filters_on_every_runtime() -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let image = env("FSMON_CTR_IMAGE");
+    let script = "mkdir /keep; touch /keep/a; sleep 8; rm /keep/a";
+    let mut f = Fsmon::start(
+        &hosts(),
+        &[
+            "--containerd-state",
+            &env("FSMON_CONTAINERD_STATE"),
+            "--filter",
+            "runtime=containerd",
+            "--filter",
+            "namespace=shop",
+            "--exclude",
+            "pod=db-0",
+        ],
+    )?;
+    // (id, pod namespace, pod name): only the first is chosen.
+    let pods: Vec<(String, &str, &str)> = vec![
+        (random_id(), "shop", "web-0"),
+        (random_id(), "shop", "db-0"),
+        (random_id(), "other", "web-0"),
+    ];
+    let runs: Vec<_> = pods
+        .iter()
+        .map(|(id, ns, pod)| {
+            let (id, image) = (id.clone(), image.clone());
+            let annotations = [
+                "io.kubernetes.cri.container-type=container".to_owned(),
+                "io.kubernetes.cri.container-name=web".to_owned(),
+                format!("io.kubernetes.cri.sandbox-namespace={ns}"),
+                format!("io.kubernetes.cri.sandbox-name={pod}"),
+                format!("io.kubernetes.cri.sandbox-uid=uid-{pod}-{ns}"),
+            ];
+            std::thread::spawn(move || {
+                let mut args = vec!["run", "--rm", "--label", "fsmon-test=1"];
+                for a in &annotations {
+                    args.extend(["--annotation", a.as_str()]);
+                }
+                args.extend([image.as_str(), id.as_str(), "sh", "-c", script]);
+                ctr("default", &args)
+            })
+        })
+        .collect();
+    let podman_name = unique("filter-podman");
+    let docker_name = unique("filter-docker");
+    let (_, host) = engines().remove(0);
+    let result = (|| -> anyhow::Result<()> {
+        let podman_id = podman_run("-d", &podman_name, &["sleep", "8"])?;
+        let docker_id = run_detached(&host, &docker_name, &["sleep", "8"])?;
+        let chosen = &pods[0].0;
+        let start = f.wait_for(WAIT, |r| {
+            r["kind"] == "container_start" && r["container"]["id"] == chosen.as_str()
+        })?;
+        assert_eq!(start["container"]["runtime"], "containerd", "{start}");
+        assert_eq!(start["container"]["name"], "web", "{start}");
+        assert_eq!(
+            start["container"]["pod"],
+            serde_json::json!({"name": "web-0", "namespace": "shop", "uid": "uid-web-0-shop"}),
+            "{start}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        // While all five run: only the chosen one's layer is watched.
+        let watched = watched_inodes(f.pid());
+        let inode = |dir: PathBuf| -> anyhow::Result<String> {
+            Ok(format!("{:x}", std::fs::metadata(&dir)?.ino()))
+        };
+        let upper = PathBuf::from(start["upperdir"].as_str().context("upperdir")?);
+        assert_eq!(upper, ctr_upperdir(chosen)?);
+        assert!(
+            watched.contains(&inode(upper)?),
+            "the chosen container is watched"
+        );
+        for (id, ns, pod) in &pods[1..] {
+            assert!(
+                !watched.contains(&inode(ctr_upperdir(id)?)?),
+                "ctr container of pod {ns}/{pod} is not watched"
+            );
+        }
+        let podman_upper = podman(&[
+            "inspect",
+            "-f",
+            "{{.GraphDriver.Data.UpperDir}}",
+            &podman_id,
+        ])?;
+        assert!(
+            !watched.contains(&inode(podman_upper.into())?),
+            "the podman container is not watched"
+        );
+        let docker_upper = docker(
+            &host,
+            &[
+                "inspect",
+                "-f",
+                "{{.GraphDriver.Data.UpperDir}}",
+                &docker_id,
+            ],
+        )?;
+        assert!(
+            !watched.contains(&inode(docker_upper.into())?),
+            "the Docker container is not watched"
+        );
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "create"
+                && r["container"]["id"] == chosen.as_str()
+                && r["path"] == "/keep/a"
+        })?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "container_stop" && r["container"]["id"] == chosen.as_str()
+        })?;
+        Ok(())
+    })();
+    for r in runs {
+        r.join()
+            .map_err(|_| anyhow::anyhow!("ctr thread panicked"))??;
+    }
+    let _ = podman(&["rm", "-f", "-t", "0", &podman_name]);
+    let _ = docker(&host, &["rm", "-f", &docker_name]);
+    result?;
+    let (code, records) = f.stop()?;
+    assert_eq!(code, 0);
+    let others: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["container"].is_object() && r["container"]["id"] != pods[0].0.as_str())
+        .collect();
+    assert!(
+        others.is_empty(),
+        "only the chosen container is reported: {others:#?}"
+    );
     Ok(())
 }
