@@ -54,6 +54,10 @@ pub struct TestArgs {
     /// Passed to the tier-3 test binary as a filter (test name substring).
     #[arg(long)]
     pub filter: Option<String>,
+    /// Only these tier-3 test binaries (`docker`, `scale`, `runtimes`, `operator`);
+    /// repeatable or comma-separated; default all.
+    #[arg(long, value_delimiter = ',')]
+    pub test: Vec<String>,
 }
 
 /// An engine this process started, to stop at the end.
@@ -523,30 +527,40 @@ pub fn test(args: &TestArgs) -> Result<()> {
         let started = start_engines()?;
         // The deployment test runs the fsmon image under the cgroup v1 engine.
         let image = crate::image::build(V1_HOST)?;
-        eprintln!("xtask: tier 3 — the fsmon binary against the cgroup v1 and v2 Docker engines");
-        let mut r = run(&mut tier3(
-            &["docker", "scale"],
-            &bin,
-            &image,
-            args.filter.as_deref(),
-        ));
-        if r.is_ok() {
-            eprintln!("xtask: tier 3 — the fsmon binary against containerd (ctr) and podman");
-            r = run(&mut tier3(
+        // Each group is one cargo invocation; later groups run only if the earlier passed.
+        let groups: [(&str, &[&str]); 3] = [
+            (
+                "the fsmon binary against the cgroup v1 and v2 Docker engines",
+                &["docker", "scale"],
+            ),
+            (
+                "the fsmon binary against containerd (ctr) and podman",
                 &["runtimes"],
-                &bin,
-                &image,
-                args.filter.as_deref(),
-            ));
-        }
-        if r.is_ok() {
-            eprintln!("xtask: tier 3 — operator experience: filters, output, stats, docs, the fsmon image");
-            r = run(&mut tier3(
+            ),
+            (
+                "operator experience: filters, output, stats, docs, the fsmon image",
                 &["operator"],
-                &bin,
-                &image,
-                args.filter.as_deref(),
-            ));
+            ),
+        ];
+        if let Some(t) = args
+            .test
+            .iter()
+            .find(|t| !groups.iter().any(|(_, g)| g.contains(&t.as_str())))
+        {
+            bail!("--test {t}: no such tier-3 test (docker, scale, runtimes, operator)");
+        }
+        let mut r = Ok(());
+        for (what, tests) in groups {
+            let tests: Vec<&str> = tests
+                .iter()
+                .copied()
+                .filter(|t| args.test.is_empty() || args.test.iter().any(|a| a == t))
+                .collect();
+            if tests.is_empty() || r.is_err() {
+                continue;
+            }
+            eprintln!("xtask: tier 3 — {what} ({})", tests.join(", "));
+            r = run(&mut tier3(&tests, &bin, &image, args.filter.as_deref()));
         }
         if !args.keep_engines {
             started.iter().for_each(stop);
