@@ -498,7 +498,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
             "fsmon-tests",
             "--all-features",
         ]))?;
-        ran.push("tier 1 (unit)");
+        ran.push("tier 1 (unit)".to_owned());
     }
     if !want(2) && !want(3) {
         return Ok(());
@@ -521,7 +521,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
             .current_dir(util::root())
             .args(["test", "-p", "fsmon-tests", "--test", "watcher_overlay"])
             .env("FSMON_TEST_FD_BUDGET", "8"))?;
-        ran.push("tier 2 (overlay, default and 8-fd cache)");
+        ran.push("tier 2 (overlay, default and 8-fd cache)".to_owned());
     }
     if want(3) {
         let started = start_engines()?;
@@ -550,6 +550,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
             bail!("--test {t}: no such tier-3 test (docker, scale, runtimes, operator)");
         }
         let mut r = Ok(());
+        let mut binaries = Vec::new();
         for (what, tests) in groups {
             let tests: Vec<&str> = tests
                 .iter()
@@ -561,12 +562,13 @@ pub fn test(args: &TestArgs) -> Result<()> {
             }
             eprintln!("xtask: tier 3 — {what} ({})", tests.join(", "));
             r = run(&mut tier3(&tests, &bin, &image, args.filter.as_deref()));
+            binaries.extend(tests);
         }
         if !args.keep_engines {
             started.iter().for_each(stop);
         }
         r?;
-        ran.push("tier 3 (docker v1 + v2, containerd, podman)");
+        ran.push(format!("tier 3 ({})", binaries.join(", ")));
     }
     eprintln!(
         "xtask: ran {} in {:.0} s",
