@@ -64,10 +64,19 @@
 //! [`Watcher::retry_unwatched`] too: it returns outputs queued by them (a `watch_limit`
 //! overflow, what a rescan found) even when the inotify fd is not readable.
 
+mod appear;
+mod cache;
 mod container;
 mod fds;
+mod index;
+mod lower;
+mod moves;
+mod outbox;
 mod rules;
+mod scan;
+mod shared;
 mod sys;
+mod tree;
 
 use std::collections::HashMap;
 use std::io;
@@ -77,9 +86,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::event::WatchOutput;
 
-use container::{Container, Shared, MASK};
+use container::Container;
 pub use fds::FdBudget;
 use fds::SharedBudget;
+use shared::{Shared, MASK};
 
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;

@@ -1,0 +1,202 @@
+//! An entry appearing in a directory — created, moved in without a partner, or found by a
+//! listing: the index is updated and what the container did is decided by
+//! [`overlay::appear`] (create, copy-up, replace, re-create, whiteout).
+
+use crate::event::{FileKind, Source};
+use crate::overlay::{self, Appear, EntryKind, Origin, Prior, Via};
+
+use super::container::Container;
+use super::index::Entry;
+use super::scan::ScanMode;
+use super::shared::Shared;
+use super::sys::Stat;
+use super::tree::{Attached, NodeId};
+
+impl Container {
+    /// An entry appeared in `n` (created, moved in without a partner, or found by a scan).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn appear(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        st: Option<Stat>,
+        ev_is_dir: bool,
+        via: Option<Via>,
+        source: Source,
+    ) {
+        let origin = if via.is_some() {
+            Origin::Event
+        } else {
+            Origin::Scan
+        };
+        let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        if via == Some(Via::MovedTo) && known.is_some() {
+            // The other half of an exchange (overlayfs swapping a new object in) may follow.
+            self.last_to = Some((n, name.into(), known));
+        }
+        if via == Some(Via::MovedTo) && ev_is_dir {
+            if let Some(w) = known.filter(|e| !e.kind.is_real()) {
+                // A directory renamed in over a whiteout is a re-create only if the whiteout
+                // leaves in the same exchange (an `IN_MOVED_FROM` of a non-directory right
+                // after). A directory leaving instead is `ovl_clear_empty`'s exchange at a
+                // name the index already holds as deleted; and a whiteout that a listing
+                // found may be the end of the very steps whose events come now (the copy-up
+                // of a directory that `rm -r` then removed, all before the listing):
+                // nothing the container did since.
+                let recreate = match sh.next_from {
+                    Some(Some(is_dir)) => !is_dir,
+                    Some(None) => !w.scanned,
+                    None => !w.scanned || st.is_some(),
+                };
+                if !recreate {
+                    return;
+                }
+            }
+        }
+        let mut looked_up = None;
+        let kind = match &st {
+            Some(st) => self.classify(n, name, st),
+            // A non-directory exchanged in for a directory (which leaves the same name right
+            // after) is the whiteout of an `rmdir` (`ovl_cleanup_and_whiteout`).
+            None if via == Some(Via::MovedTo) && !ev_is_dir && sh.next_from == Some(Some(true)) => {
+                EntryKind::Whiteout
+            }
+            None => {
+                let raw = known.map_or(Prior::Absent, |e| e.prior());
+                let lower_visible =
+                    if raw == Prior::Absent && via == Some(Via::MovedTo) && !ev_is_dir {
+                        let l = self.lower_lookup(n, name);
+                        looked_up = Some(l);
+                        l.is_some()
+                    } else {
+                        false
+                    };
+                overlay::infer_kind(ev_is_dir, via.unwrap_or(Via::Create), raw, lower_visible)
+            }
+        };
+        let (prior, old_child) = self.prior(n, name, st.map(|s| (s.ino, kind)));
+        let lower = match looked_up {
+            Some(l) => l,
+            None if overlay::appear_needs_lower(prior) => self.lower_lookup(n, name),
+            None => None,
+        };
+        let verdict = overlay::appear(kind, prior, lower.as_ref().map(Stat::is_dir), origin);
+        if origin == Origin::Event {
+            self.entries_changed(n);
+        }
+        let path = self.child_path(n, name);
+        match verdict {
+            Appear::Nothing => {
+                if !kind.is_real() {
+                    let mut entry = Entry::new(kind, st.map_or(0, |s| s.ino));
+                    entry.scanned = origin == Origin::Scan;
+                    self.set_entry(n, name, entry);
+                }
+            }
+            Appear::Delete { is_dir } => {
+                if is_dir {
+                    let old = known
+                        .filter(|e| e.kind.is_dir())
+                        .unwrap_or_else(|| Entry::new(EntryKind::Dir, 0));
+                    self.report_vanished(sh, n, name, old);
+                }
+                self.emit(sh, FileKind::Delete, path, is_dir, source);
+                self.displace(old_child);
+                let mut entry = Entry::new(kind, st.map_or(0, |s| s.ino));
+                entry.scanned = origin == Origin::Scan;
+                self.set_entry(n, name, entry);
+            }
+            Appear::CopyUp => {
+                if let Some(d) = self.nd_mut(n) {
+                    d.overlay_touched = true;
+                }
+                let mut entry = Entry::from_stat(kind, st);
+                if kind.is_dir() {
+                    let baseline = lower.map(|l| l.meta());
+                    let ino = st.map(|s| s.ino);
+                    let attached = self.attach(sh, n, name, ScanMode::Report, baseline, ino);
+                    if let Attached::New(c) = attached {
+                        // A copy-up is never opaque: the image's directories merge here.
+                        // Taken from the image, not from the directory's xattrs, in case what
+                        // was opened is already the one overlayfs exchanged in to remove it.
+                        let merged = self.child_lower(n, name);
+                        if let Some(d) = self.nd_mut(c) {
+                            d.lower = Some(merged);
+                        }
+                    }
+                    entry.child = attached.node();
+                } else if origin == Origin::Scan {
+                    let change = st
+                        .zip(lower)
+                        .and_then(|(u, l)| overlay::copy_up_change(&u.meta(), &l.meta()));
+                    if let Some(k) = change {
+                        self.emit(sh, k, path, false, source);
+                        if k == FileKind::Modify {
+                            entry.burst_ms = sh.now_ms();
+                        }
+                    }
+                }
+                self.set_entry(n, name, entry);
+            }
+            Appear::Replace => {
+                let mut entry = Entry::from_stat(kind, st);
+                if kind.is_dir() {
+                    // The empty opaque directory of `ovl_clear_empty`.
+                    if let Some(old) = known {
+                        self.emptied(sh, n, name, old);
+                    }
+                    self.displace(old_child);
+                    entry.emptied = true;
+                    let ino = st.map(|s| s.ino);
+                    entry.child = self.attach(sh, n, name, ScanMode::Report, None, ino).node();
+                } else {
+                    self.displace(old_child);
+                    self.emit(sh, FileKind::Modify, path, false, source);
+                    entry.burst_ms = sh.now_ms();
+                }
+                self.set_entry(n, name, entry);
+            }
+            Appear::Recreate { old_is_dir } => {
+                self.emit(sh, FileKind::Delete, path.clone(), old_is_dir, source);
+                self.displace(old_child);
+                self.create(sh, n, name, kind, st, path, source);
+            }
+            Appear::Create => self.create(sh, n, name, kind, st, path, source),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        kind: EntryKind,
+        st: Option<Stat>,
+        path: Vec<u8>,
+        source: Source,
+    ) {
+        let mut entry = Entry::from_stat(kind, st);
+        if kind.is_dir() {
+            let attached = self.attach(sh, n, name, ScanMode::Report, None, st.map(|s| s.ino));
+            entry.child = attached.node();
+            match attached {
+                Attached::Adopted {
+                    old_path: Some(old),
+                    ..
+                } => {
+                    let ev = self.file_event(FileKind::Rename, path, Some(old), true, source);
+                    sh.out.push(Some(ev));
+                }
+                Attached::Adopted { old_path: None, .. } => {}
+                Attached::New(_) | Attached::Failed => {
+                    self.emit(sh, FileKind::Create, path, true, source);
+                }
+            }
+        } else {
+            self.emit(sh, FileKind::Create, path, false, source);
+        }
+        self.set_entry(n, name, entry);
+    }
+}

@@ -1,0 +1,125 @@
+//! The index: what each directory holds, name → [`Entry`] (kind, inode, size and times,
+//! write burst), and the index's view of a name ([`Prior`]) for overlay's decisions.
+
+use crate::overlay::{EntryKind, Prior};
+
+use super::container::Container;
+use super::rules::Stamp;
+use super::sys::Stat;
+use super::tree::{NodeId, NO_NODE};
+
+/// What the index knows about one name in a directory.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Entry {
+    pub(super) kind: EntryKind,
+    /// The directory's node, for a watched directory.
+    pub(super) child: NodeId,
+    /// 0 when unknown.
+    pub(super) ino: u64,
+    /// `None` when never stat'ed (indexed at arm time from the listing alone).
+    pub(super) stamp: Option<Stamp>,
+    /// [`Stat::read_gen`] of the stat behind `stamp`.
+    pub(super) stamp_gen: u32,
+    /// When the current write burst was reported (0: none), see [`rules::modify_due`].
+    pub(super) burst_ms: u32,
+    /// A directory that overlayfs exchanged in for an emptied one (before an `rmdir`, or a
+    /// rename over it): it is opaque and empty, so the container sees nothing below it,
+    /// even while it is not watched.
+    pub(super) emptied: bool,
+    /// A whiteout found by a listing rather than through an event: the events still queued
+    /// for its directory may predate it (overlayfs' steps that led to it).
+    pub(super) scanned: bool,
+}
+
+impl Entry {
+    pub(super) fn new(kind: EntryKind, ino: u64) -> Entry {
+        Entry {
+            kind,
+            child: NO_NODE,
+            ino,
+            stamp: None,
+            stamp_gen: 0,
+            burst_ms: 0,
+            emptied: false,
+            scanned: false,
+        }
+    }
+
+    pub(super) fn from_stat(kind: EntryKind, st: Option<Stat>) -> Entry {
+        let mut e = Entry::new(kind, st.map_or(0, |s| s.ino));
+        if let Some(st) = st.filter(|_| kind == EntryKind::File) {
+            e.set_stamp(st);
+        }
+        e
+    }
+
+    pub(super) fn set_stamp(&mut self, st: Stat) {
+        self.stamp = Some(stamp(st));
+        self.stamp_gen = st.read_gen;
+    }
+
+    /// Whether `other` is this very entry (same object, same node).
+    pub(super) fn same_object(&self, other: &Entry) -> bool {
+        self.kind == other.kind && self.ino == other.ino && self.child == other.child
+    }
+
+    pub(super) fn prior(&self) -> Prior {
+        if self.kind.is_real() {
+            Prior::Real {
+                is_dir: self.kind.is_dir(),
+                same: false,
+            }
+        } else {
+            Prior::Whiteout
+        }
+    }
+}
+
+pub(super) fn stamp(st: Stat) -> Stamp {
+    Stamp {
+        size: st.size,
+        mtime_ns: st.mtime_ns,
+        ctime_ns: st.ctime_ns,
+    }
+}
+
+impl Container {
+    pub(super) fn set_entry(&mut self, n: NodeId, name: &[u8], entry: Entry) {
+        if let Some(d) = self.nd_mut(n) {
+            match d.entries.get_mut(name) {
+                Some(e) => *e = entry,
+                None => {
+                    d.entries.insert(name.into(), entry);
+                }
+            }
+        }
+    }
+
+    /// The index's view of `name` in `n` compared with the object now there (`ino`:
+    /// `None` when it is already gone, which counts as "the known one").
+    pub(super) fn prior(
+        &self,
+        n: NodeId,
+        name: &[u8],
+        now: Option<(u64, EntryKind)>,
+    ) -> (Prior, NodeId) {
+        match self.nd(n).and_then(|d| d.entries.get(name)) {
+            None => (Prior::Absent, NO_NODE),
+            Some(e) if !e.kind.is_real() => (Prior::Whiteout, NO_NODE),
+            Some(e) => {
+                let same = match now {
+                    None => true,
+                    Some((_, kind)) if e.ino == 0 => kind == e.kind,
+                    Some((ino, kind)) => ino == e.ino && kind == e.kind,
+                };
+                (
+                    Prior::Real {
+                        is_dir: e.kind.is_dir(),
+                        same,
+                    },
+                    e.child,
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Renames: `IN_MOVED_FROM` halves waiting for their partner (by cookie, else by the inode
+//! of a watched directory), overlayfs' exchanges, and the outputs of a directory in flight
+//! (renamed with it, or dropped if it left the upperdir).
+//!
+//! Kernel feature: inotify(7) rename cookies (2.6.13).
+
+use crate::event::{FileKind, Source};
+use crate::overlay::{self, EntryKind, Prior, Via};
+
+use super::container::Container;
+use super::index::Entry;
+use super::scan::ScanMode;
+use super::shared::Shared;
+use super::sys::Stat;
+use super::tree::{NodeId, NodeState, NO_NODE};
+
+/// A `IN_MOVED_FROM` half waiting for its partner.
+#[derive(Debug)]
+pub(super) struct PendingMove {
+    /// What left the index (`None`: nothing known left, e.g. the second half of an
+    /// exchange whose first half already replaced the entry).
+    pub(super) entry: Option<Entry>,
+    /// Serial of `entry.child`, to tell a reused node slot.
+    pub(super) child_serial: u64,
+    pub(super) old_path: Vec<u8>,
+    /// The tentative `delete` already placed in the output, turned into the `rename`
+    /// when the partner comes.
+    pub(super) slot: Option<usize>,
+    /// Outputs about the moved directory's subtree since it left: renamed with it when the
+    /// partner comes, dropped if it never does (they happened outside the container).
+    pub(super) captured: Vec<usize>,
+    /// Deletes of what was below a directory taken for emptied by overlayfs (the leaving
+    /// half of its exchange): dropped if a partner comes after all (it was a rename).
+    pub(super) vanished: std::ops::Range<usize>,
+}
+
+impl PendingMove {
+    /// A half that has placed nothing in the output (yet).
+    pub(super) fn new(entry: Option<Entry>, child_serial: u64, old_path: Vec<u8>) -> PendingMove {
+        PendingMove {
+            entry,
+            child_serial,
+            old_path,
+            slot: None,
+            captured: Vec::new(),
+            vanished: 0..0,
+        }
+    }
+}
+
+impl Container {
+    /// The in-flight directory that node `n` is in (or is), if any.
+    pub(super) fn inflight_ancestor(&self, mut n: NodeId) -> Option<NodeId> {
+        if !self
+            .moves
+            .iter()
+            .any(|pm| pm.entry.is_some_and(|e| e.child != NO_NODE))
+        {
+            return None;
+        }
+        for _ in 0..=self.nodes.len() {
+            let d = self.nd(n)?;
+            match d.state {
+                NodeState::InFlight => return Some(n),
+                NodeState::Attached if d.parent != NO_NODE => n = d.parent,
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_moved_from(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        cookie: u32,
+        is_dir: bool,
+        stale: bool,
+        exchanged: Option<Option<Entry>>,
+    ) {
+        let st = if stale {
+            None
+        } else {
+            self.stat_child(n, name)
+        };
+        let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        if let (Some(Some(old)), Some(now)) = (exchanged, known) {
+            let back = st.is_some_and(|s| old.ino != 0 && s.ino == old.ino);
+            if is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(&now) && !back {
+                // A directory left right after an unpaired IN_MOVED_TO of a directory at its
+                // name that the index took for the known one (it could not be looked at:
+                // stale, or already replaced): that was overlayfs exchanging an empty opaque
+                // directory in, and this is the known one leaving for the workdir.
+                self.exchanged_out(sh, n, name, cookie, old, st.filter(Stat::is_dir));
+                return;
+            }
+        }
+        if let Some(displaced) = exchanged {
+            // Right after an unpaired IN_MOVED_TO of the same name that replaced something:
+            // if what it put there is still there, overlayfs exchanged a new object in (a
+            // re-created directory, an empty opaque one, a whiteout) and this is the old
+            // one leaving, already accounted for by that IN_MOVED_TO. Overlayfs exchanges
+            // only when a directory is involved, and the container cannot rename a whiteout:
+            // when the event's kind is that of the replaced entry and not that of the new
+            // one, or the new one is a whiteout, it is surely the replaced one leaving,
+            // whatever is there now (it may be gone already: `rm -r` runs ahead).
+            let leaving_is_old = match (displaced, known) {
+                (_, Some(e)) if !e.kind.is_real() => true,
+                (Some(d), Some(e)) => d.kind.is_dir() == is_dir && e.kind.is_dir() != is_dir,
+                _ => false,
+            };
+            let still_there = match (st, known) {
+                (Some(s), Some(e)) => e.ino == 0 || s.ino == e.ino,
+                (None, _) => stale,
+                (Some(_), None) => false,
+            };
+            if leaving_is_old || still_there {
+                let old_path = self.child_path(n, name);
+                let child_serial = displaced.and_then(|e| self.serial_of(e.child)).unwrap_or(0);
+                let pm = PendingMove::new(displaced, child_serial, old_path);
+                self.moves.push(cookie, pm);
+                return;
+            }
+        }
+        let entry = match known {
+            // The indexed object is still there: what left is the object it replaced in an
+            // exchange (its IN_MOVED_TO came first), already accounted for.
+            Some(e) if st.is_some_and(|s| e.ino != 0 && s.ino == e.ino) => None,
+            Some(_) => self.nd_mut(n).and_then(|d| d.entries.remove(name)),
+            None => None,
+        };
+        self.entries_changed(n);
+        let real = entry.filter(|e| e.kind.is_real());
+        if real.is_some() {
+            // Renaming an entry the image also has leaves a whiteout behind, without an
+            // event (RENAME_WHITEOUT).
+            let left = match st {
+                Some(s) if self.classify(n, name, &s) == EntryKind::Whiteout => Some(s.ino),
+                None if self.lower_lookup(n, name).is_some() => Some(0),
+                _ => None,
+            };
+            if let Some(ino) = left {
+                self.set_entry(n, name, Entry::new(EntryKind::Whiteout, ino));
+            }
+        }
+        let old_path = self.child_path(n, name);
+        let slot = real.map(|e| {
+            self.emit(
+                sh,
+                FileKind::Delete,
+                old_path.clone(),
+                e.kind.is_dir(),
+                Source::Inotify,
+            )
+        });
+        let mut child_serial = 0;
+        if let Some(c) = entry.map(|e| e.child).filter(|&c| c != NO_NODE) {
+            if let Some(cd) = self.nd_mut(c).filter(|cd| cd.state == NodeState::Attached) {
+                cd.state = NodeState::InFlight;
+                child_serial = cd.serial;
+            }
+        }
+        let pm = PendingMove::new(entry, child_serial, old_path);
+        self.moves.push(cookie, PendingMove { slot, ..pm });
+    }
+
+    /// The second half of `ovl_clear_empty`'s exchange, recognised only now (see
+    /// [`Self::on_moved_from`]): the directory `old` left `name` of `n`, an empty opaque
+    /// one is there instead. Waits as a pending move in case a partner comes after all (a
+    /// rename of `old`: its deletes are then withdrawn).
+    pub(super) fn exchanged_out(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        cookie: u32,
+        old: Entry,
+        now: Option<Stat>,
+    ) {
+        let child_serial = self
+            .serial_of(old.child)
+            .filter(|_| self.valid_child(n, name, old.child))
+            .unwrap_or(0);
+        let vanished = self.emptied(sh, n, name, old);
+        let mut entry = Entry::new(EntryKind::Dir, now.map_or(0, |s| s.ino));
+        entry.emptied = true;
+        if let Some(s) = now {
+            entry.child = self
+                .attach(sh, n, name, ScanMode::Report, None, Some(s.ino))
+                .node();
+        }
+        self.set_entry(n, name, entry);
+        self.entries_changed(n);
+        let old_path = self.child_path(n, name);
+        let pm = PendingMove::new(Some(old), child_serial, old_path);
+        self.moves.push(cookie, PendingMove { vanished, ..pm });
+    }
+
+    pub(super) fn on_moved_to(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeId,
+        name: &[u8],
+        cookie: u32,
+        is_dir: bool,
+        stale: bool,
+    ) {
+        let st = self.event_stat(n, name, is_dir, Via::MovedTo, stale);
+        let Some(pm) = self.moves.take(cookie) else {
+            self.appear(sh, n, name, st, is_dir, Some(Via::MovedTo), Source::Inotify);
+            return;
+        };
+        Self::withdraw(sh, pm.vanished.clone());
+        let now_kind = st.map(|s| self.classify(n, name, &s));
+        let moving = pm.entry.map_or(Prior::Absent, |e| e.prior());
+        self.entries_changed(n);
+        let moving_child = pm
+            .entry
+            .map(|e| e.child)
+            .filter(|&c| c != NO_NODE && self.serial_of(c) == Some(pm.child_serial));
+        let (_, old_child) = self.prior(n, name, None);
+        if old_child != NO_NODE && Some(old_child) != moving_child {
+            // Renamed over an existing directory (or exchanged with it).
+            self.displace(old_child);
+        }
+        if !overlay::rename_is_visible(moving, now_kind) {
+            // Overlayfs moving a whiteout out of the way: bookkeeping only.
+            if let Some(c) = moving_child {
+                self.remove_subtree(sh, c);
+            }
+            Self::withdraw(sh, pm.captured);
+            self.set_entry(
+                n,
+                name,
+                Entry::new(EntryKind::Whiteout, st.map_or(0, |s| s.ino)),
+            );
+            return;
+        }
+        // A listing of this (new) directory already found and reported the very object that
+        // moved in (its watch came before the rename, its listing after): its arrival is
+        // told; only its departure is left, the tentative `delete` of the old path.
+        let listed = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        if !is_dir
+            && listed.is_some_and(|e| {
+                e.kind.is_real()
+                    && !e.kind.is_dir()
+                    && e.ino != 0
+                    && st.is_some_and(|s| s.ino == e.ino)
+            })
+        {
+            Self::withdraw(sh, pm.captured);
+            if pm.slot.is_none() {
+                if let Some(e) = pm.entry.filter(|e| e.kind.is_real()) {
+                    self.emit(
+                        sh,
+                        FileKind::Delete,
+                        pm.old_path,
+                        e.kind.is_dir(),
+                        Source::Inotify,
+                    );
+                }
+            }
+            return;
+        }
+        let path = self.child_path(n, name);
+        let fallback = if is_dir {
+            EntryKind::Dir
+        } else {
+            EntryKind::File
+        };
+        let mut entry = pm
+            .entry
+            .unwrap_or_else(|| Entry::new(now_kind.unwrap_or(fallback), 0));
+        if let (Some(s), Some(k)) = (st, now_kind) {
+            entry.ino = s.ino;
+            entry.kind = k;
+        }
+        entry.burst_ms = 0;
+        entry.child = NO_NODE;
+        if entry.kind.is_dir() {
+            entry.child = match moving_child {
+                Some(c) => {
+                    self.reparent(c, n, name);
+                    c
+                }
+                None => {
+                    let ino = st.map(|s| s.ino);
+                    self.attach(sh, n, name, ScanMode::Report, None, ino).node()
+                }
+            };
+        } else if let Some(c) = moving_child {
+            self.remove_subtree(sh, c);
+        }
+        let is_dir = entry.kind.is_dir();
+        self.set_entry(n, name, entry);
+        self.complete_move(sh, pm, path, is_dir);
+    }
+
+    /// A pending move met its partner at `new_path`: what was captured while it was in
+    /// flight follows it, and its tentative `delete` (if it placed one) becomes the `rename`
+    /// (else the `rename` is appended).
+    pub(super) fn complete_move(
+        &self,
+        sh: &mut Shared,
+        pm: PendingMove,
+        new_path: Vec<u8>,
+        is_dir: bool,
+    ) {
+        Self::rewrite_captured(sh, &pm.captured, &pm.old_path, &new_path);
+        let ev = self.file_event(
+            FileKind::Rename,
+            new_path,
+            Some(pm.old_path),
+            is_dir,
+            Source::Inotify,
+        );
+        match pm.slot.and_then(|i| sh.out.get_mut(i)) {
+            Some(slot) => *slot = Some(ev),
+            None => sh.out.push(Some(ev)),
+        }
+    }
+}

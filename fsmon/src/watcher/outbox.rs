@@ -1,0 +1,134 @@
+//! The output of a call as slots: records are placed in event order, and a later event may
+//! withdraw one (a directory `attrib` explained by an entry change, a tentative `delete`)
+//! or rewrite it (paths below a directory that was renamed while in flight).
+
+use crate::event::{FileEvent, FileKind, Source, WatchOutput};
+use crate::overlay::{self, DirAttrib};
+
+use super::container::Container;
+use super::rules::{self};
+use super::shared::Shared;
+use super::sys::{self};
+use super::tree::NodeId;
+
+impl Container {
+    pub(super) fn file_event(
+        &self,
+        kind: FileKind,
+        path: Vec<u8>,
+        old_path: Option<Vec<u8>>,
+        is_dir: bool,
+        source: Source,
+    ) -> WatchOutput {
+        WatchOutput::File(FileEvent {
+            container: self.id.clone(),
+            kind,
+            path,
+            old_path,
+            is_dir,
+            source,
+        })
+    }
+
+    pub(super) fn emit(
+        &self,
+        sh: &mut Shared,
+        kind: FileKind,
+        path: Vec<u8>,
+        is_dir: bool,
+        source: Source,
+    ) -> usize {
+        sh.out
+            .push(Some(self.file_event(kind, path, None, is_dir, source)));
+        sh.out.len() - 1
+    }
+
+    pub(super) fn watch_limit(&mut self, sh: &mut Shared) {
+        if !self.limit_reported {
+            self.limit_reported = true;
+            tracing::warn!(container_id = %self.id, "inotify watch limit reached; raise fs.inotify.max_user_watches");
+            sh.out.push(Some(WatchOutput::Overflow {
+                container: Some(self.id.clone()),
+                reason: "watch_limit",
+            }));
+        }
+    }
+
+    /// Descriptors ran out while handling this container: reported once per call (the
+    /// work that needed them is retried, and what it finds reported by scan).
+    pub(super) fn fd_limit(&mut self, sh: &mut Shared) {
+        if !self.fd_limit_reported {
+            self.fd_limit_reported = true;
+            tracing::error!(container_id = %self.id, advice = %crate::limits::fd_advice(), "out of file descriptors while watching a container; retrying");
+            sh.out.push(Some(WatchOutput::Overflow {
+                container: Some(self.id.clone()),
+                reason: "fd_limit",
+            }));
+        }
+    }
+
+    /// `IN_ATTRIB` on a watched directory (seen both from its parent and from itself):
+    /// reported only when the container could see a change ([`overlay::dir_attrib`]). An
+    /// mtime-only change is placed in the output now and decided when the queue is drained
+    /// ([`Self::settle`]): withdrawn if an entry change of the directory came after it.
+    pub(super) fn dir_attrib(&mut self, sh: &mut Shared, m: NodeId) {
+        if !self.ensure_fd(m) {
+            return;
+        }
+        let Some(st) = self.fd_of(m).and_then(|fd| sys::stat_fd(fd).ok()) else {
+            return;
+        };
+        let Some(d) = self.nd_mut(m) else { return };
+        let verdict =
+            overlay::dir_attrib(&d.baseline, &st.meta(), d.overlay_touched, d.mtime_stale);
+        d.baseline = st.meta();
+        d.overlay_touched = false;
+        d.mtime_stale = false;
+        if verdict == DirAttrib::Hidden {
+            return;
+        }
+        let (path, serial) = (rules::dir_path(&d.path), d.serial);
+        let slot = self.emit(sh, FileKind::Attrib, path, true, Source::Inotify);
+        if verdict == DirAttrib::MtimeOnly {
+            self.mtime_attribs.push(serial, slot);
+        }
+    }
+
+    /// Entries of node `n` were created, removed or renamed: its mtime moved without an
+    /// `IN_ATTRIB`, which explains the mtime of a directory `attrib` still waiting.
+    pub(super) fn entries_changed(&mut self, n: NodeId) {
+        if let Some(d) = self.nd_mut(n) {
+            d.mtime_stale = true;
+            let serial = d.serial;
+            self.mtime_attribs.entries_changed(serial);
+        }
+    }
+
+    /// Cancels outputs already placed.
+    pub(super) fn withdraw(sh: &mut Shared, slots: impl IntoIterator<Item = usize>) {
+        for i in slots {
+            if let Some(slot) = sh.out.get_mut(i) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Outputs set aside while a directory was in flight now carry its new path.
+    pub(super) fn rewrite_captured(sh: &mut Shared, captured: &[usize], old: &[u8], new: &[u8]) {
+        let move_path = |p: &mut Vec<u8>| {
+            if p.starts_with(old) && p.get(old.len()) == Some(&b'/') {
+                let mut q = new.to_vec();
+                q.extend_from_slice(&p[old.len()..]);
+                *p = q;
+            }
+        };
+        for &i in captured {
+            if let Some(Some(WatchOutput::File(f))) = sh.out.get_mut(i) {
+                move_path(&mut f.path);
+                if let Some(o) = f.old_path.as_mut() {
+                    move_path(o);
+                }
+            }
+        }
+    }
+}

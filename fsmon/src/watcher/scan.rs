@@ -1,0 +1,381 @@
+//! Listings: indexing a directory at arm time (or, armed late, reporting what is newer than
+//! the start), reporting what a new directory holds, the diff of a listing with the index
+//! after lost events, and retrying the watches that the watch limit refused.
+//!
+//! Kernel features: getdents64(2), statx(2) birth time (4.11), inotify(7).
+
+use std::collections::HashSet;
+use std::os::fd::AsFd;
+
+use crate::event::{FileKind, Source};
+use crate::overlay::{self, EntryKind};
+
+use super::container::Container;
+use super::index::{stamp, Entry};
+use super::rules::{self, Since};
+use super::shared::{Shared, WdOwner, MASK};
+use super::sys::{self, Dirent};
+use super::tree::{NodeId, NodeState, NO_NODE};
+
+/// How a directory's listing is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ScanMode {
+    /// At arm time: what is there predates monitoring; index it, report nothing (armed
+    /// late, with a start instant: report what is newer, see `index_entry_since`).
+    Index,
+    /// A directory that just appeared: everything in it is new (`source: scan`).
+    Report,
+    /// Resync after lost events: report the differences with the index (and those of
+    /// every directory below).
+    Diff,
+    /// A directory that was indexed without a watch and just got one: report the
+    /// differences with the index in it (the directories below have their own watch, or
+    /// their own retry).
+    Rewatched,
+}
+
+/// Result of retrying the watch of an unwatched directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Rewatch {
+    /// Watched now.
+    Watched,
+    /// Refused again by the watch limit.
+    Limit,
+    /// Not reachable now (renamed or replaced, its events not handled yet): later.
+    Later,
+    /// Not to retry: already watched, gone, or refused otherwise.
+    Never,
+}
+
+impl Container {
+    /// Lists every directory waiting for it (new ones found meanwhile are listed too).
+    pub fn process_listings(&mut self, sh: &mut Shared) {
+        while let Some(n) = self.to_list.pop() {
+            let Some(mode) = self.nd_mut(n).and_then(|d| d.scan.take()) else {
+                continue;
+            };
+            if !self.ensure_fd(n) {
+                // Renamed meanwhile (its event is still ahead): retry after the batch.
+                if let Some(d) = self.nd_mut(n) {
+                    d.scan = Some(mode);
+                    let s = d.serial;
+                    self.deferred.push((n, s));
+                }
+                continue;
+            }
+            let rfd = match self.fd_of(n).map(sys::reopen_dir) {
+                Some(Ok(fd)) => fd,
+                Some(Err(e)) if crate::limits::is_fd_exhaustion(&e) => {
+                    // Listed again at the end of the next call, once descriptors allow.
+                    self.fd_exhausted = true;
+                    self.fd_limit(sh);
+                    if let Some(d) = self.nd_mut(n) {
+                        d.scan = Some(mode);
+                        let s = d.serial;
+                        self.deferred.push((n, s));
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            let mut dirents = std::mem::take(&mut sh.dirents);
+            dirents.clear();
+            if let Err(e) = sys::list_dir(rfd.as_fd(), &mut sh.dirbuf, &mut dirents) {
+                tracing::debug!(container_id = %self.id, error = %e, "listing a directory");
+            }
+            drop(rfd);
+            if mode == ScanMode::Report && !dirents.is_empty() {
+                // Entries were made in it before it was watched: its mtime moved without
+                // an IN_ATTRIB, so it says nothing about attribute changes.
+                self.entries_changed(n);
+            }
+            if matches!(mode, ScanMode::Diff | ScanMode::Rewatched) {
+                self.diff_node(sh, n, &dirents, mode == ScanMode::Diff);
+            } else {
+                for d in &dirents {
+                    self.scan_entry(sh, n, d, mode);
+                }
+            }
+            dirents.clear();
+            sh.dirents = dirents;
+        }
+    }
+
+    pub(super) fn scan_entry(&mut self, sh: &mut Shared, n: NodeId, d: &Dirent, mode: ScanMode) {
+        if let Some(e) = self.nd(n).and_then(|x| x.entries.get(&d.name)) {
+            if e.ino == d.ino && e.ino != 0 {
+                // An event got there first.
+                return;
+            }
+        }
+        if mode == ScanMode::Index {
+            match self.since_ns {
+                Some(since) => self.index_entry_since(sh, n, d, since),
+                None => self.index_entry(sh, n, d),
+            }
+            return;
+        }
+        if let Some(st) = self.stat_child(n, &d.name) {
+            self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
+        }
+    }
+
+    /// Arm time: records what exists (from the listing alone where the type says enough).
+    pub(super) fn index_entry(&mut self, sh: &mut Shared, n: NodeId, d: &Dirent) {
+        let kind = match d.dtype {
+            libc::DT_DIR => EntryKind::Dir,
+            libc::DT_REG => EntryKind::File,
+            libc::DT_LNK => EntryKind::Symlink,
+            libc::DT_FIFO | libc::DT_SOCK | libc::DT_BLK => EntryKind::Special,
+            _ => match self.stat_child(n, &d.name) {
+                Some(st) => self.classify(n, &d.name, &st),
+                None => return,
+            },
+        };
+        let mut entry = Entry::new(kind, d.ino);
+        match kind {
+            EntryKind::Dir => {
+                entry.child = self
+                    .attach(sh, n, &d.name, ScanMode::Index, None, None)
+                    .node();
+                self.stats.dirs += 1;
+            }
+            EntryKind::Whiteout => self.stats.whiteouts += 1,
+            _ => self.stats.files += 1,
+        }
+        self.set_entry(n, &d.name, entry);
+    }
+
+    /// Arm time of a container armed late: an entry born at or after `since` (its birth
+    /// time; without one, its ctime, directories excepted) is the container's doing and is
+    /// handled as an appearance found by a scan (`create`; a copy-up as `modify`/`attrib`;
+    /// a whiteout as the `delete` of what it hides; a new directory watched and everything
+    /// in it reported). Anything older is indexed as by [`Self::index_entry`], a regular
+    /// file changed since is reported as a rescan would ([`rules::rescan_change`]), and an
+    /// old directory is descended into with the same rule.
+    pub(super) fn index_entry_since(&mut self, sh: &mut Shared, n: NodeId, d: &Dirent, since: i64) {
+        let Some((st, btime)) = self.statx_child(n, &d.name) else {
+            return;
+        };
+        let kind = self.classify(n, &d.name, &st);
+        let verdict = rules::since_verdict(
+            kind == EntryKind::Dir,
+            kind == EntryKind::File,
+            btime,
+            stamp(st),
+            since,
+        );
+        let change = match verdict {
+            Since::New => {
+                self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
+                return;
+            }
+            Since::Old(change) => change,
+        };
+        let mut entry = Entry::new(kind, st.ino);
+        match kind {
+            EntryKind::Dir => {
+                entry.child = self
+                    .attach(sh, n, &d.name, ScanMode::Index, None, Some(st.ino))
+                    .node();
+            }
+            EntryKind::File => {
+                entry.set_stamp(st);
+                if let Some(k) = change {
+                    let path = self.child_path(n, &d.name);
+                    self.emit(sh, k, path, false, Source::Scan);
+                    if k == FileKind::Modify {
+                        entry.burst_ms = sh.now_ms();
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.set_entry(n, &d.name, entry);
+    }
+
+    /// Resync: compares the listing of node `n` with its index, reporting differences;
+    /// `deep`: and every known directory below it too (re-watched if it has no watch).
+    pub(super) fn diff_node(&mut self, sh: &mut Shared, n: NodeId, dirents: &[Dirent], deep: bool) {
+        let mut present: HashSet<&[u8]> = HashSet::with_capacity(dirents.len());
+        let mut entries_changed = false;
+        for d in dirents {
+            present.insert(&d.name);
+            let known = self.nd(n).and_then(|x| x.entries.get(&d.name)).copied();
+            let same = known.filter(|e| {
+                e.ino == d.ino && e.ino != 0 && e.kind.is_dir() == (d.dtype == libc::DT_DIR)
+            });
+            match same {
+                Some(e) if e.kind.is_dir() => {
+                    if self.valid_child(n, &d.name, e.child) {
+                        if !deep {
+                            continue;
+                        }
+                        self.rewatch(sh, e.child);
+                        if let Some(c) = self.nd_mut(e.child) {
+                            c.scan = Some(ScanMode::Diff);
+                        }
+                        self.to_list.push(e.child);
+                    } else {
+                        let child = self
+                            .attach(sh, n, &d.name, ScanMode::Report, None, None)
+                            .node();
+                        self.set_entry(n, &d.name, Entry { child, ..e });
+                    }
+                }
+                Some(e) if e.kind == EntryKind::File => {
+                    let Some(st) = self.stat_child(n, &d.name) else {
+                        continue;
+                    };
+                    if let Some(kind) = rules::rescan_change(e.stamp, stamp(st), self.armed_ns) {
+                        let path = self.child_path(n, &d.name);
+                        self.emit(sh, kind, path, false, Source::Scan);
+                    }
+                    self.set_entry(
+                        n,
+                        &d.name,
+                        Entry {
+                            stamp: Some(stamp(st)),
+                            stamp_gen: st.read_gen,
+                            ..e
+                        },
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(st) = self.stat_child(n, &d.name) {
+                        entries_changed = true;
+                        self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
+                    }
+                }
+            }
+        }
+        let gone: Vec<Box<[u8]>> = match self.nd(n) {
+            Some(x) => x
+                .entries
+                .keys()
+                .filter(|k| !present.contains(&k[..]))
+                .cloned()
+                .collect(),
+            None => return,
+        };
+        if entries_changed {
+            // Its mtime moved without events: it says nothing about attributes until the
+            // next IN_ATTRIB.
+            self.entries_changed(n);
+        }
+        for name in gone {
+            let Some(e) = self.nd_mut(n).and_then(|x| x.entries.remove(&name)) else {
+                continue;
+            };
+            self.entries_changed(n);
+            if let Some(is_dir) = overlay::disappear(e.prior(), e.kind.is_dir()) {
+                let path = self.child_path(n, &name);
+                self.emit(sh, FileKind::Delete, path, is_dir, Source::Scan);
+            }
+            if e.child != NO_NODE {
+                self.remove_subtree(sh, e.child);
+            }
+        }
+    }
+
+    /// Retries the watch of an indexed but unwatched directory (after the watch limit),
+    /// reporting the limit if it is still reached.
+    pub(super) fn rewatch(&mut self, sh: &mut Shared, m: NodeId) {
+        if self.try_watch(sh, m) == Rewatch::Limit {
+            self.watch_limit(sh);
+        }
+    }
+
+    /// Adds the missing watch of node `m` through the fd it is reopened as (checked to be
+    /// the same directory, see [`Self::ensure_fd`]). Quiet: the caller reports the limit.
+    pub(super) fn try_watch(&mut self, sh: &mut Shared, m: NodeId) -> Rewatch {
+        if self
+            .nd(m)
+            .is_none_or(|d| d.wd.is_some() || d.state != NodeState::Attached)
+        {
+            return Rewatch::Never;
+        }
+        if !self.ensure_fd(m) {
+            return Rewatch::Later;
+        }
+        let Some(fd) = self.fd_of(m) else {
+            return Rewatch::Later;
+        };
+        match sys::add_watch(sh.inotify.as_fd(), fd, MASK) {
+            Ok(wd) if !sh.wds.contains_key(&wd) => {
+                let Some(d) = self.nd_mut(m) else {
+                    return Rewatch::Never;
+                };
+                d.wd = Some(wd);
+                let serial = d.serial;
+                sh.wds.insert(
+                    wd,
+                    WdOwner {
+                        container: self.key,
+                        node: m,
+                        serial,
+                    },
+                );
+                Rewatch::Watched
+            }
+            // Already watched (for another container): only indexed here.
+            Ok(_) => Rewatch::Never,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Rewatch::Limit,
+            Err(e) => {
+                tracing::debug!(container_id = %self.id, error = %e, "cannot watch a directory");
+                Rewatch::Never
+            }
+        }
+    }
+
+    /// Whether directories wait for a watch that the watch limit refused.
+    pub fn has_unwatched(&self) -> bool {
+        !self.unwatched.is_empty()
+    }
+
+    /// Retries the watches that the watch limit refused, top-most directories first, and
+    /// rescans each directory that gets its watch against the index ([`ScanMode::Rewatched`]:
+    /// what changed in it meanwhile is reported with `source: scan`). Still refused: quiet
+    /// (the `watch_limit` overflow was reported when it was first refused), retried at the
+    /// next call. New directories the rescan finds are watched as usual (and a refusal of
+    /// those is reported).
+    pub fn retry_unwatched(&mut self, sh: &mut Shared) {
+        let mut todo = std::mem::take(&mut self.unwatched);
+        todo.retain(|&(m, serial)| {
+            self.nd(m)
+                .is_some_and(|d| d.serial == serial && d.wd.is_none())
+        });
+        todo.sort_by_key(|&(m, _)| self.nd(m).map_or(0, |d| d.path.len()));
+        let mut limit = false;
+        for (m, serial) in todo {
+            // A rescan before this one may have removed it, or a rename moved it.
+            if self
+                .nd(m)
+                .is_none_or(|d| d.serial != serial || d.wd.is_some())
+            {
+                continue;
+            }
+            let outcome = if limit {
+                Rewatch::Limit
+            } else {
+                self.try_watch(sh, m)
+            };
+            match outcome {
+                Rewatch::Watched => {
+                    if let Some(d) = self.nd_mut(m) {
+                        d.scan = Some(ScanMode::Rewatched);
+                        self.to_list.push(m);
+                    }
+                    self.process_listings(sh);
+                }
+                Rewatch::Limit => {
+                    limit = true;
+                    self.unwatched.push((m, serial));
+                }
+                Rewatch::Later => self.unwatched.push((m, serial)),
+                Rewatch::Never => {}
+            }
+        }
+    }
+}
