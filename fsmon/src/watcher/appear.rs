@@ -5,37 +5,72 @@
 use crate::event::{FileKind, Source};
 use crate::overlay::{self, Appear, EntryKind, Origin, Prior, Via};
 
-use super::container::Container;
+use super::container::{Container, EventCtx, LastMovedTo};
 use super::index::Entry;
 use super::scan::ScanMode;
-use super::shared::Shared;
+use super::shared::{NextEvent, Shared};
 use super::sys::Stat;
-use super::tree::{Attached, NodeId};
+use super::tree::Attached;
+
+/// How an appearing entry was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FoundBy {
+    /// Its `IN_CREATE`.
+    Create,
+    /// An `IN_MOVED_TO` without a partner.
+    MovedTo,
+    /// A listing (of a new directory, a resync, a late arming).
+    Listing,
+}
+
+impl FoundBy {
+    /// The event, as overlay's rules name it (a listing infers as a create would).
+    fn via(self) -> Via {
+        match self {
+            FoundBy::MovedTo => Via::MovedTo,
+            FoundBy::Create | FoundBy::Listing => Via::Create,
+        }
+    }
+
+    fn origin(self) -> Origin {
+        match self {
+            FoundBy::Create | FoundBy::MovedTo => Origin::Event,
+            FoundBy::Listing => Origin::Scan,
+        }
+    }
+
+    /// The `source` of what it reports.
+    fn source(self) -> Source {
+        match self {
+            FoundBy::Create | FoundBy::MovedTo => Source::Inotify,
+            FoundBy::Listing => Source::Scan,
+        }
+    }
+}
 
 impl Container {
-    /// An entry appeared in `n` (created, moved in without a partner, or found by a scan).
-    #[allow(clippy::too_many_arguments)]
+    /// An entry appeared at `at` (created, moved in without a partner, or found by a
+    /// listing); `st`: what is there now, when it can be what the event is about.
     pub(super) fn appear(
         &mut self,
         sh: &mut Shared,
-        n: NodeId,
-        name: &[u8],
+        at: &EventCtx<'_>,
         st: Option<Stat>,
-        ev_is_dir: bool,
-        via: Option<Via>,
-        source: Source,
+        found: FoundBy,
     ) {
-        let origin = if via.is_some() {
-            Origin::Event
-        } else {
-            Origin::Scan
-        };
-        let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
-        if via == Some(Via::MovedTo) && known.is_some() {
+        let (n, name, ev_is_dir) = (at.dir, at.name, at.is_dir);
+        let (origin, source) = (found.origin(), found.source());
+        let moved_to = found == FoundBy::MovedTo;
+        let known = self.node(n).and_then(|d| d.entries.get(name)).copied();
+        if let Some(replaced) = known.filter(|_| moved_to) {
             // The other half of an exchange (overlayfs swapping a new object in) may follow.
-            self.last_to = Some((n, name.into(), known));
+            self.last_to = Some(LastMovedTo {
+                dir: n,
+                name: name.into(),
+                replaced,
+            });
         }
-        if via == Some(Via::MovedTo) && ev_is_dir {
+        if moved_to && ev_is_dir {
             if let Some(w) = known.filter(|e| !e.kind.is_real()) {
                 // A directory renamed in over a whiteout is a re-create only if the whiteout
                 // leaves in the same exchange (an `IN_MOVED_FROM` of a non-directory right
@@ -44,10 +79,10 @@ impl Container {
                 // found may be the end of the very steps whose events come now (the copy-up
                 // of a directory that `rm -r` then removed, all before the listing):
                 // nothing the container did since.
-                let recreate = match sh.next_from {
-                    Some(Some(is_dir)) => !is_dir,
-                    Some(None) => !w.scanned,
-                    None => !w.scanned || st.is_some(),
+                let recreate = match sh.next {
+                    NextEvent::MovedFromSameName { is_dir } => !is_dir,
+                    NextEvent::Other => !w.scanned,
+                    NextEvent::Unknown => !w.scanned || st.is_some(),
                 };
                 if !recreate {
                     return;
@@ -59,20 +94,22 @@ impl Container {
             Some(st) => self.classify(n, name, st),
             // A non-directory exchanged in for a directory (which leaves the same name right
             // after) is the whiteout of an `rmdir` (`ovl_cleanup_and_whiteout`).
-            None if via == Some(Via::MovedTo) && !ev_is_dir && sh.next_from == Some(Some(true)) => {
+            None if moved_to
+                && !ev_is_dir
+                && sh.next == (NextEvent::MovedFromSameName { is_dir: true }) =>
+            {
                 EntryKind::Whiteout
             }
             None => {
                 let raw = known.map_or(Prior::Absent, |e| e.prior());
-                let lower_visible =
-                    if raw == Prior::Absent && via == Some(Via::MovedTo) && !ev_is_dir {
-                        let l = self.lower_lookup(n, name);
-                        looked_up = Some(l);
-                        l.is_some()
-                    } else {
-                        false
-                    };
-                overlay::infer_kind(ev_is_dir, via.unwrap_or(Via::Create), raw, lower_visible)
+                let lower_visible = if raw == Prior::Absent && moved_to && !ev_is_dir {
+                    let l = self.lower_lookup(n, name);
+                    looked_up = Some(l);
+                    l.is_some()
+                } else {
+                    false
+                };
+                overlay::infer_kind(ev_is_dir, found.via(), raw, lower_visible)
             }
         };
         let (prior, old_child) = self.prior(n, name, st.map(|s| (s.ino, kind)));
@@ -108,7 +145,7 @@ impl Container {
                 self.set_entry(n, name, entry);
             }
             Appear::CopyUp => {
-                if let Some(d) = self.nd_mut(n) {
+                if let Some(d) = self.node_mut(n) {
                     d.overlay_touched = true;
                 }
                 let mut entry = Entry::from_stat(kind, st);
@@ -121,7 +158,7 @@ impl Container {
                         // Taken from the image, not from the directory's xattrs, in case what
                         // was opened is already the one overlayfs exchanged in to remove it.
                         let merged = self.child_lower(n, name);
-                        if let Some(d) = self.nd_mut(c) {
+                        if let Some(d) = self.node_mut(c) {
                             d.lower = Some(merged);
                         }
                     }
@@ -158,25 +195,26 @@ impl Container {
                 self.set_entry(n, name, entry);
             }
             Appear::Recreate { old_is_dir } => {
-                self.emit(sh, FileKind::Delete, path.clone(), old_is_dir, source);
+                self.emit(sh, FileKind::Delete, path, old_is_dir, source);
                 self.displace(old_child);
-                self.create(sh, n, name, kind, st, path, source);
+                self.create(sh, at, kind, st, source);
             }
-            Appear::Create => self.create(sh, n, name, kind, st, path, source),
+            Appear::Create => self.create(sh, at, kind, st, source),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A new entry of `kind` at `at` (a directory is attached, or adopted when it is a known
+    /// one that moved here).
     pub(super) fn create(
         &mut self,
         sh: &mut Shared,
-        n: NodeId,
-        name: &[u8],
+        at: &EventCtx<'_>,
         kind: EntryKind,
         st: Option<Stat>,
-        path: Vec<u8>,
         source: Source,
     ) {
+        let (n, name) = (at.dir, at.name);
+        let path = self.child_path(n, name);
         let mut entry = Entry::from_stat(kind, st);
         if kind.is_dir() {
             let attached = self.attach(sh, n, name, ScanMode::Report, None, st.map(|s| s.ino));

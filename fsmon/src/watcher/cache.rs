@@ -8,12 +8,12 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use super::container::Container;
 use super::sys::{self, Stat};
-use super::tree::{NodeId, NodeState, NO_NODE};
+use super::tree::{NodeRef, NodeState};
 
 impl Container {
     /// The fd of node `n`, valid until the next `ensure_fd` (call that first).
-    pub(super) fn fd_of(&self, n: NodeId) -> Option<BorrowedFd<'_>> {
-        self.nd(n)?.fd.as_ref().map(AsFd::as_fd)
+    pub(super) fn fd_of(&self, n: NodeRef) -> Option<BorrowedFd<'_>> {
+        self.node(n)?.fd.as_ref().map(AsFd::as_fd)
     }
 
     /// Makes sure node `n` has an open fd: reopens it (and ancestors as needed) from the
@@ -22,8 +22,8 @@ impl Container {
     /// (the runtime's, not the container's). False when that no longer holds: the node's
     /// name is stale (a rename not processed yet) or the directory is gone, or descriptors
     /// ran out (then `fd_exhausted` is set: see [`Self::take_fd_exhaustion`]).
-    pub(super) fn ensure_fd(&mut self, n: NodeId) -> bool {
-        match self.nd_mut(n) {
+    pub(super) fn ensure_fd(&mut self, n: NodeRef) -> bool {
+        match self.node_mut(n) {
             None => return false,
             Some(d) if d.fd.is_some() => {
                 d.fd_used = true;
@@ -34,26 +34,28 @@ impl Container {
         self.evict();
         let mut chain = vec![n];
         let mut cur = n;
-        while cur != self.root {
-            let Some(d) = self.nd(cur) else { return false };
-            if d.state != NodeState::Attached || d.parent == NO_NODE {
+        while Some(cur) != self.root {
+            let Some(d) = self.node(cur) else {
                 return false;
-            }
-            cur = d.parent;
-            if self.nd(cur).is_some_and(|p| p.fd.is_some()) {
+            };
+            let (NodeState::Attached, Some(parent)) = (d.state, d.parent) else {
+                return false;
+            };
+            cur = parent;
+            if self.node(cur).is_some_and(|p| p.fd.is_some()) {
                 break;
             }
             chain.push(cur);
-            if chain.len() > self.nodes.len() {
+            if chain.len() > self.nodes.capacity() {
                 return false;
             }
         }
         for &m in chain.iter().rev() {
-            let Some(d) = self.nd(m) else { return false };
-            let opened = if m == self.root {
+            let Some(d) = self.node(m) else { return false };
+            let opened = if Some(m) == self.root {
                 sys::open_host_dir(&self.layer.upperdir)
             } else {
-                let Some(pfd) = self.fd_of(d.parent) else {
+                let Some(pfd) = d.parent.and_then(|p| self.fd_of(p)) else {
                     return false;
                 };
                 sys::open_child_dir(pfd, &d.name, false)
@@ -71,14 +73,13 @@ impl Container {
                 Ok(st) if st.ino == d.ino => {}
                 _ => return false,
             }
-            let serial = d.serial;
-            if let Some(d) = self.nd_mut(m) {
+            if let Some(d) = self.node_mut(m) {
                 d.fd = Some(fd);
                 d.fd_used = true;
             }
             self.open_fds += 1;
             self.budget.opened();
-            self.ring.push_back((m, serial));
+            self.ring.push_back(m);
         }
         true
     }
@@ -99,18 +100,15 @@ impl Container {
     /// Closes one cached node fd, giving recently used ones a second chance; false when
     /// none is cached.
     pub(super) fn evict_one(&mut self) -> bool {
-        let Some((m, serial)) = self.ring.pop_front() else {
+        let Some(m) = self.ring.pop_front() else {
             return false;
         };
-        let Some(d) = self
-            .nd_mut(m)
-            .filter(|d| d.serial == serial && d.fd.is_some())
-        else {
+        let Some(d) = self.node_mut(m).filter(|d| d.fd.is_some()) else {
             return true;
         };
         if d.fd_used {
             d.fd_used = false;
-            self.ring.push_back((m, serial));
+            self.ring.push_back(m);
         } else {
             d.fd = None;
             self.open_fds -= 1;
@@ -175,7 +173,7 @@ impl Container {
         self.lowers.get(layer)?.as_ref().map(AsFd::as_fd)
     }
 
-    pub(super) fn stat_child(&mut self, n: NodeId, name: &[u8]) -> Option<Stat> {
+    pub(super) fn stat_child(&mut self, n: NodeRef, name: &[u8]) -> Option<Stat> {
         if !self.ensure_fd(n) {
             return None;
         }
@@ -183,7 +181,7 @@ impl Container {
     }
 
     /// [`Self::stat_child`] with the birth time, when known ([`sys::statx_at`]).
-    pub(super) fn statx_child(&mut self, n: NodeId, name: &[u8]) -> Option<(Stat, Option<i64>)> {
+    pub(super) fn statx_child(&mut self, n: NodeRef, name: &[u8]) -> Option<(Stat, Option<i64>)> {
         if !self.ensure_fd(n) {
             return None;
         }

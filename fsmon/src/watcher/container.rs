@@ -22,6 +22,7 @@ use std::os::fd::OwnedFd;
 use crate::event::{FileKind, Source};
 use crate::overlay::{self, EntryKind, Prior, Via};
 
+use super::appear::FoundBy;
 use super::fds::SharedBudget;
 use super::index::Entry;
 use super::moves::PendingMove;
@@ -29,8 +30,46 @@ use super::rules::{self, Moves, MtimeAttribs, RawEvent};
 use super::scan::ScanMode;
 use super::shared::{Shared, WdOwner};
 use super::sys::Stat;
-use super::tree::{DirNode, NodeId, NodeState, NO_NODE};
+use super::tree::{DirNode, NodeRef, NodeState, Nodes};
 use super::{ArmStats, ContainerLayer};
+
+/// An unpaired `IN_MOVED_TO` that replaced what the index held at its name.
+pub(super) struct LastMovedTo {
+    pub(super) dir: NodeRef,
+    pub(super) name: Box<[u8]>,
+    /// The index entry it replaced.
+    pub(super) replaced: Entry,
+}
+
+/// One inotify event about an entry of a watched directory (or an entry a listing found),
+/// as its handlers need it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct EventCtx<'a> {
+    /// The directory.
+    pub(super) dir: NodeRef,
+    /// The entry's name in it.
+    pub(super) name: &'a [u8],
+    /// About a directory (`IN_ISDIR`; for a listing, what the stat said).
+    pub(super) is_dir: bool,
+    /// The rename cookie (0 for other events).
+    pub(super) cookie: u32,
+    /// A later event of the same read creates, removes or renames the same name, so what
+    /// is there now is not what this event is about.
+    pub(super) stale: bool,
+}
+
+impl<'a> EventCtx<'a> {
+    /// An entry a listing found in `dir`.
+    pub(super) fn listed(dir: NodeRef, name: &'a [u8], is_dir: bool) -> EventCtx<'a> {
+        EventCtx {
+            dir,
+            name,
+            is_dir,
+            cookie: 0,
+            stale: false,
+        }
+    }
+}
 
 /// One armed container.
 pub(super) struct Container {
@@ -43,24 +82,31 @@ pub(super) struct Container {
     pub(super) lowers: Vec<Option<OwnedFd>>,
     /// The fd budget shared by every container (see `fds`).
     pub(super) budget: SharedBudget,
-    pub(super) nodes: Vec<Option<DirNode>>,
-    pub(super) free: Vec<NodeId>,
-    pub(super) root: NodeId,
-    pub(super) ring: VecDeque<(NodeId, u64)>,
+    /// The directories: watched ones, and those indexed without a watch.
+    pub(super) nodes: Nodes,
+    /// The upperdir's node (`None` before arming, or once its watch is gone).
+    pub(super) root: Option<NodeRef>,
+    /// Nodes holding a cached fd, in the order considered for eviction (second chance).
+    pub(super) ring: VecDeque<NodeRef>,
+    /// Directory fds cached (image layers not counted).
     pub(super) open_fds: usize,
-    pub(super) displaced: Vec<(NodeId, u64)>,
-    pub(super) to_list: Vec<NodeId>,
-    pub(super) deferred: Vec<(NodeId, u64)>,
+    /// Nodes an exchange replaced at their name, removed at the end of the batch unless
+    /// they turn up elsewhere.
+    pub(super) displaced: Vec<NodeRef>,
+    /// Nodes whose listing is due.
+    pub(super) to_list: Vec<NodeRef>,
+    /// Nodes whose listing had to wait (renamed meanwhile, or no descriptor left): listed
+    /// at the end of the call.
+    pub(super) deferred: Vec<NodeRef>,
     pub(super) moves: Moves<PendingMove>,
     /// Directory `attrib`s waiting for the end of the drain (mtime changes only).
     pub(super) mtime_attribs: MtimeAttribs,
-    /// Directories indexed without a watch because of the watch limit (node, serial), for
+    /// Directories indexed without a watch because of the watch limit, for
     /// [`Self::retry_unwatched`].
-    pub(super) unwatched: Vec<(NodeId, u64)>,
-    /// The last event was an unpaired `IN_MOVED_TO` at (node, name), which replaced this
-    /// index entry: an `IN_MOVED_FROM` of the same name right after is the other half of an
-    /// exchange.
-    pub(super) last_to: Option<(NodeId, Box<[u8]>, Option<Entry>)>,
+    pub(super) unwatched: Vec<NodeRef>,
+    /// The last event was an unpaired `IN_MOVED_TO` that replaced an index entry: an
+    /// `IN_MOVED_FROM` of the same name right after is the other half of an exchange.
+    pub(super) last_to: Option<LastMovedTo>,
     /// Wall-clock ns when monitoring began (minus a margin for coarse fs timestamps).
     pub(super) armed_ns: i64,
     /// Wall-clock ns when the container started (minus the same margin), when it was armed
@@ -99,9 +145,8 @@ impl Container {
             layer,
             lowers: lowers.into_iter().map(Some).collect(),
             budget,
-            nodes: Vec::new(),
-            free: Vec::new(),
-            root: NO_NODE,
+            nodes: Nodes::default(),
+            root: None,
             ring: VecDeque::new(),
             open_fds: 0,
             displaced: Vec::new(),
@@ -125,19 +170,18 @@ impl Container {
     /// or changed since is reported instead ([`Self::index_entry_since`]).
     pub fn arm(&mut self, sh: &mut Shared, wd: i32, root: &Stat, root_fd: OwnedFd) {
         let serial = sh.next_serial();
-        let mut node = DirNode::new(serial, Some(wd), NO_NODE, Box::default(), Vec::new(), root);
+        let mut node = DirNode::new(serial, Some(wd), None, Box::default(), Vec::new(), root);
         node.fd = Some(root_fd);
         node.fd_used = true;
         let Some(id) = self.alloc(node, Some(ScanMode::Index)) else {
             return;
         };
-        self.root = id;
+        self.root = Some(id);
         sh.wds.insert(
             wd,
             WdOwner {
                 container: self.key,
                 node: id,
-                serial,
             },
         );
         self.stats.dirs += 1;
@@ -150,7 +194,7 @@ impl Container {
     /// Recomputes `stats` from the index (entries reported at arm time are in it too).
     pub(super) fn recount(&mut self) {
         let mut stats = ArmStats::default();
-        for d in self.nodes.iter().flatten() {
+        for d in self.nodes.iter() {
             stats.dirs += 1;
             if d.wd.is_none() {
                 stats.unwatched_dirs += 1;
@@ -167,19 +211,14 @@ impl Container {
     }
 
     /// Every watch descriptor of this container.
-    pub fn wds(&self) -> impl Iterator<Item = (i32, u64)> + '_ {
+    pub fn wds(&self) -> impl Iterator<Item = (i32, NodeRef)> + '_ {
         self.nodes
-            .iter()
-            .flatten()
-            .filter_map(|n| n.wd.map(|wd| (wd, n.serial)))
+            .iter_refs()
+            .filter_map(|(r, n)| n.wd.map(|wd| (wd, r)))
     }
 
     pub fn watch_count(&self) -> usize {
-        self.nodes
-            .iter()
-            .flatten()
-            .filter(|n| n.wd.is_some())
-            .count()
+        self.nodes.iter().filter(|n| n.wd.is_some()).count()
     }
 
     /// Whether something waits for a later event: an unpaired `IN_MOVED_FROM` of a known
@@ -192,11 +231,11 @@ impl Container {
     /// The kernel dropped watch `wd` (its directory is gone, or we removed it).
     pub fn on_ignored(&mut self, sh: &mut Shared, wd: i32, owner: WdOwner) {
         sh.wds.remove(&wd);
-        let Some(d) = self.nd_mut(owner.node).filter(|d| d.serial == owner.serial) else {
+        let Some(d) = self.node_mut(owner.node) else {
             return;
         };
         d.wd = None;
-        if owner.node != self.root {
+        if Some(owner.node) != self.root {
             self.remove_subtree(sh, owner.node);
         }
     }
@@ -214,11 +253,17 @@ impl Container {
     ) {
         let n = owner.node;
         let last_to = self.last_to.take();
-        match self.nd(n) {
-            Some(d) if d.serial == owner.serial && d.state != NodeState::Displaced => {}
+        match self.node(n) {
+            Some(d) if d.state != NodeState::Displaced => {}
             _ => return,
         }
-        let is_dir = ev.mask & libc::IN_ISDIR != 0;
+        let ctx = EventCtx {
+            dir: n,
+            name: ev.name,
+            is_dir: ev.mask & libc::IN_ISDIR != 0,
+            cookie: ev.cookie,
+            stale,
+        };
         let name = ev.name;
         if name.is_empty() {
             if ev.mask & libc::IN_ATTRIB != 0 {
@@ -227,41 +272,36 @@ impl Container {
             return;
         }
         if ev.mask & libc::IN_CREATE != 0 {
-            let st = self.event_stat(n, name, is_dir, Via::Create, stale);
-            self.appear(sh, n, name, st, is_dir, Some(Via::Create), Source::Inotify);
+            let st = self.event_stat(&ctx, Via::Create);
+            self.appear(sh, &ctx, st, FoundBy::Create);
         } else if ev.mask & libc::IN_MOVED_FROM != 0 {
-            let exchanged = last_to.and_then(|(m, nm, e)| (m == n && *nm == *name).then_some(e));
-            self.on_moved_from(sh, n, name, ev.cookie, is_dir, stale, exchanged);
+            let exchanged = last_to
+                .filter(|t| t.dir == n && *t.name == *name)
+                .map(|t| t.replaced);
+            self.on_moved_from(sh, &ctx, exchanged);
         } else if ev.mask & libc::IN_MOVED_TO != 0 {
-            self.on_moved_to(sh, n, name, ev.cookie, is_dir, stale);
+            self.on_moved_to(sh, &ctx);
         } else if ev.mask & libc::IN_DELETE != 0 {
-            self.on_delete(sh, n, name, is_dir);
+            self.on_delete(sh, n, name, ctx.is_dir);
         } else if ev.mask & libc::IN_MODIFY != 0 {
             self.on_modify(sh, n, name);
         } else if ev.mask & libc::IN_CLOSE_WRITE != 0 {
             self.on_close_write(n, name, sh.read_gen);
         } else if ev.mask & libc::IN_ATTRIB != 0 {
-            self.on_attrib(sh, n, name, is_dir, stale);
+            self.on_attrib(sh, &ctx);
         }
     }
 
     /// The stat of the object an event is about, or `None` when what is there now cannot be
     /// it: gone, `stale`, a directory where the event said otherwise (or the reverse), or a
     /// whiteout where something was created (overlayfs only renames whiteouts in).
-    pub(super) fn event_stat(
-        &mut self,
-        n: NodeId,
-        name: &[u8],
-        is_dir: bool,
-        via: Via,
-        stale: bool,
-    ) -> Option<Stat> {
-        if stale {
+    pub(super) fn event_stat(&mut self, ev: &EventCtx<'_>, via: Via) -> Option<Stat> {
+        if ev.stale {
             return None;
         }
-        let st = self.stat_child(n, name)?;
+        let st = self.stat_child(ev.dir, ev.name)?;
         let whiteout = st.mode & libc::S_IFMT == libc::S_IFCHR && st.rdev == 0;
-        (st.is_dir() == is_dir && !(via == Via::Create && whiteout)).then_some(st)
+        (st.is_dir() == ev.is_dir && !(via == Via::Create && whiteout)).then_some(st)
     }
 
     /// Handles one event and the listings it caused. Outputs about a directory that is in
@@ -272,37 +312,34 @@ impl Container {
         self.on_event(sh, owner, ev, stale);
         self.process_listings(sh);
         if let Some(m) = inflight {
-            let serial = self.serial_of(m);
-            let pm = self.moves.iter_mut().find(|pm| {
-                pm.entry.is_some_and(|e| e.child == m) && Some(pm.child_serial) == serial
-            });
+            let pm = self.moves.iter_mut().find(|pm| pm.moving == Some(m));
             if let Some(pm) = pm {
                 pm.captured.extend(start..sh.out.len());
             }
         }
     }
 
-    pub(super) fn on_delete(&mut self, sh: &mut Shared, n: NodeId, name: &[u8], is_dir: bool) {
+    pub(super) fn on_delete(&mut self, sh: &mut Shared, n: NodeRef, name: &[u8], is_dir: bool) {
         self.entries_changed(n);
-        let entry = self.nd_mut(n).and_then(|d| d.entries.remove(name));
+        let entry = self.node_mut(n).and_then(|d| d.entries.remove(name));
         let prior = entry.map_or(Prior::Absent, |e| e.prior());
         if let Some(is_dir) = overlay::disappear(prior, is_dir) {
             let path = self.child_path(n, name);
             self.emit(sh, FileKind::Delete, path, is_dir, Source::Inotify);
         }
-        if let Some(c) = entry.map(|e| e.child).filter(|&c| c != NO_NODE) {
+        if let Some(c) = entry.and_then(|e| e.child) {
             if self
-                .nd(c)
-                .is_some_and(|cd| cd.parent == n && cd.state == NodeState::Attached)
+                .node(c)
+                .is_some_and(|cd| cd.parent == Some(n) && cd.state == NodeState::Attached)
             {
                 self.remove_subtree(sh, c);
             }
         }
     }
 
-    pub(super) fn on_modify(&mut self, sh: &mut Shared, n: NodeId, name: &[u8]) {
+    pub(super) fn on_modify(&mut self, sh: &mut Shared, n: NodeRef, name: &[u8]) {
         let now = sh.now_ms();
-        let Some(d) = self.nd_mut(n) else { return };
+        let Some(d) = self.node_mut(n) else { return };
         if !d.entries.contains_key(name) {
             d.entries
                 .insert(name.into(), Entry::new(EntryKind::File, 0));
@@ -319,8 +356,8 @@ impl Container {
     }
 
     /// `read_gen`: the number of the read that brought the event.
-    pub(super) fn on_close_write(&mut self, n: NodeId, name: &[u8], read_gen: u32) {
-        let Some(e) = self.nd_mut(n).and_then(|d| d.entries.get_mut(name)) else {
+    pub(super) fn on_close_write(&mut self, n: NodeRef, name: &[u8], read_gen: u32) {
+        let Some(e) = self.node_mut(n).and_then(|d| d.entries.get_mut(name)) else {
             return;
         };
         e.burst_ms = 0;
@@ -331,7 +368,7 @@ impl Container {
             return;
         }
         let st = self.stat_child(n, name);
-        if let Some(e) = self.nd_mut(n).and_then(|d| d.entries.get_mut(name)) {
+        if let Some(e) = self.node_mut(n).and_then(|d| d.entries.get_mut(name)) {
             if let Some(s) = st.filter(|s| s.ino == e.ino || e.ino == 0) {
                 e.ino = s.ino;
                 e.set_stamp(s);
@@ -339,19 +376,15 @@ impl Container {
         }
     }
 
-    pub(super) fn on_attrib(
-        &mut self,
-        sh: &mut Shared,
-        n: NodeId,
-        name: &[u8],
-        is_dir: bool,
-        stale: bool,
-    ) {
-        let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+    pub(super) fn on_attrib(&mut self, sh: &mut Shared, ev: &EventCtx<'_>) {
+        let (n, name, is_dir, stale) = (ev.dir, ev.name, ev.is_dir, ev.stale);
+        let known = self.node(n).and_then(|d| d.entries.get(name)).copied();
         match known {
             Some(e) if !e.kind.is_real() => {}
             Some(e) if e.kind.is_dir() && self.valid_child(n, name, e.child) => {
-                self.dir_attrib(sh, e.child);
+                if let Some(child) = e.child {
+                    self.dir_attrib(sh, child);
+                }
             }
             // An unwatched directory about to be replaced (overlayfs copied it up, and is
             // already removing it): its attributes are overlay bookkeeping.
@@ -361,7 +394,7 @@ impl Container {
                 self.emit(sh, FileKind::Attrib, path, is_dir, Source::Inotify);
                 if !is_dir {
                     let st = self.stat_child(n, name);
-                    if let Some(e) = self.nd_mut(n).and_then(|d| d.entries.get_mut(name)) {
+                    if let Some(e) = self.node_mut(n).and_then(|d| d.entries.get_mut(name)) {
                         if let Some(s) = st.filter(|s| s.ino == e.ino) {
                             e.set_stamp(s);
                         }
@@ -379,15 +412,14 @@ impl Container {
         let pending: Vec<PendingMove> = self.moves.drain().collect();
         for pm in pending {
             Self::withdraw(sh, pm.captured.iter().copied());
-            let child = pm.entry.map_or(NO_NODE, |e| e.child);
-            if child != NO_NODE && self.serial_of(child) == Some(pm.child_serial) {
+            if let Some(child) = pm.moving {
                 self.remove_subtree(sh, child);
             }
         }
-        for (m, serial) in std::mem::take(&mut self.displaced) {
+        for m in std::mem::take(&mut self.displaced) {
             if self
-                .nd(m)
-                .is_some_and(|d| d.serial == serial && d.state == NodeState::Displaced)
+                .node(m)
+                .is_some_and(|d| d.state == NodeState::Displaced)
             {
                 self.remove_subtree(sh, m);
             }
@@ -397,8 +429,8 @@ impl Container {
     /// End of a `read_events` call: settle, and list directories whose listing had to wait.
     pub fn finish(&mut self, sh: &mut Shared) {
         self.settle(sh);
-        for (m, serial) in std::mem::take(&mut self.deferred) {
-            if self.serial_of(m) == Some(serial) {
+        for m in std::mem::take(&mut self.deferred) {
+            if self.node(m).is_some() {
                 self.to_list.push(m);
             }
         }
@@ -409,10 +441,11 @@ impl Container {
 
     /// After a queue overflow: compare everything with the index.
     pub fn rescan(&mut self, sh: &mut Shared) {
-        let root = self.root;
-        if let Some(d) = self.nd_mut(root) {
-            d.scan = Some(ScanMode::Diff);
-            self.to_list.push(root);
+        if let Some(root) = self.root {
+            if let Some(d) = self.node_mut(root) {
+                d.scan = Some(ScanMode::Diff);
+                self.to_list.push(root);
+            }
         }
         self.process_listings(sh);
     }

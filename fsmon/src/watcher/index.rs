@@ -6,14 +6,14 @@ use crate::overlay::{EntryKind, Prior};
 use super::container::Container;
 use super::rules::Stamp;
 use super::sys::Stat;
-use super::tree::{NodeId, NO_NODE};
+use super::tree::NodeRef;
 
 /// What the index knows about one name in a directory.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Entry {
     pub(super) kind: EntryKind,
     /// The directory's node, for a watched directory.
-    pub(super) child: NodeId,
+    pub(super) child: Option<NodeRef>,
     /// 0 when unknown.
     pub(super) ino: u64,
     /// `None` when never stat'ed (indexed at arm time from the listing alone).
@@ -35,7 +35,7 @@ impl Entry {
     pub(super) fn new(kind: EntryKind, ino: u64) -> Entry {
         Entry {
             kind,
-            child: NO_NODE,
+            child: None,
             ino,
             stamp: None,
             stamp_gen: 0,
@@ -84,8 +84,8 @@ pub(super) fn stamp(st: Stat) -> Stamp {
 }
 
 impl Container {
-    pub(super) fn set_entry(&mut self, n: NodeId, name: &[u8], entry: Entry) {
-        if let Some(d) = self.nd_mut(n) {
+    pub(super) fn set_entry(&mut self, n: NodeRef, name: &[u8], entry: Entry) {
+        if let Some(d) = self.node_mut(n) {
             match d.entries.get_mut(name) {
                 Some(e) => *e = entry,
                 None => {
@@ -99,13 +99,13 @@ impl Container {
     /// `None` when it is already gone, which counts as "the known one").
     pub(super) fn prior(
         &self,
-        n: NodeId,
+        n: NodeRef,
         name: &[u8],
         now: Option<(u64, EntryKind)>,
-    ) -> (Prior, NodeId) {
-        match self.nd(n).and_then(|d| d.entries.get(name)) {
-            None => (Prior::Absent, NO_NODE),
-            Some(e) if !e.kind.is_real() => (Prior::Whiteout, NO_NODE),
+    ) -> (Prior, Option<NodeRef>) {
+        match self.node(n).and_then(|d| d.entries.get(name)) {
+            None => (Prior::Absent, None),
+            Some(e) if !e.kind.is_real() => (Prior::Whiteout, None),
             Some(e) => {
                 let same = match now {
                     None => true,

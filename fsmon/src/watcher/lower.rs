@@ -15,7 +15,7 @@ use super::index::Entry;
 use super::rules::{self};
 use super::shared::Shared;
 use super::sys::{self, Stat};
-use super::tree::{NodeId, NodeState, NO_NODE};
+use super::tree::{NodeRef, NodeState};
 
 /// An image layer directory merged into an upper directory.
 #[derive(Clone, Copy, Debug)]
@@ -29,39 +29,41 @@ pub(super) struct LowerDir {
 impl Container {
     /// The image layer directories merged into node `n` (computed once per node, top-down
     /// from the nearest ancestor that knows).
-    pub(super) fn lower_dirs(&mut self, n: NodeId) -> Vec<LowerDir> {
+    pub(super) fn lower_dirs(&mut self, n: NodeRef) -> Vec<LowerDir> {
         let mut chain = Vec::new();
         let mut cur = n;
         loop {
-            let Some(d) = self.nd(cur) else {
+            let Some(d) = self.node(cur) else {
                 return Vec::new();
             };
             if d.lower.is_some() {
                 break;
             }
             chain.push(cur);
-            if cur == self.root {
+            if Some(cur) == self.root {
                 break;
             }
-            if d.state != NodeState::Attached
-                || d.parent == NO_NODE
-                || chain.len() > self.nodes.len()
-            {
+            let (NodeState::Attached, Some(parent)) = (d.state, d.parent) else {
+                return Vec::new();
+            };
+            if chain.len() > self.nodes.capacity() {
                 return Vec::new();
             }
-            cur = d.parent;
+            cur = parent;
         }
         for &m in chain.iter().rev() {
             let (lower, x) = self.compute_lower(m);
-            if let Some(d) = self.nd_mut(m) {
+            if let Some(d) = self.node_mut(m) {
                 d.lower = Some(lower);
                 d.upper_xwhiteouts = x;
             }
         }
-        self.nd(n).and_then(|d| d.lower.clone()).unwrap_or_default()
+        self.node(n)
+            .and_then(|d| d.lower.clone())
+            .unwrap_or_default()
     }
 
-    pub(super) fn compute_lower(&mut self, m: NodeId) -> (Vec<LowerDir>, bool) {
+    pub(super) fn compute_lower(&mut self, m: NodeRef) -> (Vec<LowerDir>, bool) {
         let mut buf = [0u8; 16];
         let opaque = if self.ensure_fd(m) {
             let v = self.fd_of(m).and_then(|fd| {
@@ -79,7 +81,7 @@ impl Container {
         }
         let mut out = Vec::new();
         self.open_lowers();
-        if m == self.root {
+        if Some(m) == self.root {
             for layer in 0..self.lowers.len() {
                 let Some(fd) = self.lower_fd(layer) else {
                     // Could not be reopened: taken as merged here, without marks.
@@ -103,8 +105,10 @@ impl Container {
             }
             return (out, x);
         }
-        let Some(d) = self.nd(m) else { return (out, x) };
-        let Some(p) = self.nd(d.parent) else {
+        let Some(d) = self.node(m) else {
+            return (out, x);
+        };
+        let Some(p) = d.parent.and_then(|p| self.node(p)) else {
             return (out, x);
         };
         let parent_lower = p.lower.clone().unwrap_or_default();
@@ -116,11 +120,11 @@ impl Container {
 
     /// The image layer directories that merge at `name` of node `n` (what the container
     /// sees there when the upper directory has no opaque one).
-    pub(super) fn child_lower(&mut self, n: NodeId, name: &[u8]) -> Vec<LowerDir> {
+    pub(super) fn child_lower(&mut self, n: NodeRef, name: &[u8]) -> Vec<LowerDir> {
         let parent_lower = self.lower_dirs(n);
         self.open_lowers();
         let prel = self
-            .nd(n)
+            .node(n)
             .map(|d| d.path.get(1..).unwrap_or_default().to_vec())
             .unwrap_or_default();
         self.merge_lower_child(&parent_lower, &prel, name)
@@ -180,7 +184,7 @@ impl Container {
     pub(super) fn report_vanished(
         &mut self,
         sh: &mut Shared,
-        n: NodeId,
+        n: NodeRef,
         name: &[u8],
         old: Entry,
     ) -> std::ops::Range<usize> {
@@ -192,19 +196,14 @@ impl Container {
         /// One name of the merged view being walked.
         struct View {
             kind: EntryKind,
-            node: NodeId,
+            node: Option<NodeRef>,
             lower: Vec<LowerDir>,
             closed: bool,
         }
-        let node = if self.valid_child(n, name, old_child) {
-            old_child
-        } else {
-            NO_NODE
-        };
-        let start = if node != NO_NODE {
-            self.lower_dirs(node)
-        } else {
-            self.child_lower(n, name)
+        let node = old_child.filter(|_| self.valid_child(n, name, old_child));
+        let start = match node {
+            Some(node) => self.lower_dirs(node),
+            None => self.child_lower(n, name),
         };
         let mut found: Vec<(Vec<u8>, bool)> = Vec::new();
         let mut stack = vec![(self.child_path(n, name), node, start)];
@@ -274,7 +273,7 @@ impl Container {
                                 d.name.clone(),
                                 View {
                                     kind: k,
-                                    node: NO_NODE,
+                                    node: None,
                                     lower,
                                     closed,
                                 },
@@ -283,20 +282,18 @@ impl Container {
                     }
                 }
             }
-            let upper: Vec<(Box<[u8]>, Entry)> = match self.nd(node) {
+            let upper: Vec<(Box<[u8]>, Entry)> = match node.and_then(|x| self.node(x)) {
                 Some(x) => x.entries.iter().map(|(k, e)| (k.clone(), *e)).collect(),
                 None => Vec::new(),
             };
             for (k, e) in upper {
-                let child = if e.kind.is_dir() && self.valid_child(node, &k, e.child) {
-                    e.child
-                } else {
-                    NO_NODE
-                };
+                let child = e.child.filter(|_| {
+                    e.kind.is_dir() && node.is_some_and(|p| self.valid_child(p, &k, e.child))
+                });
                 let lower = match (e.kind.is_dir(), child) {
                     (false, _) => Vec::new(),
-                    (true, NO_NODE) => view.get(&k).map(|v| v.lower.clone()).unwrap_or_default(),
-                    (true, c) => self.lower_dirs(c),
+                    (true, None) => view.get(&k).map(|v| v.lower.clone()).unwrap_or_default(),
+                    (true, Some(c)) => self.lower_dirs(c),
                 };
                 view.insert(
                     k,
@@ -341,7 +338,7 @@ impl Container {
     pub(super) fn emptied(
         &mut self,
         sh: &mut Shared,
-        n: NodeId,
+        n: NodeRef,
         name: &[u8],
         old: Entry,
     ) -> std::ops::Range<usize> {
@@ -353,12 +350,12 @@ impl Container {
     }
 
     /// The entry an image layer shows at `name` in node `n`, if any is visible.
-    pub(super) fn lower_lookup(&mut self, n: NodeId, name: &[u8]) -> Option<Stat> {
+    pub(super) fn lower_lookup(&mut self, n: NodeRef, name: &[u8]) -> Option<Stat> {
         let dirs = self.lower_dirs(n);
         if dirs.is_empty() {
             return None;
         }
-        let rel = self.nd(n)?.path.get(1..).unwrap_or_default().to_vec();
+        let rel = self.node(n)?.path.get(1..).unwrap_or_default().to_vec();
         self.open_lowers();
         for ld in dirs {
             let Some(root) = self.lower_fd(ld.layer) else {
@@ -380,11 +377,11 @@ impl Container {
 
     /// What an upper entry is. Zero-size files are checked for the whiteout xattr only
     /// in directories marked `opaque=x` (overlayfs itself makes char-device whiteouts).
-    pub(super) fn classify(&mut self, n: NodeId, name: &[u8], st: &Stat) -> EntryKind {
+    pub(super) fn classify(&mut self, n: NodeRef, name: &[u8], st: &Stat) -> EntryKind {
         let mut x = false;
         if overlay::needs_whiteout_xattr(st.mode, st.size, true) {
             let _ = self.lower_dirs(n);
-            if self.nd(n).is_some_and(|d| d.upper_xwhiteouts) && self.ensure_fd(n) {
+            if self.node(n).is_some_and(|d| d.upper_xwhiteouts) && self.ensure_fd(n) {
                 let mut buf = [0u8; 16];
                 x = self.fd_of(n).is_some_and(|fd| {
                     sys::xattr_at(fd, name, &overlay::WHITEOUT_XATTRS, &mut buf)

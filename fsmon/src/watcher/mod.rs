@@ -89,7 +89,7 @@ use crate::event::WatchOutput;
 use container::Container;
 pub use fds::FdBudget;
 use fds::SharedBudget;
-use shared::{Shared, MASK};
+use shared::{NextEvent, Shared, MASK};
 
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;
@@ -472,12 +472,12 @@ impl Watcher {
         let Some(c) = self.containers.get_mut(key).and_then(Option::take) else {
             return;
         };
-        for (wd, serial) in c.wds() {
+        for (wd, node) in c.wds() {
             if self
                 .sh
                 .wds
                 .get(&wd)
-                .is_some_and(|o| o.container == key && o.serial == serial)
+                .is_some_and(|o| o.container == key && o.node == node)
             {
                 self.sh.wds.remove(&wd);
                 sys::rm_watch(self.sh.inotify.as_fd(), wd);
@@ -552,15 +552,22 @@ impl Watcher {
                     let last = rules::last_name_changes(&evs);
                     for (i, ev) in evs.iter().enumerate() {
                         let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
-                        self.sh.next_from = evs.get(i + 1).map(|next| {
-                            (next.wd == ev.wd
-                                && next.name == ev.name
-                                && next.mask & libc::IN_MOVED_FROM != 0)
-                                .then_some(next.mask & libc::IN_ISDIR != 0)
-                        });
+                        self.sh.next = match evs.get(i + 1) {
+                            None => NextEvent::Unknown,
+                            Some(next)
+                                if next.wd == ev.wd
+                                    && next.name == ev.name
+                                    && next.mask & libc::IN_MOVED_FROM != 0 =>
+                            {
+                                NextEvent::MovedFromSameName {
+                                    is_dir: next.mask & libc::IN_ISDIR != 0,
+                                }
+                            }
+                            Some(_) => NextEvent::Other,
+                        };
                         self.dispatch(ev, stale);
                     }
-                    self.sh.next_from = None;
+                    self.sh.next = NextEvent::Unknown;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let waiting = self.containers.iter().flatten().any(Container::waiting);

@@ -7,12 +7,14 @@
 use crate::event::{FileKind, Source};
 use crate::overlay::{self, EntryKind, Prior, Via};
 
+use super::appear::FoundBy;
 use super::container::Container;
+use super::container::EventCtx;
 use super::index::Entry;
 use super::scan::ScanMode;
 use super::shared::Shared;
 use super::sys::Stat;
-use super::tree::{NodeId, NodeState, NO_NODE};
+use super::tree::{NodeRef, NodeState};
 
 /// A `IN_MOVED_FROM` half waiting for its partner.
 #[derive(Debug)]
@@ -20,8 +22,8 @@ pub(super) struct PendingMove {
     /// What left the index (`None`: nothing known left, e.g. the second half of an
     /// exchange whose first half already replaced the entry).
     pub(super) entry: Option<Entry>,
-    /// Serial of `entry.child`, to tell a reused node slot.
-    pub(super) child_serial: u64,
+    /// The directory node in flight with it (`entry.child` when that was in the tree).
+    pub(super) moving: Option<NodeRef>,
     pub(super) old_path: Vec<u8>,
     /// The tentative `delete` already placed in the output, turned into the `rename`
     /// when the partner comes.
@@ -36,10 +38,14 @@ pub(super) struct PendingMove {
 
 impl PendingMove {
     /// A half that has placed nothing in the output (yet).
-    pub(super) fn new(entry: Option<Entry>, child_serial: u64, old_path: Vec<u8>) -> PendingMove {
+    pub(super) fn new(
+        entry: Option<Entry>,
+        moving: Option<NodeRef>,
+        old_path: Vec<u8>,
+    ) -> PendingMove {
         PendingMove {
             entry,
-            child_serial,
+            moving,
             old_path,
             slot: None,
             captured: Vec::new(),
@@ -50,50 +56,48 @@ impl PendingMove {
 
 impl Container {
     /// The in-flight directory that node `n` is in (or is), if any.
-    pub(super) fn inflight_ancestor(&self, mut n: NodeId) -> Option<NodeId> {
+    pub(super) fn inflight_ancestor(&self, mut n: NodeRef) -> Option<NodeRef> {
         if !self
             .moves
             .iter()
-            .any(|pm| pm.entry.is_some_and(|e| e.child != NO_NODE))
+            .any(|pm| pm.entry.is_some_and(|e| e.child.is_some()))
         {
             return None;
         }
-        for _ in 0..=self.nodes.len() {
-            let d = self.nd(n)?;
-            match d.state {
-                NodeState::InFlight => return Some(n),
-                NodeState::Attached if d.parent != NO_NODE => n = d.parent,
+        for _ in 0..=self.nodes.capacity() {
+            let d = self.node(n)?;
+            match (d.state, d.parent) {
+                (NodeState::InFlight, _) => return Some(n),
+                (NodeState::Attached, Some(parent)) => n = parent,
                 _ => return None,
             }
         }
         None
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// An `IN_MOVED_FROM`. `exchanged`: the index entry that an unpaired `IN_MOVED_TO` of
+    /// the same name, the event right before, replaced.
     pub(super) fn on_moved_from(
         &mut self,
         sh: &mut Shared,
-        n: NodeId,
-        name: &[u8],
-        cookie: u32,
-        is_dir: bool,
-        stale: bool,
-        exchanged: Option<Option<Entry>>,
+        ev: &EventCtx<'_>,
+        exchanged: Option<Entry>,
     ) {
+        let (n, name, cookie, is_dir, stale) = (ev.dir, ev.name, ev.cookie, ev.is_dir, ev.stale);
         let st = if stale {
             None
         } else {
             self.stat_child(n, name)
         };
-        let known = self.nd(n).and_then(|d| d.entries.get(name)).copied();
-        if let (Some(Some(old)), Some(now)) = (exchanged, known) {
+        let known = self.node(n).and_then(|d| d.entries.get(name)).copied();
+        if let (Some(old), Some(now)) = (exchanged, known) {
             let back = st.is_some_and(|s| old.ino != 0 && s.ino == old.ino);
             if is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(&now) && !back {
                 // A directory left right after an unpaired IN_MOVED_TO of a directory at its
                 // name that the index took for the known one (it could not be looked at:
                 // stale, or already replaced): that was overlayfs exchanging an empty opaque
                 // directory in, and this is the known one leaving for the workdir.
-                self.exchanged_out(sh, n, name, cookie, old, st.filter(Stat::is_dir));
+                self.exchanged_out(sh, ev, old, st.filter(Stat::is_dir));
                 return;
             }
         }
@@ -106,10 +110,10 @@ impl Container {
             // when the event's kind is that of the replaced entry and not that of the new
             // one, or the new one is a whiteout, it is surely the replaced one leaving,
             // whatever is there now (it may be gone already: `rm -r` runs ahead).
-            let leaving_is_old = match (displaced, known) {
-                (_, Some(e)) if !e.kind.is_real() => true,
-                (Some(d), Some(e)) => d.kind.is_dir() == is_dir && e.kind.is_dir() != is_dir,
-                _ => false,
+            let leaving_is_old = match known {
+                Some(e) if !e.kind.is_real() => true,
+                Some(e) => displaced.kind.is_dir() == is_dir && e.kind.is_dir() != is_dir,
+                None => false,
             };
             let still_there = match (st, known) {
                 (Some(s), Some(e)) => e.ino == 0 || s.ino == e.ino,
@@ -118,8 +122,8 @@ impl Container {
             };
             if leaving_is_old || still_there {
                 let old_path = self.child_path(n, name);
-                let child_serial = displaced.and_then(|e| self.serial_of(e.child)).unwrap_or(0);
-                let pm = PendingMove::new(displaced, child_serial, old_path);
+                let moving = displaced.child.filter(|&c| self.node(c).is_some());
+                let pm = PendingMove::new(Some(displaced), moving, old_path);
                 self.moves.push(cookie, pm);
                 return;
             }
@@ -128,7 +132,7 @@ impl Container {
             // The indexed object is still there: what left is the object it replaced in an
             // exchange (its IN_MOVED_TO came first), already accounted for.
             Some(e) if st.is_some_and(|s| e.ino != 0 && s.ino == e.ino) => None,
-            Some(_) => self.nd_mut(n).and_then(|d| d.entries.remove(name)),
+            Some(_) => self.node_mut(n).and_then(|d| d.entries.remove(name)),
             None => None,
         };
         self.entries_changed(n);
@@ -155,14 +159,17 @@ impl Container {
                 Source::Inotify,
             )
         });
-        let mut child_serial = 0;
-        if let Some(c) = entry.map(|e| e.child).filter(|&c| c != NO_NODE) {
-            if let Some(cd) = self.nd_mut(c).filter(|cd| cd.state == NodeState::Attached) {
+        let mut moving = None;
+        if let Some(c) = entry.and_then(|e| e.child) {
+            if let Some(cd) = self
+                .node_mut(c)
+                .filter(|cd| cd.state == NodeState::Attached)
+            {
                 cd.state = NodeState::InFlight;
-                child_serial = cd.serial;
+                moving = Some(c);
             }
         }
-        let pm = PendingMove::new(entry, child_serial, old_path);
+        let pm = PendingMove::new(entry, moving, old_path);
         self.moves.push(cookie, PendingMove { slot, ..pm });
     }
 
@@ -173,16 +180,12 @@ impl Container {
     pub(super) fn exchanged_out(
         &mut self,
         sh: &mut Shared,
-        n: NodeId,
-        name: &[u8],
-        cookie: u32,
+        ev: &EventCtx<'_>,
         old: Entry,
         now: Option<Stat>,
     ) {
-        let child_serial = self
-            .serial_of(old.child)
-            .filter(|_| self.valid_child(n, name, old.child))
-            .unwrap_or(0);
+        let (n, name) = (ev.dir, ev.name);
+        let moving = old.child.filter(|_| self.valid_child(n, name, old.child));
         let vanished = self.emptied(sh, n, name, old);
         let mut entry = Entry::new(EntryKind::Dir, now.map_or(0, |s| s.ino));
         entry.emptied = true;
@@ -194,34 +197,26 @@ impl Container {
         self.set_entry(n, name, entry);
         self.entries_changed(n);
         let old_path = self.child_path(n, name);
-        let pm = PendingMove::new(Some(old), child_serial, old_path);
-        self.moves.push(cookie, PendingMove { vanished, ..pm });
+        let pm = PendingMove::new(Some(old), moving, old_path);
+        self.moves.push(ev.cookie, PendingMove { vanished, ..pm });
     }
 
-    pub(super) fn on_moved_to(
-        &mut self,
-        sh: &mut Shared,
-        n: NodeId,
-        name: &[u8],
-        cookie: u32,
-        is_dir: bool,
-        stale: bool,
-    ) {
-        let st = self.event_stat(n, name, is_dir, Via::MovedTo, stale);
-        let Some(pm) = self.moves.take(cookie) else {
-            self.appear(sh, n, name, st, is_dir, Some(Via::MovedTo), Source::Inotify);
+    /// An `IN_MOVED_TO`: the partner of a pending `IN_MOVED_FROM` (a rename), or an
+    /// appearance.
+    pub(super) fn on_moved_to(&mut self, sh: &mut Shared, ev: &EventCtx<'_>) {
+        let (n, name, is_dir) = (ev.dir, ev.name, ev.is_dir);
+        let st = self.event_stat(ev, Via::MovedTo);
+        let Some(pm) = self.moves.take(ev.cookie) else {
+            self.appear(sh, ev, st, FoundBy::MovedTo);
             return;
         };
         Self::withdraw(sh, pm.vanished.clone());
         let now_kind = st.map(|s| self.classify(n, name, &s));
         let moving = pm.entry.map_or(Prior::Absent, |e| e.prior());
         self.entries_changed(n);
-        let moving_child = pm
-            .entry
-            .map(|e| e.child)
-            .filter(|&c| c != NO_NODE && self.serial_of(c) == Some(pm.child_serial));
+        let moving_child = pm.moving.filter(|&c| self.node(c).is_some());
         let (_, old_child) = self.prior(n, name, None);
-        if old_child != NO_NODE && Some(old_child) != moving_child {
+        if old_child.is_some() && old_child != moving_child {
             // Renamed over an existing directory (or exchanged with it).
             self.displace(old_child);
         }
@@ -241,7 +236,7 @@ impl Container {
         // A listing of this (new) directory already found and reported the very object that
         // moved in (its watch came before the rename, its listing after): its arrival is
         // told; only its departure is left, the tentative `delete` of the old path.
-        let listed = self.nd(n).and_then(|d| d.entries.get(name)).copied();
+        let listed = self.node(n).and_then(|d| d.entries.get(name)).copied();
         if !is_dir
             && listed.is_some_and(|e| {
                 e.kind.is_real()
@@ -278,12 +273,12 @@ impl Container {
             entry.kind = k;
         }
         entry.burst_ms = 0;
-        entry.child = NO_NODE;
+        entry.child = None;
         if entry.kind.is_dir() {
             entry.child = match moving_child {
                 Some(c) => {
                     self.reparent(c, n, name);
-                    c
+                    Some(c)
                 }
                 None => {
                     let ino = st.map(|s| s.ino);

@@ -9,7 +9,7 @@ use super::container::Container;
 use super::rules::{self};
 use super::shared::Shared;
 use super::sys::{self};
-use super::tree::NodeId;
+use super::tree::NodeRef;
 
 impl Container {
     pub(super) fn file_event(
@@ -71,14 +71,14 @@ impl Container {
     /// reported only when the container could see a change ([`overlay::dir_attrib`]). An
     /// mtime-only change is placed in the output now and decided when the queue is drained
     /// ([`Self::settle`]): withdrawn if an entry change of the directory came after it.
-    pub(super) fn dir_attrib(&mut self, sh: &mut Shared, m: NodeId) {
+    pub(super) fn dir_attrib(&mut self, sh: &mut Shared, m: NodeRef) {
         if !self.ensure_fd(m) {
             return;
         }
         let Some(st) = self.fd_of(m).and_then(|fd| sys::stat_fd(fd).ok()) else {
             return;
         };
-        let Some(d) = self.nd_mut(m) else { return };
+        let Some(d) = self.node_mut(m) else { return };
         let verdict =
             overlay::dir_attrib(&d.baseline, &st.meta(), d.overlay_touched, d.mtime_stale);
         d.baseline = st.meta();
@@ -96,8 +96,8 @@ impl Container {
 
     /// Entries of node `n` were created, removed or renamed: its mtime moved without an
     /// `IN_ATTRIB`, which explains the mtime of a directory `attrib` still waiting.
-    pub(super) fn entries_changed(&mut self, n: NodeId) {
-        if let Some(d) = self.nd_mut(n) {
+    pub(super) fn entries_changed(&mut self, n: NodeRef) {
+        if let Some(d) = self.node_mut(n) {
             d.mtime_stale = true;
             let serial = d.serial;
             self.mtime_attribs.entries_changed(serial);

@@ -10,12 +10,14 @@ use std::os::fd::AsFd;
 use crate::event::{FileKind, Source};
 use crate::overlay::{self, EntryKind};
 
+use super::appear::FoundBy;
 use super::container::Container;
+use super::container::EventCtx;
 use super::index::{stamp, Entry};
 use super::rules::{self, Since};
 use super::shared::{Shared, WdOwner, MASK};
 use super::sys::{self, Dirent};
-use super::tree::{NodeId, NodeState, NO_NODE};
+use super::tree::{NodeRef, NodeState};
 
 /// How a directory's listing is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,15 +53,14 @@ impl Container {
     /// Lists every directory waiting for it (new ones found meanwhile are listed too).
     pub fn process_listings(&mut self, sh: &mut Shared) {
         while let Some(n) = self.to_list.pop() {
-            let Some(mode) = self.nd_mut(n).and_then(|d| d.scan.take()) else {
+            let Some(mode) = self.node_mut(n).and_then(|d| d.scan.take()) else {
                 continue;
             };
             if !self.ensure_fd(n) {
                 // Renamed meanwhile (its event is still ahead): retry after the batch.
-                if let Some(d) = self.nd_mut(n) {
+                if let Some(d) = self.node_mut(n) {
                     d.scan = Some(mode);
-                    let s = d.serial;
-                    self.deferred.push((n, s));
+                    self.deferred.push(n);
                 }
                 continue;
             }
@@ -69,10 +70,9 @@ impl Container {
                     // Listed again at the end of the next call, once descriptors allow.
                     self.fd_exhausted = true;
                     self.fd_limit(sh);
-                    if let Some(d) = self.nd_mut(n) {
+                    if let Some(d) = self.node_mut(n) {
                         d.scan = Some(mode);
-                        let s = d.serial;
-                        self.deferred.push((n, s));
+                        self.deferred.push(n);
                     }
                     continue;
                 }
@@ -101,8 +101,8 @@ impl Container {
         }
     }
 
-    pub(super) fn scan_entry(&mut self, sh: &mut Shared, n: NodeId, d: &Dirent, mode: ScanMode) {
-        if let Some(e) = self.nd(n).and_then(|x| x.entries.get(&d.name)) {
+    pub(super) fn scan_entry(&mut self, sh: &mut Shared, n: NodeRef, d: &Dirent, mode: ScanMode) {
+        if let Some(e) = self.node(n).and_then(|x| x.entries.get(&d.name)) {
             if e.ino == d.ino && e.ino != 0 {
                 // An event got there first.
                 return;
@@ -116,12 +116,13 @@ impl Container {
             return;
         }
         if let Some(st) = self.stat_child(n, &d.name) {
-            self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
+            let at = EventCtx::listed(n, &d.name, st.is_dir());
+            self.appear(sh, &at, Some(st), FoundBy::Listing);
         }
     }
 
     /// Arm time: records what exists (from the listing alone where the type says enough).
-    pub(super) fn index_entry(&mut self, sh: &mut Shared, n: NodeId, d: &Dirent) {
+    pub(super) fn index_entry(&mut self, sh: &mut Shared, n: NodeRef, d: &Dirent) {
         let kind = match d.dtype {
             libc::DT_DIR => EntryKind::Dir,
             libc::DT_REG => EntryKind::File,
@@ -153,7 +154,13 @@ impl Container {
     /// in it reported). Anything older is indexed as by [`Self::index_entry`], a regular
     /// file changed since is reported as a rescan would ([`rules::rescan_change`]), and an
     /// old directory is descended into with the same rule.
-    pub(super) fn index_entry_since(&mut self, sh: &mut Shared, n: NodeId, d: &Dirent, since: i64) {
+    pub(super) fn index_entry_since(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeRef,
+        d: &Dirent,
+        since: i64,
+    ) {
         let Some((st, btime)) = self.statx_child(n, &d.name) else {
             return;
         };
@@ -167,7 +174,8 @@ impl Container {
         );
         let change = match verdict {
             Since::New => {
-                self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
+                let at = EventCtx::listed(n, &d.name, st.is_dir());
+                self.appear(sh, &at, Some(st), FoundBy::Listing);
                 return;
             }
             Since::Old(change) => change,
@@ -196,26 +204,32 @@ impl Container {
 
     /// Resync: compares the listing of node `n` with its index, reporting differences;
     /// `deep`: and every known directory below it too (re-watched if it has no watch).
-    pub(super) fn diff_node(&mut self, sh: &mut Shared, n: NodeId, dirents: &[Dirent], deep: bool) {
+    pub(super) fn diff_node(
+        &mut self,
+        sh: &mut Shared,
+        n: NodeRef,
+        dirents: &[Dirent],
+        deep: bool,
+    ) {
         let mut present: HashSet<&[u8]> = HashSet::with_capacity(dirents.len());
         let mut entries_changed = false;
         for d in dirents {
             present.insert(&d.name);
-            let known = self.nd(n).and_then(|x| x.entries.get(&d.name)).copied();
+            let known = self.node(n).and_then(|x| x.entries.get(&d.name)).copied();
             let same = known.filter(|e| {
                 e.ino == d.ino && e.ino != 0 && e.kind.is_dir() == (d.dtype == libc::DT_DIR)
             });
             match same {
                 Some(e) if e.kind.is_dir() => {
-                    if self.valid_child(n, &d.name, e.child) {
+                    if let Some(child) = e.child.filter(|_| self.valid_child(n, &d.name, e.child)) {
                         if !deep {
                             continue;
                         }
-                        self.rewatch(sh, e.child);
-                        if let Some(c) = self.nd_mut(e.child) {
+                        self.rewatch(sh, child);
+                        if let Some(c) = self.node_mut(child) {
                             c.scan = Some(ScanMode::Diff);
                         }
-                        self.to_list.push(e.child);
+                        self.to_list.push(child);
                     } else {
                         let child = self
                             .attach(sh, n, &d.name, ScanMode::Report, None, None)
@@ -245,12 +259,13 @@ impl Container {
                 None => {
                     if let Some(st) = self.stat_child(n, &d.name) {
                         entries_changed = true;
-                        self.appear(sh, n, &d.name, Some(st), st.is_dir(), None, Source::Scan);
+                        let at = EventCtx::listed(n, &d.name, st.is_dir());
+                        self.appear(sh, &at, Some(st), FoundBy::Listing);
                     }
                 }
             }
         }
-        let gone: Vec<Box<[u8]>> = match self.nd(n) {
+        let gone: Vec<Box<[u8]>> = match self.node(n) {
             Some(x) => x
                 .entries
                 .keys()
@@ -265,7 +280,7 @@ impl Container {
             self.entries_changed(n);
         }
         for name in gone {
-            let Some(e) = self.nd_mut(n).and_then(|x| x.entries.remove(&name)) else {
+            let Some(e) = self.node_mut(n).and_then(|x| x.entries.remove(&name)) else {
                 continue;
             };
             self.entries_changed(n);
@@ -273,15 +288,15 @@ impl Container {
                 let path = self.child_path(n, &name);
                 self.emit(sh, FileKind::Delete, path, is_dir, Source::Scan);
             }
-            if e.child != NO_NODE {
-                self.remove_subtree(sh, e.child);
+            if let Some(child) = e.child {
+                self.remove_subtree(sh, child);
             }
         }
     }
 
     /// Retries the watch of an indexed but unwatched directory (after the watch limit),
     /// reporting the limit if it is still reached.
-    pub(super) fn rewatch(&mut self, sh: &mut Shared, m: NodeId) {
+    pub(super) fn rewatch(&mut self, sh: &mut Shared, m: NodeRef) {
         if self.try_watch(sh, m) == Rewatch::Limit {
             self.watch_limit(sh);
         }
@@ -289,9 +304,9 @@ impl Container {
 
     /// Adds the missing watch of node `m` through the fd it is reopened as (checked to be
     /// the same directory, see [`Self::ensure_fd`]). Quiet: the caller reports the limit.
-    pub(super) fn try_watch(&mut self, sh: &mut Shared, m: NodeId) -> Rewatch {
+    pub(super) fn try_watch(&mut self, sh: &mut Shared, m: NodeRef) -> Rewatch {
         if self
-            .nd(m)
+            .node(m)
             .is_none_or(|d| d.wd.is_some() || d.state != NodeState::Attached)
         {
             return Rewatch::Never;
@@ -304,17 +319,15 @@ impl Container {
         };
         match sys::add_watch(sh.inotify.as_fd(), fd, MASK) {
             Ok(wd) if !sh.wds.contains_key(&wd) => {
-                let Some(d) = self.nd_mut(m) else {
+                let Some(d) = self.node_mut(m) else {
                     return Rewatch::Never;
                 };
                 d.wd = Some(wd);
-                let serial = d.serial;
                 sh.wds.insert(
                     wd,
                     WdOwner {
                         container: self.key,
                         node: m,
-                        serial,
                     },
                 );
                 Rewatch::Watched
@@ -342,18 +355,12 @@ impl Container {
     /// those is reported).
     pub fn retry_unwatched(&mut self, sh: &mut Shared) {
         let mut todo = std::mem::take(&mut self.unwatched);
-        todo.retain(|&(m, serial)| {
-            self.nd(m)
-                .is_some_and(|d| d.serial == serial && d.wd.is_none())
-        });
-        todo.sort_by_key(|&(m, _)| self.nd(m).map_or(0, |d| d.path.len()));
+        todo.retain(|&m| self.node(m).is_some_and(|d| d.wd.is_none()));
+        todo.sort_by_key(|&m| self.node(m).map_or(0, |d| d.path.len()));
         let mut limit = false;
-        for (m, serial) in todo {
+        for m in todo {
             // A rescan before this one may have removed it, or a rename moved it.
-            if self
-                .nd(m)
-                .is_none_or(|d| d.serial != serial || d.wd.is_some())
-            {
+            if self.node(m).is_none_or(|d| d.wd.is_some()) {
                 continue;
             }
             let outcome = if limit {
@@ -363,7 +370,7 @@ impl Container {
             };
             match outcome {
                 Rewatch::Watched => {
-                    if let Some(d) = self.nd_mut(m) {
+                    if let Some(d) = self.node_mut(m) {
                         d.scan = Some(ScanMode::Rewatched);
                         self.to_list.push(m);
                     }
@@ -371,9 +378,9 @@ impl Container {
                 }
                 Rewatch::Limit => {
                     limit = true;
-                    self.unwatched.push((m, serial));
+                    self.unwatched.push(m);
                 }
-                Rewatch::Later => self.unwatched.push((m, serial)),
+                Rewatch::Later => self.unwatched.push(m),
                 Rewatch::Never => {}
             }
         }

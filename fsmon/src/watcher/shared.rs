@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::event::WatchOutput;
 
 use super::sys::Dirent;
-use super::tree::NodeId;
+use super::tree::NodeRef;
 
 /// Change events only. Never `IN_ACCESS`/`IN_OPEN`/`IN_CLOSE_NOWRITE` (every read would
 /// cost an event: −31% read throughput measured). `IN_DELETE_SELF`/`IN_MOVE_SELF` are
@@ -34,8 +34,7 @@ pub(super) const MASK: u32 = libc::IN_CREATE
 #[derive(Clone, Copy, Debug)]
 pub(super) struct WdOwner {
     pub(super) container: usize,
-    pub(super) node: NodeId,
-    pub(super) serial: u64,
+    pub(super) node: NodeRef,
 }
 
 /// What all containers share: the inotify fd, the wd map, the outputs being built.
@@ -50,11 +49,20 @@ pub(super) struct Shared {
     pub(super) dirents: Vec<Dirent>,
     /// The number of the read whose events are being handled ([`sys::next_read`]).
     pub(super) read_gen: u32,
-    /// The event right after the one being handled, when the same read brought it:
-    /// `Some(Some(is_dir))` for an `IN_MOVED_FROM` of the same name in the same directory
-    /// (the other half of an exchange), `Some(None)` for anything else; `None` when unknown
-    /// (the last event of the read, or not handling a read).
-    pub(super) next_from: Option<Option<bool>>,
+    /// The event right after the one being handled.
+    pub(super) next: NextEvent,
+}
+
+/// The event right after the one being handled, as far as the same read tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NextEvent {
+    /// Not known: the event being handled is the last of its read, or no read is handled.
+    Unknown,
+    /// An `IN_MOVED_FROM` of the same name in the same directory: the other half of an
+    /// exchange. `is_dir`: of a directory.
+    MovedFromSameName { is_dir: bool },
+    /// Any other event.
+    Other,
 }
 
 impl Shared {
@@ -68,7 +76,7 @@ impl Shared {
             dirbuf: Vec::new(),
             dirents: Vec::new(),
             read_gen: 0,
-            next_from: None,
+            next: NextEvent::Unknown,
         }
     }
 

@@ -19,10 +19,89 @@ use super::scan::ScanMode;
 use super::shared::{Shared, WdOwner, MASK};
 use super::sys::{self, Stat};
 
-/// Index of a [`DirNode`] in its container's node table.
-pub(super) type NodeId = u32;
-/// "No node" (a directory that could not be opened, a non-directory).
-pub(super) const NO_NODE: NodeId = u32::MAX;
+/// A reference to a [`DirNode`]: its slot in the container's [`Nodes`] and the serial the
+/// node was made with (serials are never reused). A reference may outlive its node: once
+/// the node is removed, and even when its slot holds another node, it resolves to nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct NodeRef {
+    slot: u32,
+    serial: u64,
+}
+
+/// The slab of a container's directory nodes.
+#[derive(Default)]
+pub(super) struct Nodes {
+    slots: Vec<Option<DirNode>>,
+    free: Vec<u32>,
+}
+
+impl Nodes {
+    /// The node `r` refers to, if it is still there.
+    pub(super) fn get(&self, r: NodeRef) -> Option<&DirNode> {
+        let slot = usize::try_from(r.slot).ok()?;
+        self.slots
+            .get(slot)?
+            .as_ref()
+            .filter(|d| d.serial == r.serial)
+    }
+
+    pub(super) fn get_mut(&mut self, r: NodeRef) -> Option<&mut DirNode> {
+        let slot = usize::try_from(r.slot).ok()?;
+        self.slots
+            .get_mut(slot)?
+            .as_mut()
+            .filter(|d| d.serial == r.serial)
+    }
+
+    /// Stores `node`; `None` only when the slab cannot grow (2^32 nodes).
+    fn insert(&mut self, node: DirNode) -> Option<NodeRef> {
+        let serial = node.serial;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                *self.slots.get_mut(usize::try_from(slot).ok()?)? = Some(node);
+                slot
+            }
+            None => {
+                let slot = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push(Some(node));
+                slot
+            }
+        };
+        Some(NodeRef { slot, serial })
+    }
+
+    /// Removes the node `r` refers to, freeing its slot.
+    fn remove(&mut self, r: NodeRef) -> Option<DirNode> {
+        self.get(r)?;
+        let node = self.slots.get_mut(usize::try_from(r.slot).ok()?)?.take();
+        self.free.push(r.slot);
+        node
+    }
+
+    /// Every node, in slot order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &DirNode> {
+        self.slots.iter().flatten()
+    }
+
+    /// Every node with a reference to it, in slot order.
+    pub(super) fn iter_refs(&self) -> impl Iterator<Item = (NodeRef, &DirNode)> {
+        (0u32..).zip(&self.slots).filter_map(|(slot, d)| {
+            let d = d.as_ref()?;
+            Some((
+                NodeRef {
+                    slot,
+                    serial: d.serial,
+                },
+                d,
+            ))
+        })
+    }
+
+    /// Number of slots: no chain of parents is longer (a guard against cycles).
+    pub(super) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum NodeState {
@@ -39,7 +118,8 @@ pub(super) enum NodeState {
 pub(super) struct DirNode {
     pub(super) serial: u64,
     pub(super) wd: Option<i32>,
-    pub(super) parent: NodeId,
+    /// `None` for the upperdir itself.
+    pub(super) parent: Option<NodeRef>,
     pub(super) name: Box<[u8]>,
     /// Container path, `b""` for the root.
     pub(super) path: Vec<u8>,
@@ -66,11 +146,11 @@ pub(super) struct DirNode {
 /// Result of watching a directory that appeared.
 pub(super) enum Attached {
     /// A new node (listing queued).
-    New(NodeId),
+    New(NodeRef),
     /// The directory was already watched: a known node moved here. `old_path` is where
     /// the container last saw it, unless that rename was already reported.
     Adopted {
-        node: NodeId,
+        node: NodeRef,
         old_path: Option<Vec<u8>>,
     },
     /// Could not be opened (gone, or no longer a directory): its events will tell.
@@ -78,49 +158,33 @@ pub(super) enum Attached {
 }
 
 impl Attached {
-    pub(super) fn node(&self) -> NodeId {
+    pub(super) fn node(&self) -> Option<NodeRef> {
         match self {
-            Attached::New(n) | Attached::Adopted { node: n, .. } => *n,
-            Attached::Failed => NO_NODE,
+            Attached::New(n) | Attached::Adopted { node: n, .. } => Some(*n),
+            Attached::Failed => None,
         }
     }
 }
 
 impl Container {
-    pub(super) fn nd(&self, n: NodeId) -> Option<&DirNode> {
-        self.nodes.get(usize::try_from(n).ok()?)?.as_ref()
+    /// The node `n` refers to, if it is still there.
+    pub(super) fn node(&self, n: NodeRef) -> Option<&DirNode> {
+        self.nodes.get(n)
     }
 
-    pub(super) fn nd_mut(&mut self, n: NodeId) -> Option<&mut DirNode> {
-        self.nodes.get_mut(usize::try_from(n).ok()?)?.as_mut()
+    pub(super) fn node_mut(&mut self, n: NodeRef) -> Option<&mut DirNode> {
+        self.nodes.get_mut(n)
     }
 
-    pub(super) fn serial_of(&self, n: NodeId) -> Option<u64> {
-        self.nd(n).map(|d| d.serial)
-    }
-
-    pub(super) fn alloc(&mut self, mut node: DirNode, scan: Option<ScanMode>) -> Option<NodeId> {
+    /// Adds a node (its listing queued when `scan` says so).
+    pub(super) fn alloc(&mut self, mut node: DirNode, scan: Option<ScanMode>) -> Option<NodeRef> {
         node.scan = scan;
         let has_fd = node.fd.is_some();
-        let serial = node.serial;
-        let id = match self.free.pop() {
-            Some(id) => {
-                let slot = self.nodes.get_mut(usize::try_from(id).ok()?)?;
-                *slot = Some(node);
-                id
-            }
-            None => {
-                let id = NodeId::try_from(self.nodes.len())
-                    .ok()
-                    .filter(|&i| i != NO_NODE)?;
-                self.nodes.push(Some(node));
-                id
-            }
-        };
+        let id = self.nodes.insert(node)?;
         if has_fd {
             self.open_fds += 1;
             self.budget.opened();
-            self.ring.push_back((id, serial));
+            self.ring.push_back(id);
         }
         if scan.is_some() {
             self.to_list.push(id);
@@ -129,15 +193,14 @@ impl Container {
     }
 
     /// The node `child` as the directory `name` of `parent`, if it is that.
-    pub(super) fn valid_child(&self, parent: NodeId, name: &[u8], child: NodeId) -> bool {
-        child != NO_NODE
-            && self.nd(child).is_some_and(|c| {
-                c.parent == parent && *c.name == *name && c.state == NodeState::Attached
-            })
+    pub(super) fn valid_child(&self, parent: NodeRef, name: &[u8], child: Option<NodeRef>) -> bool {
+        child.and_then(|c| self.node(c)).is_some_and(|c| {
+            c.parent == Some(parent) && *c.name == *name && c.state == NodeState::Attached
+        })
     }
 
-    pub(super) fn child_path(&self, n: NodeId, name: &[u8]) -> Vec<u8> {
-        rules::join(self.nd(n).map_or(&[][..], |d| &d.path), name)
+    pub(super) fn child_path(&self, n: NodeRef, name: &[u8]) -> Vec<u8> {
+        rules::join(self.node(n).map_or(&[][..], |d| &d.path), name)
     }
 
     /// Watches the directory `name` of `parent` (watch first; the listing is queued).
@@ -147,7 +210,7 @@ impl Container {
     pub(super) fn attach(
         &mut self,
         sh: &mut Shared,
-        parent: NodeId,
+        parent: NodeRef,
         name: &[u8],
         mode: ScanMode,
         baseline: Option<Meta>,
@@ -193,7 +256,7 @@ impl Container {
         };
         if let Some(w) = wd {
             if let Some(owner) = sh.wds.get(&w).copied() {
-                if owner.container == self.key && self.serial_of(owner.node) == Some(owner.serial) {
+                if owner.container == self.key && self.node(owner.node).is_some() {
                     return self.adopt(sh, owner.node, parent, name, cfd);
                 }
                 // Watched for another container (a host moved a directory from one upperdir
@@ -203,7 +266,7 @@ impl Container {
         }
         let serial = sh.next_serial();
         let path = self.child_path(parent, name);
-        let mut node = DirNode::new(serial, wd, parent, name.into(), path, &cst);
+        let mut node = DirNode::new(serial, wd, Some(parent), name.into(), path, &cst);
         if let Some(b) = baseline {
             node.baseline = b;
         }
@@ -222,14 +285,13 @@ impl Container {
                     WdOwner {
                         container: self.key,
                         node: id,
-                        serial,
                     },
                 );
             }
             None => {
                 self.stats.unwatched_dirs += 1;
                 if limited {
-                    self.unwatched.push((id, serial));
+                    self.unwatched.push(id);
                 }
             }
         }
@@ -244,7 +306,7 @@ impl Container {
     pub(super) fn attach_without_fd(
         &mut self,
         sh: &mut Shared,
-        parent: NodeId,
+        parent: NodeRef,
         name: &[u8],
         baseline: Option<Meta>,
         expect: Option<u64>,
@@ -259,7 +321,7 @@ impl Container {
         }
         let serial = sh.next_serial();
         let path = self.child_path(parent, name);
-        let mut node = DirNode::new(serial, None, parent, name.into(), path, &cst);
+        let mut node = DirNode::new(serial, None, Some(parent), name.into(), path, &cst);
         if let Some(b) = baseline {
             node.baseline = b;
         }
@@ -267,7 +329,7 @@ impl Container {
             return Attached::Failed;
         };
         self.stats.unwatched_dirs += 1;
-        self.unwatched.push((id, serial));
+        self.unwatched.push(id);
         Attached::New(id)
     }
 
@@ -276,22 +338,17 @@ impl Container {
     pub(super) fn adopt(
         &mut self,
         sh: &mut Shared,
-        m: NodeId,
-        parent: NodeId,
+        m: NodeRef,
+        parent: NodeRef,
         name: &[u8],
         fd: OwnedFd,
     ) -> Attached {
-        let Some(d) = self.nd(m) else {
+        let Some(d) = self.node(m) else {
             return Attached::Failed;
         };
-        let (state, old_parent, old_name, old_path, serial) = (
-            d.state,
-            d.parent,
-            d.name.clone(),
-            rules::dir_path(&d.path),
-            d.serial,
-        );
-        if state == NodeState::Attached && old_parent == parent && old_name[..] == *name {
+        let (state, old_parent, old_name, old_path) =
+            (d.state, d.parent, d.name.clone(), rules::dir_path(&d.path));
+        if state == NodeState::Attached && old_parent == Some(parent) && old_name[..] == *name {
             return Attached::Adopted {
                 node: m,
                 old_path: None,
@@ -301,9 +358,7 @@ impl Container {
             NodeState::InFlight => {
                 // Its IN_MOVED_FROM waits under a cookie that this event did not carry: pair
                 // them by inode.
-                let pm = self.moves.take_where(|pm| {
-                    pm.child_serial == serial && pm.entry.is_some_and(|e| e.child == m)
-                });
+                let pm = self.moves.take_where(|pm| pm.moving == Some(m));
                 match pm {
                     Some(pm) => {
                         let new_path = self.child_path(parent, name);
@@ -314,19 +369,21 @@ impl Container {
                 }
             }
             NodeState::Displaced => {
-                self.displaced.retain(|&(x, _)| x != m);
+                self.displaced.retain(|&x| x != m);
                 // An exchange's leaving half may still hold it: it is not leaving after all.
-                let pm = self.moves.take_where(|pm| {
-                    pm.child_serial == serial && pm.entry.is_some_and(|e| e.child == m)
-                });
+                let pm = self.moves.take_where(|pm| pm.moving == Some(m));
                 if let Some(pm) = pm {
                     Self::withdraw(sh, pm.vanished);
                 }
                 Some(old_path)
             }
             NodeState::Attached => {
-                if let Some(op) = self.nd_mut(old_parent) {
-                    if op.entries.get(&old_name).is_some_and(|e| e.child == m) {
+                if let Some(op) = old_parent.and_then(|p| self.nodes.get_mut(p)) {
+                    if op
+                        .entries
+                        .get(&old_name)
+                        .is_some_and(|e| e.child == Some(m))
+                    {
                         op.entries.remove(&old_name);
                     }
                 }
@@ -334,42 +391,41 @@ impl Container {
             }
         };
         self.reparent(m, parent, name);
-        if let Some(d) = self.nd_mut(m) {
+        if let Some(d) = self.node_mut(m) {
             if d.fd.is_none() {
                 d.fd = Some(fd);
                 d.fd_used = true;
                 self.open_fds += 1;
                 self.budget.opened();
-                self.ring.push_back((m, serial));
+                self.ring.push_back(m);
             }
         }
         Attached::Adopted { node: m, old_path }
     }
 
     /// Moves node `m` (and the paths of everything below it) to `parent`/`name`.
-    pub(super) fn reparent(&mut self, m: NodeId, parent: NodeId, name: &[u8]) {
+    pub(super) fn reparent(&mut self, m: NodeRef, parent: NodeRef, name: &[u8]) {
         let path = self.child_path(parent, name);
-        if let Some(d) = self.nd_mut(m) {
-            d.parent = parent;
+        if let Some(d) = self.node_mut(m) {
+            d.parent = Some(parent);
             d.name = name.into();
             d.state = NodeState::Attached;
         }
         let mut stack = vec![(m, path)];
         while let Some((x, p)) = stack.pop() {
-            let Some(d) = self.nd_mut(x) else { continue };
-            let kids: Vec<(NodeId, Vec<u8>)> = d
+            let Some(d) = self.node_mut(x) else { continue };
+            let kids: Vec<(NodeRef, Vec<u8>)> = d
                 .entries
                 .iter()
-                .filter(|(_, e)| e.child != NO_NODE)
-                .map(|(k, e)| (e.child, rules::join(&p, k)))
+                .filter_map(|(k, e)| Some((e.child?, rules::join(&p, k))))
                 .collect();
             d.path = p;
             // Which image layers merge here depends on the path.
             d.lower = None;
             for (c, cp) in kids {
                 if self
-                    .nd(c)
-                    .is_some_and(|cd| cd.parent == x && cd.state == NodeState::Attached)
+                    .node(c)
+                    .is_some_and(|cd| cd.parent == Some(x) && cd.state == NodeState::Attached)
                 {
                     stack.push((c, cp));
                 }
@@ -379,25 +435,25 @@ impl Container {
 
     /// An exchange put another object at this node's name: keep the node until the end of
     /// the batch in case it shows up elsewhere, ignoring its events meanwhile.
-    pub(super) fn displace(&mut self, child: NodeId) {
-        if let Some(d) = self.nd_mut(child) {
+    pub(super) fn displace(&mut self, child: Option<NodeRef>) {
+        let Some(child) = child else { return };
+        if let Some(d) = self.node_mut(child) {
             if d.state == NodeState::Attached {
                 d.state = NodeState::Displaced;
-                let s = d.serial;
-                self.displaced.push((child, s));
+                self.displaced.push(child);
             }
         }
     }
 
     /// Forgets node `m` and everything below it, removing their watches.
-    pub(super) fn remove_subtree(&mut self, sh: &mut Shared, m: NodeId) {
-        if let Some(d) = self.nd(m) {
+    pub(super) fn remove_subtree(&mut self, sh: &mut Shared, m: NodeRef) {
+        if let Some(d) = self.node(m) {
             if d.state == NodeState::Attached {
                 let (p, name) = (d.parent, d.name.clone());
-                if let Some(pd) = self.nd_mut(p) {
+                if let Some(pd) = p.and_then(|p| self.nodes.get_mut(p)) {
                     if let Some(e) = pd.entries.get_mut(&name) {
-                        if e.child == m {
-                            e.child = NO_NODE;
+                        if e.child == Some(m) {
+                            e.child = None;
                         }
                     }
                 }
@@ -405,18 +461,14 @@ impl Container {
         }
         let mut stack = vec![m];
         while let Some(x) = stack.pop() {
-            let Some(d) = usize::try_from(x)
-                .ok()
-                .and_then(|i| self.nodes.get_mut(i))
-                .and_then(Option::take)
-            else {
+            let Some(d) = self.nodes.remove(x) else {
                 continue;
             };
             if let Some(wd) = d.wd {
                 if sh
                     .wds
                     .get(&wd)
-                    .is_some_and(|o| o.container == self.key && o.serial == d.serial)
+                    .is_some_and(|o| o.container == self.key && o.node == x)
                 {
                     sh.wds.remove(&wd);
                     sys::rm_watch(sh.inotify.as_fd(), wd);
@@ -427,18 +479,18 @@ impl Container {
                 self.budget.closed(1);
             }
             for (k, e) in &d.entries {
-                if e.child != NO_NODE
-                    && self
-                        .nd(e.child)
-                        .is_some_and(|c| c.parent == x && c.name == *k)
-                {
-                    stack.push(e.child);
+                if let Some(c) = e.child {
+                    if self
+                        .node(c)
+                        .is_some_and(|c| c.parent == Some(x) && c.name == *k)
+                    {
+                        stack.push(c);
+                    }
                 }
             }
-            if x == self.root {
-                self.root = NO_NODE;
+            if Some(x) == self.root {
+                self.root = None;
             }
-            self.free.push(x);
         }
     }
 }
@@ -447,7 +499,7 @@ impl DirNode {
     pub(super) fn new(
         serial: u64,
         wd: Option<i32>,
-        parent: NodeId,
+        parent: Option<NodeRef>,
         name: Box<[u8]>,
         path: Vec<u8>,
         st: &Stat,
