@@ -79,12 +79,7 @@ impl Container {
                 // found may be the end of the very steps whose events come now (the copy-up
                 // of a directory that `rm -r` then removed, all before the listing):
                 // nothing the container did since.
-                let recreate = match sh.next {
-                    NextEvent::MovedFromSameName { is_dir } => !is_dir,
-                    NextEvent::Other => !w.scanned,
-                    NextEvent::Unknown => !w.scanned || st.is_some(),
-                };
-                if !recreate {
+                if !dir_over_whiteout_recreates(sh.next, w.scanned, st.is_some()) {
                     return;
                 }
             }
@@ -236,5 +231,71 @@ impl Container {
             self.emit(sh, FileKind::Create, path, false, source);
         }
         self.set_entry(n, name, entry);
+    }
+}
+
+/// Whether a directory renamed in (an unpaired `IN_MOVED_TO`) over a whiteout is a
+/// re-create. Only if the whiteout leaves in the same exchange (`next`: an `IN_MOVED_FROM`
+/// of a non-directory of the same name right after). A directory leaving instead is
+/// `ovl_clear_empty`'s exchange at a name the index already holds as deleted. And a
+/// whiteout that a listing found (`whiteout_listed`) may be the end of the very steps whose
+/// events come now (the copy-up of a directory that `rm -r` then removed, all before the
+/// listing): nothing the container did since, unless the next event is not known and the
+/// directory is there to be seen (`dir_seen`).
+pub(super) fn dir_over_whiteout_recreates(
+    next: NextEvent,
+    whiteout_listed: bool,
+    dir_seen: bool,
+) -> bool {
+    match next {
+        NextEvent::MovedFromSameName { is_dir } => !is_dir,
+        NextEvent::Other => !whiteout_listed,
+        NextEvent::Unknown => !whiteout_listed || dir_seen,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_over_whiteout_is_a_recreate_only_when_the_whiteout_leaves() {
+        let file_leaves = NextEvent::MovedFromSameName { is_dir: false };
+        let dir_leaves = NextEvent::MovedFromSameName { is_dir: true };
+        for listed in [false, true] {
+            for seen in [false, true] {
+                // `mkdir` over a whiteout: the whiteout leaves in the same exchange.
+                assert!(dir_over_whiteout_recreates(file_leaves, listed, seen));
+                // `ovl_clear_empty`: a directory leaves; nothing the container did.
+                assert!(!dir_over_whiteout_recreates(dir_leaves, listed, seen));
+            }
+        }
+        // A whiteout the index got from an event: a directory moved over it is new.
+        assert!(dir_over_whiteout_recreates(NextEvent::Other, false, false));
+        assert!(dir_over_whiteout_recreates(
+            NextEvent::Unknown,
+            false,
+            false
+        ));
+        // A whiteout a listing found: the events may be the steps that led to it
+        // (copy-up, then `rm -r`), unless nothing follows and the directory is there.
+        assert!(!dir_over_whiteout_recreates(NextEvent::Other, true, true));
+        assert!(!dir_over_whiteout_recreates(
+            NextEvent::Unknown,
+            true,
+            false
+        ));
+        assert!(dir_over_whiteout_recreates(NextEvent::Unknown, true, true));
+    }
+
+    #[test]
+    fn found_by_names_the_event_origin_and_source() {
+        assert_eq!(FoundBy::Create.via(), Via::Create);
+        assert_eq!(FoundBy::MovedTo.via(), Via::MovedTo);
+        assert_eq!(FoundBy::Listing.via(), Via::Create);
+        assert_eq!(FoundBy::Listing.origin(), Origin::Scan);
+        assert_eq!(FoundBy::MovedTo.origin(), Origin::Event);
+        assert_eq!(FoundBy::Create.source(), Source::Inotify);
+        assert_eq!(FoundBy::Listing.source(), Source::Scan);
     }
 }

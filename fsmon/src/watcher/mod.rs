@@ -6,8 +6,24 @@
 //! tested on 6.18.
 //!
 //! One inotify instance serves every container; each watched directory is a node of its
-//! container's tree (`container.rs`), and `wd → (container, node)` routes events. What the
-//! raw events mean to the container is decided by [`crate::overlay`].
+//! container's tree, and `wd → (container, node)` routes events. What the raw events mean
+//! to the container is decided by [`crate::overlay`].
+//!
+//! # Where things are
+//! * This file: the [`Watcher`], the read loop, routing by watch descriptor, the fd budget
+//!   across containers, exits seen through `cgroup.events`.
+//! * `container`: one container's state and the dispatch of each event to a handler.
+//! * `tree`: the slab of directory nodes and the generational `NodeRef` into it; attach
+//!   (watch first, list after), adopt, reparent, displace, remove a subtree.
+//! * `index`: what each directory holds (`Entry`), and the index's view of a name.
+//! * `scan`: listings (index at arm time, report a new directory, diff after lost events,
+//!   rewatch), with the pure comparison of a listing with the index.
+//! * `appear`: an entry appearing (created, moved in, listed), decided by
+//!   [`crate::overlay::appear`].
+//! * `moves`: rename pairing, overlayfs' exchanges (pure decisions), in-flight directories.
+//! * `outbox`: output slots (withdraw, rewrite), directory `attrib`s waiting for the drain.
+//! * `lower`: image-layer lookups; `cache`/`fds`: directory fds and their budget.
+//! * `shared`: what all containers share; `rules`: pure helpers; `sys`: the syscalls.
 //!
 //! # Guarantees
 //! * **Race-free recursion.** A directory that appears (created, moved in, copied up, found

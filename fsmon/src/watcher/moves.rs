@@ -91,8 +91,7 @@ impl Container {
         };
         let known = self.node(n).and_then(|d| d.entries.get(name)).copied();
         if let (Some(old), Some(now)) = (exchanged, known) {
-            let back = st.is_some_and(|s| old.ino != 0 && s.ino == old.ino);
-            if is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(&now) && !back {
+            if clear_empty_exchange(is_dir, &old, &now, st.map(|s| s.ino)) {
                 // A directory left right after an unpaired IN_MOVED_TO of a directory at its
                 // name that the index took for the known one (it could not be looked at:
                 // stale, or already replaced): that was overlayfs exchanging an empty opaque
@@ -110,17 +109,8 @@ impl Container {
             // when the event's kind is that of the replaced entry and not that of the new
             // one, or the new one is a whiteout, it is surely the replaced one leaving,
             // whatever is there now (it may be gone already: `rm -r` runs ahead).
-            let leaving_is_old = match known {
-                Some(e) if !e.kind.is_real() => true,
-                Some(e) => displaced.kind.is_dir() == is_dir && e.kind.is_dir() != is_dir,
-                None => false,
-            };
-            let still_there = match (st, known) {
-                (Some(s), Some(e)) => e.ino == 0 || s.ino == e.ino,
-                (None, _) => stale,
-                (Some(_), None) => false,
-            };
-            if leaving_is_old || still_there {
+            let ino_now = st.map(|s| s.ino);
+            if replaced_one_leaving(&displaced, known.as_ref(), is_dir, ino_now, stale) {
                 let old_path = self.child_path(n, name);
                 let moving = displaced.child.filter(|&c| self.node(c).is_some());
                 let pm = PendingMove::new(Some(displaced), moving, old_path);
@@ -315,5 +305,146 @@ impl Container {
             Some(slot) => *slot = Some(ev),
             None => sh.out.push(Some(ev)),
         }
+    }
+}
+
+/// Whether an `IN_MOVED_FROM` of a directory, right after an unpaired `IN_MOVED_TO` at its
+/// name that replaced the index entry `old` by `now`, is `ovl_clear_empty`'s exchange: the
+/// index took the directory moved in (an empty opaque one) for the known one (`now` is
+/// `old`: it could not be looked at, stale or already replaced), and this is the known one
+/// leaving for the workdir, unless what is there now (`ino_now`) is the known one after all.
+pub(super) fn clear_empty_exchange(
+    is_dir: bool,
+    old: &Entry,
+    now: &Entry,
+    ino_now: Option<u64>,
+) -> bool {
+    let back = ino_now.is_some_and(|ino| old.ino != 0 && ino == old.ino);
+    is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(now) && !back
+}
+
+/// Whether an `IN_MOVED_FROM`, right after an unpaired `IN_MOVED_TO` of the same name that
+/// replaced the index entry `replaced` (the index now holds `known`), is that replaced object
+/// leaving: overlayfs exchanged a new object in (a re-created directory, an empty opaque one,
+/// a whiteout), already accounted for by the `IN_MOVED_TO`. So when what it put there is
+/// still there (`ino_now`; not looked at when `stale`), or surely: overlayfs exchanges only
+/// when a directory is involved, and the container cannot rename a whiteout, so when the
+/// event's kind is that of the replaced entry and not that of the new one, or the new one is
+/// a whiteout, it is the replaced one leaving whatever is there now (`rm -r` runs ahead).
+pub(super) fn replaced_one_leaving(
+    replaced: &Entry,
+    known: Option<&Entry>,
+    is_dir: bool,
+    ino_now: Option<u64>,
+    stale: bool,
+) -> bool {
+    let leaving_is_old = match known {
+        Some(e) if !e.kind.is_real() => true,
+        Some(e) => replaced.kind.is_dir() == is_dir && e.kind.is_dir() != is_dir,
+        None => false,
+    };
+    let still_there = match (ino_now, known) {
+        (Some(ino), Some(e)) => e.ino == 0 || ino == e.ino,
+        (None, _) => stale,
+        (Some(_), None) => false,
+    };
+    leaving_is_old || still_there
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(ino: u64) -> Entry {
+        Entry::new(EntryKind::Dir, ino)
+    }
+
+    #[test]
+    fn clear_empty_exchange_is_the_known_dir_leaving() {
+        let known = dir(10);
+        // The index still holds the known directory (the opaque one could not be looked
+        // at): the directory leaving now is the known one, unless it is still there.
+        assert!(clear_empty_exchange(true, &known, &known, None));
+        assert!(clear_empty_exchange(true, &known, &known, Some(11)));
+        assert!(!clear_empty_exchange(true, &known, &known, Some(10)));
+        // A file leaving, or an index entry that changed meanwhile: no.
+        assert!(!clear_empty_exchange(false, &known, &known, None));
+        assert!(!clear_empty_exchange(true, &known, &dir(11), None));
+        let file = Entry::new(EntryKind::File, 10);
+        assert!(!clear_empty_exchange(true, &file, &file, None));
+        // An inode never known cannot be recognised as back.
+        assert!(clear_empty_exchange(true, &dir(0), &dir(0), Some(0)));
+    }
+
+    #[test]
+    fn replaced_one_leaving_after_an_exchange() {
+        let old_dir = dir(10);
+        let new_dir = dir(20);
+        let whiteout = Entry::new(EntryKind::Whiteout, 30);
+        let file = Entry::new(EntryKind::File, 40);
+        // `rmdir` of a directory: its whiteout is exchanged in, the directory leaves,
+        // whatever is there by now (`rm -r` of the parent may have run ahead).
+        assert!(replaced_one_leaving(
+            &old_dir,
+            Some(&whiteout),
+            true,
+            None,
+            false
+        ));
+        assert!(replaced_one_leaving(
+            &old_dir,
+            Some(&whiteout),
+            true,
+            Some(99),
+            false
+        ));
+        // A directory replaced by a file: a directory leaving is the old one.
+        assert!(replaced_one_leaving(
+            &old_dir,
+            Some(&file),
+            true,
+            Some(99),
+            false
+        ));
+        // Same kinds on both sides: the old one leaves only if the new one is still there.
+        assert!(replaced_one_leaving(
+            &old_dir,
+            Some(&new_dir),
+            true,
+            Some(20),
+            false
+        ));
+        assert!(!replaced_one_leaving(
+            &old_dir,
+            Some(&new_dir),
+            true,
+            Some(21),
+            false
+        ));
+        assert!(replaced_one_leaving(
+            &old_dir,
+            Some(&dir(0)),
+            true,
+            Some(21),
+            false
+        ));
+        // Not looked at: only a stale name (a later event changes it) counts as there.
+        assert!(replaced_one_leaving(
+            &old_dir,
+            Some(&new_dir),
+            true,
+            None,
+            true
+        ));
+        assert!(!replaced_one_leaving(
+            &old_dir,
+            Some(&new_dir),
+            true,
+            None,
+            false
+        ));
+        // Nothing indexed any more: it is not the replaced one leaving.
+        assert!(!replaced_one_leaving(&old_dir, None, true, Some(20), false));
+        assert!(replaced_one_leaving(&old_dir, None, true, None, true));
     }
 }

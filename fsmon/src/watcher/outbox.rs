@@ -115,20 +115,47 @@ impl Container {
 
     /// Outputs set aside while a directory was in flight now carry its new path.
     pub(super) fn rewrite_captured(sh: &mut Shared, captured: &[usize], old: &[u8], new: &[u8]) {
-        let move_path = |p: &mut Vec<u8>| {
-            if p.starts_with(old) && p.get(old.len()) == Some(&b'/') {
-                let mut q = new.to_vec();
-                q.extend_from_slice(&p[old.len()..]);
-                *p = q;
-            }
-        };
         for &i in captured {
             if let Some(Some(WatchOutput::File(f))) = sh.out.get_mut(i) {
-                move_path(&mut f.path);
+                rebase(&mut f.path, old, new);
                 if let Some(o) = f.old_path.as_mut() {
-                    move_path(o);
+                    rebase(o, old, new);
                 }
             }
+        }
+    }
+}
+
+/// A path below the directory `old` (not `old` itself) moved below `new`; other paths are
+/// left alone.
+pub(super) fn rebase(path: &mut Vec<u8>, old: &[u8], new: &[u8]) {
+    if let Some(rest) = path.strip_prefix(old).filter(|r| r.first() == Some(&b'/')) {
+        let mut moved = Vec::with_capacity(new.len() + rest.len());
+        moved.extend_from_slice(new);
+        moved.extend_from_slice(rest);
+        *path = moved;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rebases_paths_below_a_renamed_directory_only() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"/a/x", b"/b/c/x"),
+            (b"/a/x/y", b"/b/c/x/y"),
+            // The directory itself (its own rename says where it went), a sibling that
+            // shares the prefix, and elsewhere: unchanged.
+            (b"/a", b"/a"),
+            (b"/ab/x", b"/ab/x"),
+            (b"/z/a/x", b"/z/a/x"),
+        ];
+        for (path, want) in cases {
+            let mut p = path.to_vec();
+            rebase(&mut p, b"/a", b"/b/c");
+            assert_eq!(p, want, "{}", String::from_utf8_lossy(path));
         }
     }
 }

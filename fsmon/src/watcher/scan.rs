@@ -4,7 +4,7 @@
 //!
 //! Kernel features: getdents64(2), statx(2) birth time (4.11), inotify(7).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 
 use crate::event::{FileKind, Source};
@@ -211,16 +211,11 @@ impl Container {
         dirents: &[Dirent],
         deep: bool,
     ) {
-        let mut present: HashSet<&[u8]> = HashSet::with_capacity(dirents.len());
         let mut entries_changed = false;
         for d in dirents {
-            present.insert(&d.name);
             let known = self.node(n).and_then(|x| x.entries.get(&d.name)).copied();
-            let same = known.filter(|e| {
-                e.ino == d.ino && e.ino != 0 && e.kind.is_dir() == (d.dtype == libc::DT_DIR)
-            });
-            match same {
-                Some(e) if e.kind.is_dir() => {
+            match (compare_listed(known.as_ref(), d), known) {
+                (Listed::SameDir, Some(e)) => {
                     if let Some(child) = e.child.filter(|_| self.valid_child(n, &d.name, e.child)) {
                         if !deep {
                             continue;
@@ -237,7 +232,7 @@ impl Container {
                         self.set_entry(n, &d.name, Entry { child, ..e });
                     }
                 }
-                Some(e) if e.kind == EntryKind::File => {
+                (Listed::SameFile, Some(e)) => {
                     let Some(st) = self.stat_child(n, &d.name) else {
                         continue;
                     };
@@ -255,8 +250,8 @@ impl Container {
                         },
                     );
                 }
-                Some(_) => {}
-                None => {
+                (Listed::SameDir | Listed::SameFile | Listed::SameOther, _) => {}
+                (Listed::Other, _) => {
                     if let Some(st) = self.stat_child(n, &d.name) {
                         entries_changed = true;
                         let at = EventCtx::listed(n, &d.name, st.is_dir());
@@ -265,13 +260,8 @@ impl Container {
                 }
             }
         }
-        let gone: Vec<Box<[u8]>> = match self.node(n) {
-            Some(x) => x
-                .entries
-                .keys()
-                .filter(|k| !present.contains(&k[..]))
-                .cloned()
-                .collect(),
+        let gone = match self.node(n) {
+            Some(x) => gone_names(&x.entries, dirents),
             None => return,
         };
         if entries_changed {
@@ -384,5 +374,102 @@ impl Container {
                 Rewatch::Never => {}
             }
         }
+    }
+}
+
+/// What a listing shows at a name, compared with the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Listed {
+    /// The indexed directory (same inode, still a directory).
+    SameDir,
+    /// The indexed regular file: its size and times say whether it changed.
+    SameFile,
+    /// The indexed object of another kind (symlink, device, whiteout): nothing to compare.
+    SameOther,
+    /// Not what the index holds (another inode, another type, an inode never known) or
+    /// nothing indexed: an appearance.
+    Other,
+}
+
+/// Compares the listed entry `d` with what the index holds at its name (`known`).
+pub(super) fn compare_listed(known: Option<&Entry>, d: &Dirent) -> Listed {
+    match known {
+        Some(e) if e.ino == d.ino && e.ino != 0 && e.kind.is_dir() == (d.dtype == libc::DT_DIR) => {
+            if e.kind.is_dir() {
+                Listed::SameDir
+            } else if e.kind == EntryKind::File {
+                Listed::SameFile
+            } else {
+                Listed::SameOther
+            }
+        }
+        _ => Listed::Other,
+    }
+}
+
+/// The names the index holds that a listing no longer shows: gone while unwatched, or
+/// while events were lost.
+pub(super) fn gone_names(
+    entries: &HashMap<Box<[u8]>, Entry>,
+    listing: &[Dirent],
+) -> Vec<Box<[u8]>> {
+    let present: HashSet<&[u8]> = listing.iter().map(|d| &d.name[..]).collect();
+    entries
+        .keys()
+        .filter(|k| !present.contains(&k[..]))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirent(name: &str, ino: u64, dtype: u8) -> Dirent {
+        Dirent {
+            ino,
+            dtype,
+            name: name.as_bytes().into(),
+        }
+    }
+
+    #[test]
+    fn listing_compared_with_the_index() {
+        let dir = Entry::new(EntryKind::Dir, 7);
+        let file = Entry::new(EntryKind::File, 8);
+        let link = Entry::new(EntryKind::Symlink, 9);
+        let unknown = Entry::new(EntryKind::File, 0);
+        let cases = [
+            (Some(&dir), dirent("d", 7, libc::DT_DIR), Listed::SameDir),
+            (Some(&file), dirent("f", 8, libc::DT_REG), Listed::SameFile),
+            (Some(&link), dirent("l", 9, libc::DT_LNK), Listed::SameOther),
+            // Nothing indexed, another inode, a directory replaced by a file of the same
+            // inode number (recycled), an inode never known: appearances.
+            (None, dirent("n", 5, libc::DT_REG), Listed::Other),
+            (Some(&file), dirent("f", 80, libc::DT_REG), Listed::Other),
+            (Some(&dir), dirent("d", 7, libc::DT_REG), Listed::Other),
+            (Some(&file), dirent("f", 8, libc::DT_DIR), Listed::Other),
+            (Some(&unknown), dirent("f", 0, libc::DT_REG), Listed::Other),
+        ];
+        for (known, d, want) in cases {
+            assert_eq!(compare_listed(known, &d), want, "{known:?} vs {d:?}");
+        }
+    }
+
+    #[test]
+    fn names_gone_from_a_listing() {
+        let mut entries: HashMap<Box<[u8]>, Entry> = HashMap::new();
+        for (name, ino) in [("a", 1), ("b", 2), ("c\n", 3)] {
+            entries.insert(name.as_bytes().into(), Entry::new(EntryKind::File, ino));
+        }
+        let listing = [dirent("b", 2, libc::DT_REG), dirent("new", 4, libc::DT_REG)];
+        let mut gone = gone_names(&entries, &listing);
+        gone.sort();
+        assert_eq!(
+            gone,
+            vec![Box::from(&b"a"[..]), Box::from("c\n".as_bytes())]
+        );
+        assert!(gone_names(&HashMap::new(), &listing).is_empty());
+        assert_eq!(gone_names(&entries, &[]).len(), 3);
     }
 }
