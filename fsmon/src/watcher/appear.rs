@@ -6,7 +6,7 @@ use crate::event::{FileKind, Source};
 use crate::overlay::{self, Appear, EntryKind, Origin, Prior, Via};
 
 use super::container::{Container, EventCtx, LastMovedTo};
-use super::index::Entry;
+use super::index::{Entry, Ino};
 use super::scan::ScanMode;
 use super::shared::{NextEvent, Shared};
 use super::sys::Stat;
@@ -53,7 +53,7 @@ impl Container {
     /// listing); `st`: what is there now, when it can be what the event is about.
     pub(super) fn appear(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         at: &EventCtx<'_>,
         st: Option<Stat>,
         found: FoundBy,
@@ -79,7 +79,7 @@ impl Container {
                 // found may be the end of the very steps whose events come now (the copy-up
                 // of a directory that `rm -r` then removed, all before the listing):
                 // nothing the container did since.
-                if !dir_over_whiteout_recreates(sh.next, w.scanned, st.is_some()) {
+                if !dir_over_whiteout_recreates(shared.next, w.scanned, st.is_some()) {
                     return;
                 }
             }
@@ -91,7 +91,7 @@ impl Container {
             // after) is the whiteout of an `rmdir` (`ovl_cleanup_and_whiteout`).
             None if moved_to
                 && !ev_is_dir
-                && sh.next == (NextEvent::MovedFromSameName { is_dir: true }) =>
+                && shared.next == (NextEvent::MovedFromSameName { is_dir: true }) =>
             {
                 EntryKind::Whiteout
             }
@@ -121,7 +121,7 @@ impl Container {
         match verdict {
             Appear::Nothing => {
                 if !kind.is_real() {
-                    let mut entry = Entry::new(kind, st.map_or(0, |s| s.ino));
+                    let mut entry = Entry::new(kind, Ino::of(st));
                     entry.scanned = origin == Origin::Scan;
                     self.set_entry(n, name, entry);
                 }
@@ -130,12 +130,12 @@ impl Container {
                 if is_dir {
                     let old = known
                         .filter(|e| e.kind.is_dir())
-                        .unwrap_or_else(|| Entry::new(EntryKind::Dir, 0));
-                    self.report_vanished(sh, n, name, old);
+                        .unwrap_or_else(|| Entry::new(EntryKind::Dir, Ino::Unknown));
+                    self.report_vanished(shared, n, name, old);
                 }
-                self.emit(sh, FileKind::Delete, path, is_dir, source);
+                self.emit(shared, FileKind::Delete, path, is_dir, source);
                 self.displace(old_child);
-                let mut entry = Entry::new(kind, st.map_or(0, |s| s.ino));
+                let mut entry = Entry::new(kind, Ino::of(st));
                 entry.scanned = origin == Origin::Scan;
                 self.set_entry(n, name, entry);
             }
@@ -146,8 +146,8 @@ impl Container {
                 let mut entry = Entry::from_stat(kind, st);
                 if kind.is_dir() {
                     let baseline = lower.map(|l| l.meta());
-                    let ino = st.map(|s| s.ino);
-                    let attached = self.attach(sh, n, name, ScanMode::Report, baseline, ino);
+                    let ino = Ino::of(st);
+                    let attached = self.attach(shared, n, name, ScanMode::Report, baseline, ino);
                     if let Attached::New(c) = attached {
                         // A copy-up is never opaque: the image's directories merge here.
                         // Taken from the image, not from the directory's xattrs, in case what
@@ -163,9 +163,9 @@ impl Container {
                         .zip(lower)
                         .and_then(|(u, l)| overlay::copy_up_change(&u.meta(), &l.meta()));
                     if let Some(k) = change {
-                        self.emit(sh, k, path, false, source);
+                        self.emit(shared, k, path, false, source);
                         if k == FileKind::Modify {
-                            entry.burst_ms = sh.now_ms();
+                            entry.burst_ms = shared.now_ms();
                         }
                     }
                 }
@@ -176,25 +176,27 @@ impl Container {
                 if kind.is_dir() {
                     // The empty opaque directory of `ovl_clear_empty`.
                     if let Some(old) = known {
-                        self.emptied(sh, n, name, old);
+                        self.emptied(shared, n, name, old);
                     }
                     self.displace(old_child);
                     entry.emptied = true;
-                    let ino = st.map(|s| s.ino);
-                    entry.child = self.attach(sh, n, name, ScanMode::Report, None, ino).node();
+                    let ino = Ino::of(st);
+                    entry.child = self
+                        .attach(shared, n, name, ScanMode::Report, None, ino)
+                        .node();
                 } else {
                     self.displace(old_child);
-                    self.emit(sh, FileKind::Modify, path, false, source);
-                    entry.burst_ms = sh.now_ms();
+                    self.emit(shared, FileKind::Modify, path, false, source);
+                    entry.burst_ms = shared.now_ms();
                 }
                 self.set_entry(n, name, entry);
             }
             Appear::Recreate { old_is_dir } => {
-                self.emit(sh, FileKind::Delete, path, old_is_dir, source);
+                self.emit(shared, FileKind::Delete, path, old_is_dir, source);
                 self.displace(old_child);
-                self.create(sh, at, kind, st, source);
+                self.create(shared, at, kind, st, source);
             }
-            Appear::Create => self.create(sh, at, kind, st, source),
+            Appear::Create => self.create(shared, at, kind, st, source),
         }
     }
 
@@ -202,7 +204,7 @@ impl Container {
     /// one that moved here).
     pub(super) fn create(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         at: &EventCtx<'_>,
         kind: EntryKind,
         st: Option<Stat>,
@@ -212,7 +214,7 @@ impl Container {
         let path = self.child_path(n, name);
         let mut entry = Entry::from_stat(kind, st);
         if kind.is_dir() {
-            let attached = self.attach(sh, n, name, ScanMode::Report, None, st.map(|s| s.ino));
+            let attached = self.attach(shared, n, name, ScanMode::Report, None, Ino::of(st));
             entry.child = attached.node();
             match attached {
                 Attached::Adopted {
@@ -220,15 +222,15 @@ impl Container {
                     ..
                 } => {
                     let ev = self.file_event(FileKind::Rename, path, Some(old), true, source);
-                    sh.out.push(Some(ev));
+                    shared.out.push(Some(ev));
                 }
                 Attached::Adopted { old_path: None, .. } => {}
                 Attached::New(_) | Attached::Failed => {
-                    self.emit(sh, FileKind::Create, path, true, source);
+                    self.emit(shared, FileKind::Create, path, true, source);
                 }
             }
         } else {
-            self.emit(sh, FileKind::Create, path, false, source);
+            self.emit(shared, FileKind::Create, path, false, source);
         }
         self.set_entry(n, name, entry);
     }

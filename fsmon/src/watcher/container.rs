@@ -24,7 +24,7 @@ use crate::overlay::{self, EntryKind, Prior, Via};
 
 use super::appear::FoundBy;
 use super::fds::SharedBudget;
-use super::index::Entry;
+use super::index::{Entry, Ino};
 use super::moves::PendingMove;
 use super::rules::{self, Moves, MtimeAttribs, RawEvent};
 use super::scan::ScanMode;
@@ -168,8 +168,8 @@ impl Container {
     /// Watches the upperdir root (already done by the caller: `wd`) and indexes everything
     /// below it, watching each directory before listing it. With `since_ns`, what was made
     /// or changed since is reported instead ([`Self::index_entry_since`]).
-    pub fn arm(&mut self, sh: &mut Shared, wd: i32, root: &Stat, root_fd: OwnedFd) {
-        let serial = sh.next_serial();
+    pub fn arm(&mut self, shared: &mut Shared, wd: i32, root: &Stat, root_fd: OwnedFd) {
+        let serial = shared.next_serial();
         let mut node = DirNode::new(serial, Some(wd), None, Box::default(), Vec::new(), root);
         node.fd = Some(root_fd);
         node.fd_used = true;
@@ -177,7 +177,7 @@ impl Container {
             return;
         };
         self.root = Some(id);
-        sh.wds.insert(
+        shared.wds.insert(
             wd,
             WdOwner {
                 container: self.key,
@@ -185,7 +185,7 @@ impl Container {
             },
         );
         self.stats.dirs += 1;
-        self.process_listings(sh);
+        self.process_listings(shared);
         if self.since_ns.is_some() {
             self.recount();
         }
@@ -229,14 +229,14 @@ impl Container {
     }
 
     /// The kernel dropped watch `wd` (its directory is gone, or we removed it).
-    pub fn on_ignored(&mut self, sh: &mut Shared, wd: i32, owner: WdOwner) {
-        sh.wds.remove(&wd);
+    pub fn on_ignored(&mut self, shared: &mut Shared, wd: i32, owner: WdOwner) {
+        shared.wds.remove(&wd);
         let Some(d) = self.node_mut(owner.node) else {
             return;
         };
         d.wd = None;
         if Some(owner.node) != self.root {
-            self.remove_subtree(sh, owner.node);
+            self.remove_subtree(shared, owner.node);
         }
     }
 
@@ -246,7 +246,7 @@ impl Container {
     /// so what is there now is not what this event is about.
     pub(super) fn on_event(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         owner: WdOwner,
         ev: &RawEvent<'_>,
         stale: bool,
@@ -267,28 +267,28 @@ impl Container {
         let name = ev.name;
         if name.is_empty() {
             if ev.mask & libc::IN_ATTRIB != 0 {
-                self.dir_attrib(sh, n);
+                self.dir_attrib(shared, n);
             }
             return;
         }
         if ev.mask & libc::IN_CREATE != 0 {
             let st = self.event_stat(&ctx, Via::Create);
-            self.appear(sh, &ctx, st, FoundBy::Create);
+            self.appear(shared, &ctx, st, FoundBy::Create);
         } else if ev.mask & libc::IN_MOVED_FROM != 0 {
             let exchanged = last_to
                 .filter(|t| t.dir == n && *t.name == *name)
                 .map(|t| t.replaced);
-            self.on_moved_from(sh, &ctx, exchanged);
+            self.on_moved_from(shared, &ctx, exchanged);
         } else if ev.mask & libc::IN_MOVED_TO != 0 {
-            self.on_moved_to(sh, &ctx);
+            self.on_moved_to(shared, &ctx);
         } else if ev.mask & libc::IN_DELETE != 0 {
-            self.on_delete(sh, n, name, ctx.is_dir);
+            self.on_delete(shared, n, name, ctx.is_dir);
         } else if ev.mask & libc::IN_MODIFY != 0 {
-            self.on_modify(sh, n, name);
+            self.on_modify(shared, n, name);
         } else if ev.mask & libc::IN_CLOSE_WRITE != 0 {
-            self.on_close_write(n, name, sh.read_gen);
+            self.on_close_write(n, name, shared.read_gen);
         } else if ev.mask & libc::IN_ATTRIB != 0 {
-            self.on_attrib(sh, &ctx);
+            self.on_attrib(shared, &ctx);
         }
     }
 
@@ -306,43 +306,43 @@ impl Container {
 
     /// Handles one event and the listings it caused. Outputs about a directory that is in
     /// flight (moved away, partner not seen yet) are set aside with its pending move.
-    pub fn handle(&mut self, sh: &mut Shared, owner: WdOwner, ev: &RawEvent<'_>, stale: bool) {
-        let start = sh.out.len();
+    pub fn handle(&mut self, shared: &mut Shared, owner: WdOwner, ev: &RawEvent<'_>, stale: bool) {
+        let start = shared.out.len();
         let inflight = self.inflight_ancestor(owner.node);
-        self.on_event(sh, owner, ev, stale);
-        self.process_listings(sh);
+        self.on_event(shared, owner, ev, stale);
+        self.process_listings(shared);
         if let Some(m) = inflight {
-            let pm = self.moves.iter_mut().find(|pm| pm.moving == Some(m));
-            if let Some(pm) = pm {
-                pm.captured.extend(start..sh.out.len());
+            let half = self.moves.iter_mut().find(|half| half.moving == Some(m));
+            if let Some(half) = half {
+                half.captured.extend(start..shared.out.len());
             }
         }
     }
 
-    pub(super) fn on_delete(&mut self, sh: &mut Shared, n: NodeRef, name: &[u8], is_dir: bool) {
+    pub(super) fn on_delete(&mut self, shared: &mut Shared, n: NodeRef, name: &[u8], is_dir: bool) {
         self.entries_changed(n);
         let entry = self.node_mut(n).and_then(|d| d.entries.remove(name));
         let prior = entry.map_or(Prior::Absent, |e| e.prior());
         if let Some(is_dir) = overlay::disappear(prior, is_dir) {
             let path = self.child_path(n, name);
-            self.emit(sh, FileKind::Delete, path, is_dir, Source::Inotify);
+            self.emit(shared, FileKind::Delete, path, is_dir, Source::Inotify);
         }
         if let Some(c) = entry.and_then(|e| e.child) {
             if self
                 .node(c)
                 .is_some_and(|cd| cd.parent == Some(n) && cd.state == NodeState::Attached)
             {
-                self.remove_subtree(sh, c);
+                self.remove_subtree(shared, c);
             }
         }
     }
 
-    pub(super) fn on_modify(&mut self, sh: &mut Shared, n: NodeRef, name: &[u8]) {
-        let now = sh.now_ms();
+    pub(super) fn on_modify(&mut self, shared: &mut Shared, n: NodeRef, name: &[u8]) {
+        let now = shared.now_ms();
         let Some(d) = self.node_mut(n) else { return };
         if !d.entries.contains_key(name) {
             d.entries
-                .insert(name.into(), Entry::new(EntryKind::File, 0));
+                .insert(name.into(), Entry::new(EntryKind::File, Ino::Unknown));
         }
         let Some(e) = d.entries.get_mut(name) else {
             return;
@@ -352,7 +352,7 @@ impl Container {
         }
         e.burst_ms = now;
         let path = rules::join(&d.path, name);
-        self.emit(sh, FileKind::Modify, path, false, Source::Inotify);
+        self.emit(shared, FileKind::Modify, path, false, Source::Inotify);
     }
 
     /// `read_gen`: the number of the read that brought the event.
@@ -364,26 +364,29 @@ impl Container {
         // The stamp is refreshed so that a resync after an overflow does not report this
         // write again; a stat taken after this event was read (the file's `create` in the
         // same read, typically) is already fresh enough.
-        if e.stamp.is_some() && e.ino != 0 && e.stamp_gen.wrapping_sub(read_gen) < u32::MAX / 2 {
+        if e.stamp.is_some()
+            && e.ino.is_known()
+            && e.stamp_gen.wrapping_sub(read_gen) < u32::MAX / 2
+        {
             return;
         }
         let st = self.stat_child(n, name);
         if let Some(e) = self.node_mut(n).and_then(|d| d.entries.get_mut(name)) {
-            if let Some(s) = st.filter(|s| s.ino == e.ino || e.ino == 0) {
-                e.ino = s.ino;
+            if let Some(s) = st.filter(|s| e.ino.is(s.ino) || !e.ino.is_known()) {
+                e.ino = Ino::from_raw(s.ino);
                 e.set_stamp(s);
             }
         }
     }
 
-    pub(super) fn on_attrib(&mut self, sh: &mut Shared, ev: &EventCtx<'_>) {
+    pub(super) fn on_attrib(&mut self, shared: &mut Shared, ev: &EventCtx<'_>) {
         let (n, name, is_dir, stale) = (ev.dir, ev.name, ev.is_dir, ev.stale);
         let known = self.node(n).and_then(|d| d.entries.get(name)).copied();
         match known {
             Some(e) if !e.kind.is_real() => {}
             Some(e) if e.kind.is_dir() && self.valid_child(n, name, e.child) => {
                 if let Some(child) = e.child {
-                    self.dir_attrib(sh, child);
+                    self.dir_attrib(shared, child);
                 }
             }
             // An unwatched directory about to be replaced (overlayfs copied it up, and is
@@ -391,11 +394,11 @@ impl Container {
             Some(e) if e.kind.is_dir() && stale => {}
             _ => {
                 let path = self.child_path(n, name);
-                self.emit(sh, FileKind::Attrib, path, is_dir, Source::Inotify);
+                self.emit(shared, FileKind::Attrib, path, is_dir, Source::Inotify);
                 if !is_dir {
                     let st = self.stat_child(n, name);
                     if let Some(e) = self.node_mut(n).and_then(|d| d.entries.get_mut(name)) {
-                        if let Some(s) = st.filter(|s| s.ino == e.ino) {
+                        if let Some(s) = st.filter(|s| e.ino.is(s.ino)) {
                             e.set_stamp(s);
                         }
                     }
@@ -407,13 +410,13 @@ impl Container {
     /// Settles what waited for later events: unpaired `IN_MOVED_FROM` halves are deletes
     /// (their tentative `delete` stays in the output), displaced directories are gone,
     /// directory `attrib`s that a later entry change explains are withdrawn.
-    pub fn settle(&mut self, sh: &mut Shared) {
-        Self::withdraw(sh, self.mtime_attribs.settle());
+    pub fn settle(&mut self, shared: &mut Shared) {
+        Self::withdraw(shared, self.mtime_attribs.settle());
         let pending: Vec<PendingMove> = self.moves.drain().collect();
-        for pm in pending {
-            Self::withdraw(sh, pm.captured.iter().copied());
-            if let Some(child) = pm.moving {
-                self.remove_subtree(sh, child);
+        for half in pending {
+            Self::withdraw(shared, half.captured.iter().copied());
+            if let Some(child) = half.moving {
+                self.remove_subtree(shared, child);
             }
         }
         for m in std::mem::take(&mut self.displaced) {
@@ -421,32 +424,32 @@ impl Container {
                 .node(m)
                 .is_some_and(|d| d.state == NodeState::Displaced)
             {
-                self.remove_subtree(sh, m);
+                self.remove_subtree(shared, m);
             }
         }
     }
 
     /// End of a `read_events` call: settle, and list directories whose listing had to wait.
-    pub fn finish(&mut self, sh: &mut Shared) {
-        self.settle(sh);
+    pub fn finish(&mut self, shared: &mut Shared) {
+        self.settle(shared);
         for m in std::mem::take(&mut self.deferred) {
             if self.node(m).is_some() {
                 self.to_list.push(m);
             }
         }
-        self.process_listings(sh);
+        self.process_listings(shared);
         self.limit_reported = false;
         self.fd_limit_reported = false;
     }
 
     /// After a queue overflow: compare everything with the index.
-    pub fn rescan(&mut self, sh: &mut Shared) {
+    pub fn rescan(&mut self, shared: &mut Shared) {
         if let Some(root) = self.root {
             if let Some(d) = self.node_mut(root) {
                 d.scan = Some(ScanMode::Diff);
                 self.to_list.push(root);
             }
         }
-        self.process_listings(sh);
+        self.process_listings(shared);
     }
 }

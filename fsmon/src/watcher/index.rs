@@ -8,14 +8,45 @@ use super::rules::Stamp;
 use super::sys::Stat;
 use super::tree::NodeRef;
 
+/// The inode of an indexed object, when known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ino {
+    /// Not looked at (a change made before the stat could be taken, an object gone).
+    Unknown,
+    Known(u64),
+}
+
+impl Ino {
+    /// From a stat or a listing (which give 0 for no inode).
+    pub(super) fn from_raw(ino: u64) -> Ino {
+        match ino {
+            0 => Ino::Unknown,
+            ino => Ino::Known(ino),
+        }
+    }
+
+    /// The inode of what a stat found, if anything.
+    pub(super) fn of(st: Option<Stat>) -> Ino {
+        st.map_or(Ino::Unknown, |s| Ino::from_raw(s.ino))
+    }
+
+    /// Whether it is known to be `ino`.
+    pub(super) fn is(self, ino: u64) -> bool {
+        self == Ino::Known(ino) && ino != 0
+    }
+
+    pub(super) fn is_known(self) -> bool {
+        self != Ino::Unknown
+    }
+}
+
 /// What the index knows about one name in a directory.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Entry {
     pub(super) kind: EntryKind,
     /// The directory's node, for a watched directory.
     pub(super) child: Option<NodeRef>,
-    /// 0 when unknown.
-    pub(super) ino: u64,
+    pub(super) ino: Ino,
     /// `None` when never stat'ed (indexed at arm time from the listing alone).
     pub(super) stamp: Option<Stamp>,
     /// [`Stat::read_gen`] of the stat behind `stamp`.
@@ -32,7 +63,7 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    pub(super) fn new(kind: EntryKind, ino: u64) -> Entry {
+    pub(super) fn new(kind: EntryKind, ino: Ino) -> Entry {
         Entry {
             kind,
             child: None,
@@ -46,7 +77,7 @@ impl Entry {
     }
 
     pub(super) fn from_stat(kind: EntryKind, st: Option<Stat>) -> Entry {
-        let mut e = Entry::new(kind, st.map_or(0, |s| s.ino));
+        let mut e = Entry::new(kind, Ino::of(st));
         if let Some(st) = st.filter(|_| kind == EntryKind::File) {
             e.set_stamp(st);
         }
@@ -109,8 +140,8 @@ impl Container {
             Some(e) => {
                 let same = match now {
                     None => true,
-                    Some((_, kind)) if e.ino == 0 => kind == e.kind,
-                    Some((ino, kind)) => ino == e.ino && kind == e.kind,
+                    Some((_, kind)) if !e.ino.is_known() => kind == e.kind,
+                    Some((ino, kind)) => e.ino.is(ino) && kind == e.kind,
                 };
                 (
                     Prior::Real {

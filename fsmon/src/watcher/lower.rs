@@ -183,12 +183,12 @@ impl Container {
     /// Returns the output slots used.
     pub(super) fn report_vanished(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         n: NodeRef,
         name: &[u8],
         old: Entry,
     ) -> std::ops::Range<usize> {
-        let first = sh.out.len();
+        let first = shared.out.len();
         if old.emptied || !old.kind.is_dir() {
             return first..first;
         }
@@ -323,9 +323,9 @@ impl Container {
             }
         }
         for (p, is_dir) in found.into_iter().rev() {
-            self.emit(sh, FileKind::Delete, p, is_dir, Source::Scan);
+            self.emit(shared, FileKind::Delete, p, is_dir, Source::Scan);
         }
-        first..sh.out.len()
+        first..shared.out.len()
     }
 
     /// Overlayfs exchanged an empty opaque directory in for the directory `old` at `name`
@@ -337,12 +337,12 @@ impl Container {
     /// Returns the output slots of the deletes.
     pub(super) fn emptied(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         n: NodeRef,
         name: &[u8],
         old: Entry,
     ) -> std::ops::Range<usize> {
-        let slots = self.report_vanished(sh, n, name, old);
+        let slots = self.report_vanished(shared, n, name, old);
         if self.valid_child(n, name, old.child) {
             self.displace(old.child);
         }

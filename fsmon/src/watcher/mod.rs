@@ -195,7 +195,7 @@ pub enum WatchError {
 
 /// The watcher: one inotify instance for the whole daemon.
 pub struct Watcher {
-    sh: Shared,
+    shared: Shared,
     /// Directory fds all containers may cache together (see `fds`).
     budget: SharedBudget,
     /// Where the next budget enforcement starts, so no container is always shed first.
@@ -267,7 +267,7 @@ impl Watcher {
             _ => WatchError::Init { source },
         })?;
         Ok(Watcher {
-            sh: Shared::new(fd),
+            shared: Shared::new(fd),
             budget: FdBudget::new(budget),
             shed_cursor: 0,
             containers: Vec::new(),
@@ -280,7 +280,7 @@ impl Watcher {
 
     /// The inotify fd, to poll for readability (it stays owned by the watcher).
     pub fn as_raw_fd(&self) -> RawFd {
-        self.sh.inotify.as_raw_fd()
+        self.shared.inotify.as_raw_fd()
     }
 
     /// Arms a container: watches its upperdir recursively (each directory watched first,
@@ -357,7 +357,7 @@ impl Watcher {
             self.budget.opened();
         }
         // IN_MASK_CREATE (4.18): fail rather than share a watch with another container id.
-        let ifd = self.sh.inotify.as_fd();
+        let ifd = self.shared.inotify.as_fd();
         let wd = sys::add_watch(ifd, root_fd.as_fd(), MASK | libc::IN_MASK_CREATE)
             .or_else(|e| match e.raw_os_error() {
                 Some(libc::EINVAL) => sys::add_watch(ifd, root_fd.as_fd(), MASK),
@@ -390,7 +390,7 @@ impl Watcher {
             armed_ns,
             since_ns,
         );
-        c.arm(&mut self.sh, wd, &root_st, root_fd);
+        c.arm(&mut self.shared, wd, &root_st, root_fd);
         let stats = c.stats;
         tracing::debug!(container_id = %id, upperdir = %upper.display(), ?stats, "armed");
         if key == self.containers.len() {
@@ -400,7 +400,7 @@ impl Watcher {
         }
         self.by_id.insert(id.to_owned(), key);
         if let Some(c) = self.containers.get_mut(key).and_then(Option::as_mut) {
-            c.finish(&mut self.sh);
+            c.finish(&mut self.shared);
         }
         self.enforce_budget(0);
         Ok(stats)
@@ -455,7 +455,7 @@ impl Watcher {
     pub fn watch_exit(&mut self, id: &str, cgroup_dir: &Path) -> io::Result<()> {
         let path = cgroup_dir.join("cgroup.events");
         let file = std::fs::File::open(&path)?;
-        let wd = sys::add_watch(self.sh.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
+        let wd = sys::add_watch(self.shared.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
         drop(file);
         let mut exit = ExitWatch {
             id: id.to_owned(),
@@ -480,7 +480,7 @@ impl Watcher {
             .collect();
         for wd in exit_wds {
             self.exits.remove(&wd);
-            sys::rm_watch(self.sh.inotify.as_fd(), wd);
+            sys::rm_watch(self.shared.inotify.as_fd(), wd);
         }
         let Some(key) = self.by_id.remove(id) else {
             return;
@@ -490,16 +490,16 @@ impl Watcher {
         };
         for (wd, node) in c.wds() {
             if self
-                .sh
+                .shared
                 .wds
                 .get(&wd)
                 .is_some_and(|o| o.container == key && o.node == node)
             {
-                self.sh.wds.remove(&wd);
-                sys::rm_watch(self.sh.inotify.as_fd(), wd);
+                self.shared.wds.remove(&wd);
+                sys::rm_watch(self.shared.inotify.as_fd(), wd);
             }
         }
-        self.sh.out.retain(|o| match o {
+        self.shared.out.retain(|o| match o {
             Some(WatchOutput::File(f)) => f.container != id,
             Some(WatchOutput::Overflow {
                 container: Some(c), ..
@@ -516,10 +516,10 @@ impl Watcher {
         let result = self.read_loop(&mut buf);
         self.buf = buf;
         for c in self.containers.iter_mut().flatten() {
-            c.finish(&mut self.sh);
+            c.finish(&mut self.shared);
         }
         self.enforce_budget(0);
-        out.extend(self.sh.out.drain(..).flatten());
+        out.extend(self.shared.out.drain(..).flatten());
         result
     }
 
@@ -535,8 +535,8 @@ impl Watcher {
     pub fn retry_unwatched(&mut self) {
         for c in self.containers.iter_mut().flatten() {
             if c.has_unwatched() {
-                c.retry_unwatched(&mut self.sh);
-                c.finish(&mut self.sh);
+                c.retry_unwatched(&mut self.shared);
+                c.finish(&mut self.shared);
             }
         }
         self.enforce_budget(0);
@@ -544,7 +544,7 @@ impl Watcher {
 
     /// Number of watches held, all containers together.
     pub fn watch_count(&self) -> usize {
-        self.sh.wds.len()
+        self.shared.wds.len()
     }
 
     /// Number of watches held for one container (0 if unknown).
@@ -559,16 +559,16 @@ impl Watcher {
     fn read_loop(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut waited = false;
         loop {
-            match sys::read(self.sh.inotify.as_fd(), buf) {
+            match sys::read(self.shared.inotify.as_fd(), buf) {
                 Ok(0) => return Ok(()),
                 Ok(n) => {
-                    self.sh.read_gen = sys::next_read();
+                    self.shared.read_gen = sys::next_read();
                     let evs: Vec<_> =
                         rules::parse_events(buf.get(..n).unwrap_or_default()).collect();
                     let last = rules::last_name_changes(&evs);
                     for (i, ev) in evs.iter().enumerate() {
                         let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
-                        self.sh.next = match evs.get(i + 1) {
+                        self.shared.next = match evs.get(i + 1) {
                             None => NextEvent::Unknown,
                             Some(next)
                                 if next.wd == ev.wd
@@ -583,13 +583,13 @@ impl Watcher {
                         };
                         self.dispatch(ev, stale);
                     }
-                    self.sh.next = NextEvent::Unknown;
+                    self.shared.next = NextEvent::Unknown;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let waiting = self.containers.iter().flatten().any(Container::waiting);
                     if waiting && !waited {
                         waited = true;
-                        if sys::poll_readable(self.sh.inotify.as_fd(), MOVE_PARTNER_WAIT_MS) {
+                        if sys::poll_readable(self.shared.inotify.as_fd(), MOVE_PARTNER_WAIT_MS) {
                             continue;
                         }
                     }
@@ -618,13 +618,15 @@ impl Watcher {
                     .and_then(|&k| self.containers.get_mut(k))
                     .and_then(Option::as_mut)
                 {
-                    c.finish(&mut self.sh);
+                    c.finish(&mut self.shared);
                 }
-                self.sh.out.push(Some(WatchOutput::Exited { container }));
+                self.shared
+                    .out
+                    .push(Some(WatchOutput::Exited { container }));
             }
             return;
         }
-        let Some(owner) = self.sh.wds.get(&ev.wd).copied() else {
+        let Some(owner) = self.shared.wds.get(&ev.wd).copied() else {
             return;
         };
         if self.budget.full() {
@@ -639,24 +641,24 @@ impl Watcher {
             return;
         };
         if ev.mask & libc::IN_IGNORED != 0 {
-            c.on_ignored(&mut self.sh, ev.wd, owner);
+            c.on_ignored(&mut self.shared, ev.wd, owner);
             return;
         }
-        c.handle(&mut self.sh, owner, ev, stale);
+        c.handle(&mut self.shared, owner, ev, stale);
     }
 
     /// The kernel queue overflowed: anything may have been lost, for any container.
     fn queue_overflow(&mut self) {
         tracing::warn!("inotify queue overflow; rescanning every container (raise fs.inotify.max_queued_events)");
         for c in self.containers.iter_mut().flatten() {
-            c.settle(&mut self.sh);
+            c.settle(&mut self.shared);
         }
-        self.sh.out.push(Some(WatchOutput::Overflow {
+        self.shared.out.push(Some(WatchOutput::Overflow {
             container: None,
             reason: "queue",
         }));
         for c in self.containers.iter_mut().flatten() {
-            c.rescan(&mut self.sh);
+            c.rescan(&mut self.shared);
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::overlay::{self, EntryKind, Prior, Via};
 use super::appear::FoundBy;
 use super::container::Container;
 use super::container::EventCtx;
-use super::index::Entry;
+use super::index::{Entry, Ino};
 use super::scan::ScanMode;
 use super::shared::Shared;
 use super::sys::Stat;
@@ -60,7 +60,7 @@ impl Container {
         if !self
             .moves
             .iter()
-            .any(|pm| pm.entry.is_some_and(|e| e.child.is_some()))
+            .any(|half| half.entry.is_some_and(|e| e.child.is_some()))
         {
             return None;
         }
@@ -79,7 +79,7 @@ impl Container {
     /// the same name, the event right before, replaced.
     pub(super) fn on_moved_from(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         ev: &EventCtx<'_>,
         exchanged: Option<Entry>,
     ) {
@@ -96,7 +96,7 @@ impl Container {
                 // name that the index took for the known one (it could not be looked at:
                 // stale, or already replaced): that was overlayfs exchanging an empty opaque
                 // directory in, and this is the known one leaving for the workdir.
-                self.exchanged_out(sh, ev, old, st.filter(Stat::is_dir));
+                self.exchanged_out(shared, ev, old, st.filter(Stat::is_dir));
                 return;
             }
         }
@@ -113,15 +113,15 @@ impl Container {
             if replaced_one_leaving(&displaced, known.as_ref(), is_dir, ino_now, stale) {
                 let old_path = self.child_path(n, name);
                 let moving = displaced.child.filter(|&c| self.node(c).is_some());
-                let pm = PendingMove::new(Some(displaced), moving, old_path);
-                self.moves.push(cookie, pm);
+                let half = PendingMove::new(Some(displaced), moving, old_path);
+                self.moves.push(cookie, half);
                 return;
             }
         }
         let entry = match known {
             // The indexed object is still there: what left is the object it replaced in an
             // exchange (its IN_MOVED_TO came first), already accounted for.
-            Some(e) if st.is_some_and(|s| e.ino != 0 && s.ino == e.ino) => None,
+            Some(e) if st.is_some_and(|s| e.ino.is(s.ino)) => None,
             Some(_) => self.node_mut(n).and_then(|d| d.entries.remove(name)),
             None => None,
         };
@@ -131,8 +131,10 @@ impl Container {
             // Renaming an entry the image also has leaves a whiteout behind, without an
             // event (RENAME_WHITEOUT).
             let left = match st {
-                Some(s) if self.classify(n, name, &s) == EntryKind::Whiteout => Some(s.ino),
-                None if self.lower_lookup(n, name).is_some() => Some(0),
+                Some(s) if self.classify(n, name, &s) == EntryKind::Whiteout => {
+                    Some(Ino::from_raw(s.ino))
+                }
+                None if self.lower_lookup(n, name).is_some() => Some(Ino::Unknown),
                 _ => None,
             };
             if let Some(ino) = left {
@@ -142,7 +144,7 @@ impl Container {
         let old_path = self.child_path(n, name);
         let slot = real.map(|e| {
             self.emit(
-                sh,
+                shared,
                 FileKind::Delete,
                 old_path.clone(),
                 e.kind.is_dir(),
@@ -159,8 +161,8 @@ impl Container {
                 moving = Some(c);
             }
         }
-        let pm = PendingMove::new(entry, moving, old_path);
-        self.moves.push(cookie, PendingMove { slot, ..pm });
+        let half = PendingMove::new(entry, moving, old_path);
+        self.moves.push(cookie, PendingMove { slot, ..half });
     }
 
     /// The second half of `ovl_clear_empty`'s exchange, recognised only now (see
@@ -169,42 +171,49 @@ impl Container {
     /// rename of `old`: its deletes are then withdrawn).
     pub(super) fn exchanged_out(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         ev: &EventCtx<'_>,
         old: Entry,
         now: Option<Stat>,
     ) {
         let (n, name) = (ev.dir, ev.name);
         let moving = old.child.filter(|_| self.valid_child(n, name, old.child));
-        let vanished = self.emptied(sh, n, name, old);
-        let mut entry = Entry::new(EntryKind::Dir, now.map_or(0, |s| s.ino));
+        let vanished = self.emptied(shared, n, name, old);
+        let mut entry = Entry::new(EntryKind::Dir, Ino::of(now));
         entry.emptied = true;
         if let Some(s) = now {
             entry.child = self
-                .attach(sh, n, name, ScanMode::Report, None, Some(s.ino))
+                .attach(
+                    shared,
+                    n,
+                    name,
+                    ScanMode::Report,
+                    None,
+                    Ino::from_raw(s.ino),
+                )
                 .node();
         }
         self.set_entry(n, name, entry);
         self.entries_changed(n);
         let old_path = self.child_path(n, name);
-        let pm = PendingMove::new(Some(old), moving, old_path);
-        self.moves.push(ev.cookie, PendingMove { vanished, ..pm });
+        let half = PendingMove::new(Some(old), moving, old_path);
+        self.moves.push(ev.cookie, PendingMove { vanished, ..half });
     }
 
     /// An `IN_MOVED_TO`: the partner of a pending `IN_MOVED_FROM` (a rename), or an
     /// appearance.
-    pub(super) fn on_moved_to(&mut self, sh: &mut Shared, ev: &EventCtx<'_>) {
+    pub(super) fn on_moved_to(&mut self, shared: &mut Shared, ev: &EventCtx<'_>) {
         let (n, name, is_dir) = (ev.dir, ev.name, ev.is_dir);
         let st = self.event_stat(ev, Via::MovedTo);
-        let Some(pm) = self.moves.take(ev.cookie) else {
-            self.appear(sh, ev, st, FoundBy::MovedTo);
+        let Some(half) = self.moves.take(ev.cookie) else {
+            self.appear(shared, ev, st, FoundBy::MovedTo);
             return;
         };
-        Self::withdraw(sh, pm.vanished.clone());
+        Self::withdraw(shared, half.vanished.clone());
         let now_kind = st.map(|s| self.classify(n, name, &s));
-        let moving = pm.entry.map_or(Prior::Absent, |e| e.prior());
+        let moving = half.entry.map_or(Prior::Absent, |e| e.prior());
         self.entries_changed(n);
-        let moving_child = pm.moving.filter(|&c| self.node(c).is_some());
+        let moving_child = half.moving.filter(|&c| self.node(c).is_some());
         let (_, old_child) = self.prior(n, name, None);
         if old_child.is_some() && old_child != moving_child {
             // Renamed over an existing directory (or exchanged with it).
@@ -213,14 +222,10 @@ impl Container {
         if !overlay::rename_is_visible(moving, now_kind) {
             // Overlayfs moving a whiteout out of the way: bookkeeping only.
             if let Some(c) = moving_child {
-                self.remove_subtree(sh, c);
+                self.remove_subtree(shared, c);
             }
-            Self::withdraw(sh, pm.captured);
-            self.set_entry(
-                n,
-                name,
-                Entry::new(EntryKind::Whiteout, st.map_or(0, |s| s.ino)),
-            );
+            Self::withdraw(shared, half.captured);
+            self.set_entry(n, name, Entry::new(EntryKind::Whiteout, Ino::of(st)));
             return;
         }
         // A listing of this (new) directory already found and reported the very object that
@@ -229,19 +234,16 @@ impl Container {
         let listed = self.node(n).and_then(|d| d.entries.get(name)).copied();
         if !is_dir
             && listed.is_some_and(|e| {
-                e.kind.is_real()
-                    && !e.kind.is_dir()
-                    && e.ino != 0
-                    && st.is_some_and(|s| s.ino == e.ino)
+                e.kind.is_real() && !e.kind.is_dir() && st.is_some_and(|s| e.ino.is(s.ino))
             })
         {
-            Self::withdraw(sh, pm.captured);
-            if pm.slot.is_none() {
-                if let Some(e) = pm.entry.filter(|e| e.kind.is_real()) {
+            Self::withdraw(shared, half.captured);
+            if half.slot.is_none() {
+                if let Some(e) = half.entry.filter(|e| e.kind.is_real()) {
                     self.emit(
-                        sh,
+                        shared,
                         FileKind::Delete,
-                        pm.old_path,
+                        half.old_path,
                         e.kind.is_dir(),
                         Source::Inotify,
                     );
@@ -255,11 +257,11 @@ impl Container {
         } else {
             EntryKind::File
         };
-        let mut entry = pm
+        let mut entry = half
             .entry
-            .unwrap_or_else(|| Entry::new(now_kind.unwrap_or(fallback), 0));
+            .unwrap_or_else(|| Entry::new(now_kind.unwrap_or(fallback), Ino::Unknown));
         if let (Some(s), Some(k)) = (st, now_kind) {
-            entry.ino = s.ino;
+            entry.ino = Ino::from_raw(s.ino);
             entry.kind = k;
         }
         entry.burst_ms = 0;
@@ -271,16 +273,17 @@ impl Container {
                     Some(c)
                 }
                 None => {
-                    let ino = st.map(|s| s.ino);
-                    self.attach(sh, n, name, ScanMode::Report, None, ino).node()
+                    let ino = Ino::of(st);
+                    self.attach(shared, n, name, ScanMode::Report, None, ino)
+                        .node()
                 }
             };
         } else if let Some(c) = moving_child {
-            self.remove_subtree(sh, c);
+            self.remove_subtree(shared, c);
         }
         let is_dir = entry.kind.is_dir();
         self.set_entry(n, name, entry);
-        self.complete_move(sh, pm, path, is_dir);
+        self.complete_move(shared, half, path, is_dir);
     }
 
     /// A pending move met its partner at `new_path`: what was captured while it was in
@@ -288,22 +291,22 @@ impl Container {
     /// (else the `rename` is appended).
     pub(super) fn complete_move(
         &self,
-        sh: &mut Shared,
-        pm: PendingMove,
+        shared: &mut Shared,
+        half: PendingMove,
         new_path: Vec<u8>,
         is_dir: bool,
     ) {
-        Self::rewrite_captured(sh, &pm.captured, &pm.old_path, &new_path);
+        Self::rewrite_captured(shared, &half.captured, &half.old_path, &new_path);
         let ev = self.file_event(
             FileKind::Rename,
             new_path,
-            Some(pm.old_path),
+            Some(half.old_path),
             is_dir,
             Source::Inotify,
         );
-        match pm.slot.and_then(|i| sh.out.get_mut(i)) {
+        match half.slot.and_then(|i| shared.out.get_mut(i)) {
             Some(slot) => *slot = Some(ev),
-            None => sh.out.push(Some(ev)),
+            None => shared.out.push(Some(ev)),
         }
     }
 }
@@ -319,7 +322,7 @@ pub(super) fn clear_empty_exchange(
     now: &Entry,
     ino_now: Option<u64>,
 ) -> bool {
-    let back = ino_now.is_some_and(|ino| old.ino != 0 && ino == old.ino);
+    let back = ino_now.is_some_and(|ino| old.ino.is(ino));
     is_dir && old.kind.is_dir() && now.kind.is_dir() && old.same_object(now) && !back
 }
 
@@ -344,7 +347,7 @@ pub(super) fn replaced_one_leaving(
         None => false,
     };
     let still_there = match (ino_now, known) {
-        (Some(ino), Some(e)) => e.ino == 0 || ino == e.ino,
+        (Some(ino), Some(e)) => !e.ino.is_known() || e.ino.is(ino),
         (None, _) => stale,
         (Some(_), None) => false,
     };
@@ -356,7 +359,7 @@ mod tests {
     use super::*;
 
     fn dir(ino: u64) -> Entry {
-        Entry::new(EntryKind::Dir, ino)
+        Entry::new(EntryKind::Dir, Ino::from_raw(ino))
     }
 
     #[test]
@@ -370,7 +373,7 @@ mod tests {
         // A file leaving, or an index entry that changed meanwhile: no.
         assert!(!clear_empty_exchange(false, &known, &known, None));
         assert!(!clear_empty_exchange(true, &known, &dir(11), None));
-        let file = Entry::new(EntryKind::File, 10);
+        let file = Entry::new(EntryKind::File, Ino::Known(10));
         assert!(!clear_empty_exchange(true, &file, &file, None));
         // An inode never known cannot be recognised as back.
         assert!(clear_empty_exchange(true, &dir(0), &dir(0), Some(0)));
@@ -380,8 +383,8 @@ mod tests {
     fn replaced_one_leaving_after_an_exchange() {
         let old_dir = dir(10);
         let new_dir = dir(20);
-        let whiteout = Entry::new(EntryKind::Whiteout, 30);
-        let file = Entry::new(EntryKind::File, 40);
+        let whiteout = Entry::new(EntryKind::Whiteout, Ino::Known(30));
+        let file = Entry::new(EntryKind::File, Ino::Known(40));
         // `rmdir` of a directory: its whiteout is exchanged in, the directory leaves,
         // whatever is there by now (`rm -r` of the parent may have run ahead).
         assert!(replaced_one_leaving(

@@ -32,22 +32,23 @@ impl Container {
 
     pub(super) fn emit(
         &self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         kind: FileKind,
         path: Vec<u8>,
         is_dir: bool,
         source: Source,
     ) -> usize {
-        sh.out
+        shared
+            .out
             .push(Some(self.file_event(kind, path, None, is_dir, source)));
-        sh.out.len() - 1
+        shared.out.len() - 1
     }
 
-    pub(super) fn watch_limit(&mut self, sh: &mut Shared) {
+    pub(super) fn watch_limit(&mut self, shared: &mut Shared) {
         if !self.limit_reported {
             self.limit_reported = true;
             tracing::warn!(container_id = %self.id, "inotify watch limit reached; raise fs.inotify.max_user_watches");
-            sh.out.push(Some(WatchOutput::Overflow {
+            shared.out.push(Some(WatchOutput::Overflow {
                 container: Some(self.id.clone()),
                 reason: "watch_limit",
             }));
@@ -56,11 +57,11 @@ impl Container {
 
     /// Descriptors ran out while handling this container: reported once per call (the
     /// work that needed them is retried, and what it finds reported by scan).
-    pub(super) fn fd_limit(&mut self, sh: &mut Shared) {
+    pub(super) fn fd_limit(&mut self, shared: &mut Shared) {
         if !self.fd_limit_reported {
             self.fd_limit_reported = true;
             tracing::error!(container_id = %self.id, advice = %crate::limits::fd_advice(), "out of file descriptors while watching a container; retrying");
-            sh.out.push(Some(WatchOutput::Overflow {
+            shared.out.push(Some(WatchOutput::Overflow {
                 container: Some(self.id.clone()),
                 reason: "fd_limit",
             }));
@@ -71,7 +72,7 @@ impl Container {
     /// reported only when the container could see a change ([`overlay::dir_attrib`]). An
     /// mtime-only change is placed in the output now and decided when the queue is drained
     /// ([`Self::settle`]): withdrawn if an entry change of the directory came after it.
-    pub(super) fn dir_attrib(&mut self, sh: &mut Shared, m: NodeRef) {
+    pub(super) fn dir_attrib(&mut self, shared: &mut Shared, m: NodeRef) {
         if !self.ensure_fd(m) {
             return;
         }
@@ -88,7 +89,7 @@ impl Container {
             return;
         }
         let (path, serial) = (rules::dir_path(&d.path), d.serial);
-        let slot = self.emit(sh, FileKind::Attrib, path, true, Source::Inotify);
+        let slot = self.emit(shared, FileKind::Attrib, path, true, Source::Inotify);
         if verdict == DirAttrib::MtimeOnly {
             self.mtime_attribs.push(serial, slot);
         }
@@ -105,18 +106,23 @@ impl Container {
     }
 
     /// Cancels outputs already placed.
-    pub(super) fn withdraw(sh: &mut Shared, slots: impl IntoIterator<Item = usize>) {
+    pub(super) fn withdraw(shared: &mut Shared, slots: impl IntoIterator<Item = usize>) {
         for i in slots {
-            if let Some(slot) = sh.out.get_mut(i) {
+            if let Some(slot) = shared.out.get_mut(i) {
                 *slot = None;
             }
         }
     }
 
     /// Outputs set aside while a directory was in flight now carry its new path.
-    pub(super) fn rewrite_captured(sh: &mut Shared, captured: &[usize], old: &[u8], new: &[u8]) {
+    pub(super) fn rewrite_captured(
+        shared: &mut Shared,
+        captured: &[usize],
+        old: &[u8],
+        new: &[u8],
+    ) {
         for &i in captured {
-            if let Some(Some(WatchOutput::File(f))) = sh.out.get_mut(i) {
+            if let Some(Some(WatchOutput::File(f))) = shared.out.get_mut(i) {
                 rebase(&mut f.path, old, new);
                 if let Some(o) = f.old_path.as_mut() {
                     rebase(o, old, new);

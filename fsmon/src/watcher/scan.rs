@@ -13,7 +13,7 @@ use crate::overlay::{self, EntryKind};
 use super::appear::FoundBy;
 use super::container::Container;
 use super::container::EventCtx;
-use super::index::{stamp, Entry};
+use super::index::{stamp, Entry, Ino};
 use super::rules::{self, Since};
 use super::shared::{Shared, WdOwner, MASK};
 use super::sys::{self, Dirent};
@@ -51,7 +51,7 @@ pub(super) enum Rewatch {
 
 impl Container {
     /// Lists every directory waiting for it (new ones found meanwhile are listed too).
-    pub fn process_listings(&mut self, sh: &mut Shared) {
+    pub fn process_listings(&mut self, shared: &mut Shared) {
         while let Some(n) = self.to_list.pop() {
             let Some(mode) = self.node_mut(n).and_then(|d| d.scan.take()) else {
                 continue;
@@ -69,7 +69,7 @@ impl Container {
                 Some(Err(e)) if crate::limits::is_fd_exhaustion(&e) => {
                     // Listed again at the end of the next call, once descriptors allow.
                     self.fd_exhausted = true;
-                    self.fd_limit(sh);
+                    self.fd_limit(shared);
                     if let Some(d) = self.node_mut(n) {
                         d.scan = Some(mode);
                         self.deferred.push(n);
@@ -78,9 +78,9 @@ impl Container {
                 }
                 _ => continue,
             };
-            let mut dirents = std::mem::take(&mut sh.dirents);
+            let mut dirents = std::mem::take(&mut shared.dirents);
             dirents.clear();
-            if let Err(e) = sys::list_dir(rfd.as_fd(), &mut sh.dirbuf, &mut dirents) {
+            if let Err(e) = sys::list_dir(rfd.as_fd(), &mut shared.dirbuf, &mut dirents) {
                 tracing::debug!(container_id = %self.id, error = %e, "listing a directory");
             }
             drop(rfd);
@@ -90,39 +90,45 @@ impl Container {
                 self.entries_changed(n);
             }
             if matches!(mode, ScanMode::Diff | ScanMode::Rewatched) {
-                self.diff_node(sh, n, &dirents, mode == ScanMode::Diff);
+                self.diff_node(shared, n, &dirents, mode == ScanMode::Diff);
             } else {
                 for d in &dirents {
-                    self.scan_entry(sh, n, d, mode);
+                    self.scan_entry(shared, n, d, mode);
                 }
             }
             dirents.clear();
-            sh.dirents = dirents;
+            shared.dirents = dirents;
         }
     }
 
-    pub(super) fn scan_entry(&mut self, sh: &mut Shared, n: NodeRef, d: &Dirent, mode: ScanMode) {
+    pub(super) fn scan_entry(
+        &mut self,
+        shared: &mut Shared,
+        n: NodeRef,
+        d: &Dirent,
+        mode: ScanMode,
+    ) {
         if let Some(e) = self.node(n).and_then(|x| x.entries.get(&d.name)) {
-            if e.ino == d.ino && e.ino != 0 {
+            if e.ino.is(d.ino) {
                 // An event got there first.
                 return;
             }
         }
         if mode == ScanMode::Index {
             match self.since_ns {
-                Some(since) => self.index_entry_since(sh, n, d, since),
-                None => self.index_entry(sh, n, d),
+                Some(since) => self.index_entry_since(shared, n, d, since),
+                None => self.index_entry(shared, n, d),
             }
             return;
         }
         if let Some(st) = self.stat_child(n, &d.name) {
             let at = EventCtx::listed(n, &d.name, st.is_dir());
-            self.appear(sh, &at, Some(st), FoundBy::Listing);
+            self.appear(shared, &at, Some(st), FoundBy::Listing);
         }
     }
 
     /// Arm time: records what exists (from the listing alone where the type says enough).
-    pub(super) fn index_entry(&mut self, sh: &mut Shared, n: NodeRef, d: &Dirent) {
+    pub(super) fn index_entry(&mut self, shared: &mut Shared, n: NodeRef, d: &Dirent) {
         let kind = match d.dtype {
             libc::DT_DIR => EntryKind::Dir,
             libc::DT_REG => EntryKind::File,
@@ -133,11 +139,11 @@ impl Container {
                 None => return,
             },
         };
-        let mut entry = Entry::new(kind, d.ino);
+        let mut entry = Entry::new(kind, Ino::from_raw(d.ino));
         match kind {
             EntryKind::Dir => {
                 entry.child = self
-                    .attach(sh, n, &d.name, ScanMode::Index, None, None)
+                    .attach(shared, n, &d.name, ScanMode::Index, None, Ino::Unknown)
                     .node();
                 self.stats.dirs += 1;
             }
@@ -156,7 +162,7 @@ impl Container {
     /// old directory is descended into with the same rule.
     pub(super) fn index_entry_since(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         n: NodeRef,
         d: &Dirent,
         since: i64,
@@ -175,25 +181,32 @@ impl Container {
         let change = match verdict {
             Since::New => {
                 let at = EventCtx::listed(n, &d.name, st.is_dir());
-                self.appear(sh, &at, Some(st), FoundBy::Listing);
+                self.appear(shared, &at, Some(st), FoundBy::Listing);
                 return;
             }
             Since::Old(change) => change,
         };
-        let mut entry = Entry::new(kind, st.ino);
+        let mut entry = Entry::new(kind, Ino::from_raw(st.ino));
         match kind {
             EntryKind::Dir => {
                 entry.child = self
-                    .attach(sh, n, &d.name, ScanMode::Index, None, Some(st.ino))
+                    .attach(
+                        shared,
+                        n,
+                        &d.name,
+                        ScanMode::Index,
+                        None,
+                        Ino::from_raw(st.ino),
+                    )
                     .node();
             }
             EntryKind::File => {
                 entry.set_stamp(st);
                 if let Some(k) = change {
                     let path = self.child_path(n, &d.name);
-                    self.emit(sh, k, path, false, Source::Scan);
+                    self.emit(shared, k, path, false, Source::Scan);
                     if k == FileKind::Modify {
-                        entry.burst_ms = sh.now_ms();
+                        entry.burst_ms = shared.now_ms();
                     }
                 }
             }
@@ -206,7 +219,7 @@ impl Container {
     /// `deep`: and every known directory below it too (re-watched if it has no watch).
     pub(super) fn diff_node(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         n: NodeRef,
         dirents: &[Dirent],
         deep: bool,
@@ -220,14 +233,14 @@ impl Container {
                         if !deep {
                             continue;
                         }
-                        self.rewatch(sh, child);
+                        self.rewatch(shared, child);
                         if let Some(c) = self.node_mut(child) {
                             c.scan = Some(ScanMode::Diff);
                         }
                         self.to_list.push(child);
                     } else {
                         let child = self
-                            .attach(sh, n, &d.name, ScanMode::Report, None, None)
+                            .attach(shared, n, &d.name, ScanMode::Report, None, Ino::Unknown)
                             .node();
                         self.set_entry(n, &d.name, Entry { child, ..e });
                     }
@@ -238,7 +251,7 @@ impl Container {
                     };
                     if let Some(kind) = rules::rescan_change(e.stamp, stamp(st), self.armed_ns) {
                         let path = self.child_path(n, &d.name);
-                        self.emit(sh, kind, path, false, Source::Scan);
+                        self.emit(shared, kind, path, false, Source::Scan);
                     }
                     self.set_entry(
                         n,
@@ -255,7 +268,7 @@ impl Container {
                     if let Some(st) = self.stat_child(n, &d.name) {
                         entries_changed = true;
                         let at = EventCtx::listed(n, &d.name, st.is_dir());
-                        self.appear(sh, &at, Some(st), FoundBy::Listing);
+                        self.appear(shared, &at, Some(st), FoundBy::Listing);
                     }
                 }
             }
@@ -276,25 +289,25 @@ impl Container {
             self.entries_changed(n);
             if let Some(is_dir) = overlay::disappear(e.prior(), e.kind.is_dir()) {
                 let path = self.child_path(n, &name);
-                self.emit(sh, FileKind::Delete, path, is_dir, Source::Scan);
+                self.emit(shared, FileKind::Delete, path, is_dir, Source::Scan);
             }
             if let Some(child) = e.child {
-                self.remove_subtree(sh, child);
+                self.remove_subtree(shared, child);
             }
         }
     }
 
     /// Retries the watch of an indexed but unwatched directory (after the watch limit),
     /// reporting the limit if it is still reached.
-    pub(super) fn rewatch(&mut self, sh: &mut Shared, m: NodeRef) {
-        if self.try_watch(sh, m) == Rewatch::Limit {
-            self.watch_limit(sh);
+    pub(super) fn rewatch(&mut self, shared: &mut Shared, m: NodeRef) {
+        if self.try_watch(shared, m) == Rewatch::Limit {
+            self.watch_limit(shared);
         }
     }
 
     /// Adds the missing watch of node `m` through the fd it is reopened as (checked to be
     /// the same directory, see [`Self::ensure_fd`]). Quiet: the caller reports the limit.
-    pub(super) fn try_watch(&mut self, sh: &mut Shared, m: NodeRef) -> Rewatch {
+    pub(super) fn try_watch(&mut self, shared: &mut Shared, m: NodeRef) -> Rewatch {
         if self
             .node(m)
             .is_none_or(|d| d.wd.is_some() || d.state != NodeState::Attached)
@@ -307,13 +320,13 @@ impl Container {
         let Some(fd) = self.fd_of(m) else {
             return Rewatch::Later;
         };
-        match sys::add_watch(sh.inotify.as_fd(), fd, MASK) {
-            Ok(wd) if !sh.wds.contains_key(&wd) => {
+        match sys::add_watch(shared.inotify.as_fd(), fd, MASK) {
+            Ok(wd) if !shared.wds.contains_key(&wd) => {
                 let Some(d) = self.node_mut(m) else {
                     return Rewatch::Never;
                 };
                 d.wd = Some(wd);
-                sh.wds.insert(
+                shared.wds.insert(
                     wd,
                     WdOwner {
                         container: self.key,
@@ -343,7 +356,7 @@ impl Container {
     /// (the `watch_limit` overflow was reported when it was first refused), retried at the
     /// next call. New directories the rescan finds are watched as usual (and a refusal of
     /// those is reported).
-    pub fn retry_unwatched(&mut self, sh: &mut Shared) {
+    pub fn retry_unwatched(&mut self, shared: &mut Shared) {
         let mut todo = std::mem::take(&mut self.unwatched);
         todo.retain(|&m| self.node(m).is_some_and(|d| d.wd.is_none()));
         todo.sort_by_key(|&m| self.node(m).map_or(0, |d| d.path.len()));
@@ -356,7 +369,7 @@ impl Container {
             let outcome = if limit {
                 Rewatch::Limit
             } else {
-                self.try_watch(sh, m)
+                self.try_watch(shared, m)
             };
             match outcome {
                 Rewatch::Watched => {
@@ -364,7 +377,7 @@ impl Container {
                         d.scan = Some(ScanMode::Rewatched);
                         self.to_list.push(m);
                     }
-                    self.process_listings(sh);
+                    self.process_listings(shared);
                 }
                 Rewatch::Limit => {
                     limit = true;
@@ -394,7 +407,7 @@ pub(super) enum Listed {
 /// Compares the listed entry `d` with what the index holds at its name (`known`).
 pub(super) fn compare_listed(known: Option<&Entry>, d: &Dirent) -> Listed {
     match known {
-        Some(e) if e.ino == d.ino && e.ino != 0 && e.kind.is_dir() == (d.dtype == libc::DT_DIR) => {
+        Some(e) if e.ino.is(d.ino) && e.kind.is_dir() == (d.dtype == libc::DT_DIR) => {
             if e.kind.is_dir() {
                 Listed::SameDir
             } else if e.kind == EntryKind::File {
@@ -435,10 +448,10 @@ mod tests {
 
     #[test]
     fn listing_compared_with_the_index() {
-        let dir = Entry::new(EntryKind::Dir, 7);
-        let file = Entry::new(EntryKind::File, 8);
-        let link = Entry::new(EntryKind::Symlink, 9);
-        let unknown = Entry::new(EntryKind::File, 0);
+        let dir = Entry::new(EntryKind::Dir, Ino::Known(7));
+        let file = Entry::new(EntryKind::File, Ino::Known(8));
+        let link = Entry::new(EntryKind::Symlink, Ino::Known(9));
+        let unknown = Entry::new(EntryKind::File, Ino::Unknown);
         let cases = [
             (Some(&dir), dirent("d", 7, libc::DT_DIR), Listed::SameDir),
             (Some(&file), dirent("f", 8, libc::DT_REG), Listed::SameFile),
@@ -460,7 +473,10 @@ mod tests {
     fn names_gone_from_a_listing() {
         let mut entries: HashMap<Box<[u8]>, Entry> = HashMap::new();
         for (name, ino) in [("a", 1), ("b", 2), ("c\n", 3)] {
-            entries.insert(name.as_bytes().into(), Entry::new(EntryKind::File, ino));
+            entries.insert(
+                name.as_bytes().into(),
+                Entry::new(EntryKind::File, Ino::Known(ino)),
+            );
         }
         let listing = [dirent("b", 2, libc::DT_REG), dirent("new", 4, libc::DT_REG)];
         let mut gone = gone_names(&entries, &listing);

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use crate::overlay::Meta;
 
 use super::container::Container;
-use super::index::Entry;
+use super::index::{Entry, Ino};
 use super::lower::LowerDir;
 use super::rules::{self};
 use super::scan::ScanMode;
@@ -209,12 +209,12 @@ impl Container {
     /// would describe the wrong object).
     pub(super) fn attach(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         parent: NodeRef,
         name: &[u8],
         mode: ScanMode,
         baseline: Option<Meta>,
-        expect: Option<u64>,
+        expect: Ino,
     ) -> Attached {
         if !self.ensure_fd(parent) {
             return Attached::Failed;
@@ -225,7 +225,7 @@ impl Container {
         let cfd = match sys::open_child_dir(pfd, name, false) {
             Ok(fd) => fd,
             Err(e) if crate::limits::is_fd_exhaustion(&e) => {
-                return self.attach_without_fd(sh, parent, name, baseline, expect);
+                return self.attach_without_fd(shared, parent, name, baseline, expect);
             }
             Err(e) => {
                 // ENOENT: gone again; ENOTDIR/ELOOP: replaced by a file or a symlink. Either
@@ -237,15 +237,15 @@ impl Container {
         let Ok(cst) = sys::stat_fd(cfd.as_fd()) else {
             return Attached::Failed;
         };
-        if expect.is_some_and(|ino| ino != 0 && ino != cst.ino) {
+        if expect.is_known() && !expect.is(cst.ino) {
             tracing::trace!(container_id = %self.id, "directory replaced before its watch");
             return Attached::Failed;
         }
         let mut limited = false;
-        let mut wd = match sys::add_watch(sh.inotify.as_fd(), cfd.as_fd(), MASK) {
+        let mut wd = match sys::add_watch(shared.inotify.as_fd(), cfd.as_fd(), MASK) {
             Ok(wd) => Some(wd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                self.watch_limit(sh);
+                self.watch_limit(shared);
                 limited = true;
                 None
             }
@@ -255,16 +255,16 @@ impl Container {
             }
         };
         if let Some(w) = wd {
-            if let Some(owner) = sh.wds.get(&w).copied() {
+            if let Some(owner) = shared.wds.get(&w).copied() {
                 if owner.container == self.key && self.node(owner.node).is_some() {
-                    return self.adopt(sh, owner.node, parent, name, cfd);
+                    return self.adopt(shared, owner.node, parent, name, cfd);
                 }
                 // Watched for another container (a host moved a directory from one upperdir
                 // to another): leave that watch alone and only index it here.
                 wd = None;
             }
         }
-        let serial = sh.next_serial();
+        let serial = shared.next_serial();
         let path = self.child_path(parent, name);
         let mut node = DirNode::new(serial, wd, Some(parent), name.into(), path, &cst);
         if let Some(b) = baseline {
@@ -274,13 +274,13 @@ impl Container {
         node.fd_used = true;
         let Some(id) = self.alloc(node, Some(mode)) else {
             if let Some(w) = wd {
-                sys::rm_watch(sh.inotify.as_fd(), w);
+                sys::rm_watch(shared.inotify.as_fd(), w);
             }
             return Attached::Failed;
         };
         match wd {
             Some(w) => {
-                sh.wds.insert(
+                shared.wds.insert(
                     w,
                     WdOwner {
                         container: self.key,
@@ -305,21 +305,21 @@ impl Container {
     /// Reported as an `fd_limit` overflow.
     pub(super) fn attach_without_fd(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         parent: NodeRef,
         name: &[u8],
         baseline: Option<Meta>,
-        expect: Option<u64>,
+        expect: Ino,
     ) -> Attached {
         self.fd_exhausted = true;
-        self.fd_limit(sh);
+        self.fd_limit(shared);
         let Some(cst) = self.fd_of(parent).and_then(|p| sys::stat_at(p, name).ok()) else {
             return Attached::Failed;
         };
-        if !cst.is_dir() || expect.is_some_and(|ino| ino != 0 && ino != cst.ino) {
+        if !cst.is_dir() || expect.is_known() && !expect.is(cst.ino) {
             return Attached::Failed;
         }
-        let serial = sh.next_serial();
+        let serial = shared.next_serial();
         let path = self.child_path(parent, name);
         let mut node = DirNode::new(serial, None, Some(parent), name.into(), path, &cst);
         if let Some(b) = baseline {
@@ -337,7 +337,7 @@ impl Container {
     /// the node there.
     pub(super) fn adopt(
         &mut self,
-        sh: &mut Shared,
+        shared: &mut Shared,
         m: NodeRef,
         parent: NodeRef,
         name: &[u8],
@@ -358,11 +358,11 @@ impl Container {
             NodeState::InFlight => {
                 // Its IN_MOVED_FROM waits under a cookie that this event did not carry: pair
                 // them by inode.
-                let pm = self.moves.take_where(|pm| pm.moving == Some(m));
-                match pm {
-                    Some(pm) => {
+                let half = self.moves.take_where(|half| half.moving == Some(m));
+                match half {
+                    Some(half) => {
                         let new_path = self.child_path(parent, name);
-                        self.complete_move(sh, pm, new_path, true);
+                        self.complete_move(shared, half, new_path, true);
                         None
                     }
                     None => Some(old_path),
@@ -371,9 +371,9 @@ impl Container {
             NodeState::Displaced => {
                 self.displaced.retain(|&x| x != m);
                 // An exchange's leaving half may still hold it: it is not leaving after all.
-                let pm = self.moves.take_where(|pm| pm.moving == Some(m));
-                if let Some(pm) = pm {
-                    Self::withdraw(sh, pm.vanished);
+                let half = self.moves.take_where(|half| half.moving == Some(m));
+                if let Some(half) = half {
+                    Self::withdraw(shared, half.vanished);
                 }
                 Some(old_path)
             }
@@ -446,7 +446,7 @@ impl Container {
     }
 
     /// Forgets node `m` and everything below it, removing their watches.
-    pub(super) fn remove_subtree(&mut self, sh: &mut Shared, m: NodeRef) {
+    pub(super) fn remove_subtree(&mut self, shared: &mut Shared, m: NodeRef) {
         if let Some(d) = self.node(m) {
             if d.state == NodeState::Attached {
                 let (p, name) = (d.parent, d.name.clone());
@@ -465,13 +465,13 @@ impl Container {
                 continue;
             };
             if let Some(wd) = d.wd {
-                if sh
+                if shared
                     .wds
                     .get(&wd)
                     .is_some_and(|o| o.container == self.key && o.node == x)
                 {
-                    sh.wds.remove(&wd);
-                    sys::rm_watch(sh.inotify.as_fd(), wd);
+                    shared.wds.remove(&wd);
+                    sys::rm_watch(shared.inotify.as_fd(), wd);
                 }
             }
             if d.fd.is_some() {
