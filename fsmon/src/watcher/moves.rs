@@ -354,6 +354,57 @@ pub(super) fn replaced_one_leaving(
     leaving_is_old || still_there
 }
 
+/// `IN_MOVED_FROM` halves waiting for their `IN_MOVED_TO`, matched by cookie.
+///
+/// The kernel queues the two halves of one rename back to back (`fsnotify_move`), but other
+/// events may slip in between and a `read(2)` may end between them. So a half waits here
+/// until its partner arrives or the batch ends; what is left then left the watched tree.
+#[derive(Debug)]
+pub(super) struct Moves<T> {
+    pending: Vec<(u32, T)>,
+}
+
+impl<T> Default for Moves<T> {
+    fn default() -> Self {
+        Moves {
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl<T> Moves<T> {
+    /// Records a `IN_MOVED_FROM` half.
+    pub fn push(&mut self, cookie: u32, half: T) {
+        self.pending.push((cookie, half));
+    }
+
+    /// The waiting half with this cookie, if any.
+    pub fn take(&mut self, cookie: u32) -> Option<T> {
+        let i = self.pending.iter().position(|(c, _)| *c == cookie)?;
+        Some(self.pending.remove(i).1)
+    }
+
+    /// The first waiting half that matches `f`, if any (pairing by inode when the cookie
+    /// half was missed).
+    pub fn take_where(&mut self, f: impl Fn(&T) -> bool) -> Option<T> {
+        let i = self.pending.iter().position(|(_, t)| f(t))?;
+        Some(self.pending.remove(i).1)
+    }
+
+    /// Every unpaired half, in arrival order.
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.pending.drain(..).map(|(_, t)| t)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.pending.iter().map(|(_, t)| t)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.pending.iter_mut().map(|(_, t)| t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,5 +500,20 @@ mod tests {
         // Nothing indexed any more: it is not the replaced one leaving.
         assert!(!replaced_one_leaving(&old_dir, None, true, Some(20), false));
         assert!(replaced_one_leaving(&old_dir, None, true, None, true));
+    }
+
+    #[test]
+    fn pairs_moves_by_cookie() {
+        let mut m = Moves::default();
+        m.push(5, "a");
+        m.push(6, "b");
+        m.push(7, "c");
+        assert_eq!(m.take(6), Some("b"));
+        assert_eq!(m.take(6), None);
+        assert_eq!(m.take(9), None);
+        assert_eq!(m.take_where(|t| *t == "c"), Some("c"));
+        assert_eq!(m.iter().count(), 1);
+        assert_eq!(m.drain().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(m.iter().count(), 0);
     }
 }

@@ -143,6 +143,57 @@ pub(super) fn rebase(path: &mut Vec<u8>, old: &[u8], new: &[u8]) {
     }
 }
 
+/// Directory `attrib`s that only an mtime change supports
+/// ([`crate::overlay::DirAttrib::MtimeOnly`]): already placed in the output (at the
+/// position of their `IN_ATTRIB`) and decided when the queue is drained
+/// ([`crate::overlay::mtime_attrib_stands`]): withdrawn if an entry change of the same
+/// directory came after them. Directories are named by their node's serial (never reused).
+#[derive(Debug, Default)]
+pub(super) struct MtimeAttribs {
+    pending: Vec<MtimeAttrib>,
+}
+
+#[derive(Debug)]
+struct MtimeAttrib {
+    dir: u64,
+    slot: usize,
+    explained: bool,
+}
+
+impl MtimeAttribs {
+    /// An `attrib` of directory `dir` placed at output slot `slot`.
+    pub fn push(&mut self, dir: u64, slot: usize) {
+        self.pending.push(MtimeAttrib {
+            dir,
+            slot,
+            explained: false,
+        });
+    }
+
+    /// An entry of directory `dir` was created, removed or renamed (its event was handled
+    /// now, after those of the `attrib`s waiting).
+    pub fn entries_changed(&mut self, dir: u64) {
+        for p in self.pending.iter_mut().filter(|p| p.dir == dir) {
+            p.explained = true;
+        }
+    }
+
+    /// Whether an `attrib` still waits without an explanation (worth waiting a little
+    /// for the entry event that may explain it).
+    pub fn unexplained(&self) -> bool {
+        self.pending.iter().any(|p| !p.explained)
+    }
+
+    /// End of the drain: the output slots to withdraw; nothing waits any more.
+    pub fn settle(&mut self) -> Vec<usize> {
+        self.pending
+            .drain(..)
+            .filter(|p| !crate::overlay::mtime_attrib_stands(p.explained))
+            .map(|p| p.slot)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +214,38 @@ mod tests {
             rebase(&mut p, b"/a", b"/b/c");
             assert_eq!(p, want, "{}", String::from_utf8_lossy(path));
         }
+    }
+
+    #[test]
+    fn mtime_attribs_wait_for_entry_changes_after_them() {
+        let mut a = MtimeAttribs::default();
+        assert!(a.settle().is_empty());
+        assert!(!a.unexplained());
+        // Directory 7: an attrib, then an entry change (the race): withdrawn. Directory 8:
+        // a touch with nothing after it: kept. Directory 9: its entry change came first.
+        a.entries_changed(9);
+        a.push(7, 3);
+        a.push(8, 4);
+        a.push(9, 5);
+        assert!(a.unexplained());
+        a.entries_changed(7);
+        assert!(a.unexplained());
+        assert_eq!(a.settle(), vec![3]);
+        assert!(!a.unexplained());
+        a.push(8, 6);
+        assert!(a.unexplained());
+        a.entries_changed(8);
+        assert!(!a.unexplained());
+        assert_eq!(a.settle(), vec![6]);
+        a.push(8, 6);
+        a.push(9, 7);
+        a.entries_changed(9);
+        assert_eq!(a.settle(), vec![7]);
+        // Two attribs of one directory, each decided by what follows it.
+        a.push(7, 1);
+        a.entries_changed(7);
+        a.push(7, 2);
+        assert_eq!(a.settle(), vec![1]);
+        assert!(a.settle().is_empty());
     }
 }
