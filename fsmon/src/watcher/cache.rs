@@ -4,16 +4,15 @@
 //!
 //! Kernel features: openat2(2) `RESOLVE_*` (5.6), `O_PATH` (2.6.39).
 
-use std::os::fd::{AsFd, BorrowedFd};
-
 use super::container::Container;
-use super::sys::{self, Stat};
+use super::fs::Dir;
+use super::sys::Stat;
 use super::tree::{NodeRef, NodeState};
 
 impl Container {
     /// The fd of node `n`, valid until the next `ensure_fd` (call that first).
-    pub(super) fn fd_of(&self, n: NodeRef) -> Option<BorrowedFd<'_>> {
-        self.node(n)?.fd.as_ref().map(AsFd::as_fd)
+    pub(super) fn fd_of(&self, n: NodeRef) -> Option<&Dir> {
+        self.node(n)?.fd.as_ref()
     }
 
     /// Makes sure node `n` has an open fd: reopens it (and ancestors as needed) from the
@@ -53,12 +52,12 @@ impl Container {
         for &m in chain.iter().rev() {
             let Some(d) = self.node(m) else { return false };
             let opened = if Some(m) == self.root {
-                sys::open_host_dir(&self.layer.upperdir)
+                self.fs.open_host_dir(&self.layer.upperdir)
             } else {
                 let Some(pfd) = d.parent.and_then(|p| self.fd_of(p)) else {
                     return false;
                 };
-                sys::open_child_dir(pfd, &d.name, false)
+                self.fs.open_child_dir(pfd, &d.name, false)
             };
             let fd = match opened {
                 Ok(fd) => fd,
@@ -69,7 +68,7 @@ impl Container {
                     return false;
                 }
             };
-            match sys::stat_fd(fd.as_fd()) {
+            match self.fs.stat_dir(&fd) {
                 Ok(st) if st.ino == d.ino => {}
                 _ => return false,
             }
@@ -153,7 +152,7 @@ impl Container {
             let Some(path) = self.layer.lowerdirs.get(i) else {
                 continue;
             };
-            match sys::open_host_dir(path) {
+            match self.fs.open_host_dir(path) {
                 Ok(fd) => {
                     *slot = Some(fd);
                     self.budget.opened();
@@ -169,15 +168,15 @@ impl Container {
     }
 
     /// The fd of image layer `layer`, if open ([`Self::open_lowers`] first).
-    pub(super) fn lower_fd(&self, layer: usize) -> Option<BorrowedFd<'_>> {
-        self.lowers.get(layer)?.as_ref().map(AsFd::as_fd)
+    pub(super) fn lower_fd(&self, layer: usize) -> Option<&Dir> {
+        self.lowers.get(layer)?.as_ref()
     }
 
     pub(super) fn stat_child(&mut self, n: NodeRef, name: &[u8]) -> Option<Stat> {
         if !self.ensure_fd(n) {
             return None;
         }
-        sys::stat_at(self.fd_of(n)?, name).ok()
+        self.fs.stat_at(self.fd_of(n)?, name).ok()
     }
 
     /// [`Self::stat_child`] with the birth time, when known ([`sys::statx_at`]).
@@ -185,6 +184,6 @@ impl Container {
         if !self.ensure_fd(n) {
             return None;
         }
-        sys::statx_at(self.fd_of(n)?, name).ok()
+        self.fs.statx_at(self.fd_of(n)?, name).ok()
     }
 }

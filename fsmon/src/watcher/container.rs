@@ -17,13 +17,13 @@
 //!   files and never descended into.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
 
 use crate::event::{FileKind, Source};
 use crate::overlay::{self, EntryKind, Prior, Via};
 
 use super::appear::FoundBy;
 use super::fds::SharedBudget;
+use super::fs::{Dir, SharedFs};
 use super::index::{Entry, Ino};
 use super::moves::Moves;
 use super::moves::PendingMove;
@@ -73,6 +73,16 @@ impl<'a> EventCtx<'a> {
     }
 }
 
+/// When monitoring of a container began, in wall-clock ns since the epoch, each minus a
+/// margin for coarse file-system timestamps.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ArmTimes {
+    /// Now, when it is armed.
+    pub(super) armed_ns: i64,
+    /// When the container started, for one armed late (see `add_container_since`).
+    pub(super) since_ns: Option<i64>,
+}
+
 /// One armed container.
 pub(super) struct Container {
     pub(super) key: usize,
@@ -81,7 +91,9 @@ pub(super) struct Container {
     /// demand, never held for the container's life.
     pub(super) layer: ContainerLayer,
     /// Image layer fds, cached while the fd budget allows (`None`: closed).
-    pub(super) lowers: Vec<Option<OwnedFd>>,
+    pub(super) lowers: Vec<Option<Dir>>,
+    /// The file system (the layers and their watches), shared by every container.
+    pub(super) fs: SharedFs,
     /// The fd budget shared by every container (see `fds`).
     pub(super) budget: SharedBudget,
     /// The directories: watched ones, and those indexed without a watch.
@@ -131,21 +143,23 @@ impl Drop for Container {
 
 impl Container {
     /// A container whose layer's image directories are open already (`lowers`, in
-    /// `layer.lowerdirs` order, each counted in `budget`).
+    /// `layer.lowerdirs` order, each counted in `budget`), on the file system `fs`.
     pub fn new(
         key: usize,
         id: &str,
         layer: ContainerLayer,
-        lowers: Vec<OwnedFd>,
+        lowers: Vec<Dir>,
+        fs: SharedFs,
         budget: SharedBudget,
-        armed_ns: i64,
-        since_ns: Option<i64>,
+        times: ArmTimes,
     ) -> Container {
+        let ArmTimes { armed_ns, since_ns } = times;
         Container {
             key,
             id: id.to_owned(),
             layer,
             lowers: lowers.into_iter().map(Some).collect(),
+            fs,
             budget,
             nodes: Nodes::default(),
             root: None,
@@ -170,7 +184,7 @@ impl Container {
     /// Watches the upperdir root (already done by the caller: `wd`) and indexes everything
     /// below it, watching each directory before listing it. With `since_ns`, what was made
     /// or changed since is reported instead ([`Self::index_entry_since`]).
-    pub fn arm(&mut self, shared: &mut Shared, wd: i32, root: &Stat, root_fd: OwnedFd) {
+    pub fn arm(&mut self, shared: &mut Shared, wd: i32, root: &Stat, root_fd: Dir) {
         let serial = shared.next_serial();
         let mut node = DirNode::new(serial, Some(wd), None, Box::default(), Vec::new(), root);
         node.fd = Some(root_fd);

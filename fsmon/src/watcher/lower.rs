@@ -5,16 +5,15 @@
 //! Kernel features: overlayfs xattrs `trusted.overlay.{opaque,whiteout}` (3.18; `opaque=x`
 //! and xattr whiteouts 6.7), openat2(2) `RESOLVE_*` (5.6).
 
-use std::os::fd::{AsFd, BorrowedFd};
-
 use crate::event::{FileKind, Source};
 use crate::overlay::{self, EntryKind, Opaque};
 
 use super::container::Container;
+use super::fs::{Dir, Fs};
 use super::index::Entry;
 use super::rules::{self};
 use super::shared::Shared;
-use super::sys::{self, Stat};
+use super::sys::Stat;
 use super::tree::{NodeRef, NodeState};
 
 /// An image layer directory merged into an upper directory.
@@ -67,7 +66,8 @@ impl Container {
         let mut buf = [0u8; 16];
         let opaque = if self.ensure_fd(m) {
             let v = self.fd_of(m).and_then(|fd| {
-                sys::xattr_of_fd(fd, &overlay::OPAQUE_XATTRS, &mut buf)
+                self.fs
+                    .xattr_of_dir(fd, &overlay::OPAQUE_XATTRS, &mut buf)
                     .ok()
                     .flatten()
             });
@@ -91,7 +91,9 @@ impl Container {
                     });
                     continue;
                 };
-                let v = sys::xattr_of_fd(fd, &overlay::OPAQUE_XATTRS, &mut buf)
+                let v = self
+                    .fs
+                    .xattr_of_dir(fd, &overlay::OPAQUE_XATTRS, &mut buf)
                     .ok()
                     .flatten();
                 let o = overlay::parse_opaque(v);
@@ -145,15 +147,17 @@ impl Container {
             let Some(root) = self.lower_fd(ld.layer) else {
                 continue;
             };
-            let Ok(pfd) = sys::open_dir_beneath(root, prel, false) else {
+            let Ok(pfd) = self.fs.open_dir_beneath(root, prel, false) else {
                 continue;
             };
-            let Ok(st) = sys::stat_at(pfd.as_fd(), name) else {
+            let Ok(st) = self.fs.stat_at(&pfd, name) else {
                 continue;
             };
-            match lower_kind(pfd.as_fd(), name, &st, ld.xwhiteouts) {
+            match lower_kind(&*self.fs, &pfd, name, &st, ld.xwhiteouts) {
                 EntryKind::Dir => {
-                    let v = sys::xattr_at(pfd.as_fd(), name, &overlay::OPAQUE_XATTRS, &mut buf)
+                    let v = self
+                        .fs
+                        .xattr_at(&pfd, name, &overlay::OPAQUE_XATTRS, &mut buf)
                         .ok()
                         .flatten();
                     let o = overlay::parse_opaque(v);
@@ -218,11 +222,11 @@ impl Container {
                 let Some(root) = self.lower_fd(ld.layer) else {
                     continue;
                 };
-                let Ok(dfd) = sys::open_dir_beneath(root, rel, true) else {
+                let Ok(dfd) = self.fs.open_dir_beneath(root, rel, true) else {
                     continue;
                 };
                 dirents.clear();
-                if sys::list_dir(dfd.as_fd(), &mut dirbuf, &mut dirents).is_err() {
+                if self.fs.list_dir(&dfd, &mut dirbuf, &mut dirents).is_err() {
                     continue;
                 }
                 for d in &dirents {
@@ -231,14 +235,15 @@ impl Container {
                         Some(v) if v.kind == EntryKind::Dir && !v.closed => true,
                         Some(_) => continue,
                     };
-                    let Ok(st) = sys::stat_at(dfd.as_fd(), &d.name) else {
+                    let Ok(st) = self.fs.stat_at(&dfd, &d.name) else {
                         continue;
                     };
-                    let kind = lower_kind(dfd.as_fd(), &d.name, &st, ld.xwhiteouts);
+                    let kind = lower_kind(&*self.fs, &dfd, &d.name, &st, ld.xwhiteouts);
                     let mut buf = [0u8; 16];
                     let mark = if kind == EntryKind::Dir {
                         overlay::parse_opaque(
-                            sys::xattr_at(dfd.as_fd(), &d.name, &overlay::OPAQUE_XATTRS, &mut buf)
+                            self.fs
+                                .xattr_at(&dfd, &d.name, &overlay::OPAQUE_XATTRS, &mut buf)
                                 .ok()
                                 .flatten(),
                         )
@@ -361,13 +366,13 @@ impl Container {
             let Some(root) = self.lower_fd(ld.layer) else {
                 continue;
             };
-            let Ok(dfd) = sys::open_dir_beneath(root, &rel, false) else {
+            let Ok(dfd) = self.fs.open_dir_beneath(root, &rel, false) else {
                 continue;
             };
-            let Ok(st) = sys::stat_at(dfd.as_fd(), name) else {
+            let Ok(st) = self.fs.stat_at(&dfd, name) else {
                 continue;
             };
-            return match lower_kind(dfd.as_fd(), name, &st, ld.xwhiteouts) {
+            return match lower_kind(&*self.fs, &dfd, name, &st, ld.xwhiteouts) {
                 EntryKind::Whiteout => None,
                 _ => Some(st),
             };
@@ -384,7 +389,8 @@ impl Container {
             if self.node(n).is_some_and(|d| d.upper_xwhiteouts) && self.ensure_fd(n) {
                 let mut buf = [0u8; 16];
                 x = self.fd_of(n).is_some_and(|fd| {
-                    sys::xattr_at(fd, name, &overlay::WHITEOUT_XATTRS, &mut buf)
+                    self.fs
+                        .xattr_at(fd, name, &overlay::WHITEOUT_XATTRS, &mut buf)
                         .ok()
                         .flatten()
                         .is_some()
@@ -397,14 +403,16 @@ impl Container {
 
 /// What an image layer entry is (xattr whiteouts only in directories marked `opaque=x`).
 pub(super) fn lower_kind(
-    dir: BorrowedFd<'_>,
+    fs: &dyn Fs,
+    dir: &Dir,
     name: &[u8],
     st: &Stat,
     xwhiteouts: bool,
 ) -> EntryKind {
     let mut buf = [0u8; 16];
     let x = overlay::needs_whiteout_xattr(st.mode, st.size, xwhiteouts)
-        && sys::xattr_at(dir, name, &overlay::WHITEOUT_XATTRS, &mut buf)
+        && fs
+            .xattr_at(dir, name, &overlay::WHITEOUT_XATTRS, &mut buf)
             .ok()
             .flatten()
             .is_some();

@@ -23,6 +23,7 @@
 //! * `moves`: rename pairing, overlayfs' exchanges (pure decisions), in-flight directories.
 //! * `outbox`: output slots (withdraw, rewrite), directory `attrib`s waiting for the drain.
 //! * `lower`: image-layer lookups; `cache`/`fds`: directory fds and their budget.
+//! * `fs`: the `Fs` trait, every file-system call of the state machine (`SysFs`: by `sys`).
 //! * `shared`: what all containers share; `rules`: pure helpers; `sys`: the syscalls.
 //!
 //! # Guarantees
@@ -84,6 +85,7 @@ mod appear;
 mod cache;
 mod container;
 mod fds;
+mod fs;
 mod index;
 mod lower;
 mod moves;
@@ -98,13 +100,15 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::event::WatchOutput;
 
-use container::Container;
+use container::{ArmTimes, Container};
 pub use fds::FdBudget;
 use fds::SharedBudget;
+use fs::{SharedFs, SysFs};
 use shared::{NextEvent, Shared, MASK};
 
 /// Size of the buffer inotify events are read into.
@@ -196,6 +200,8 @@ pub enum WatchError {
 /// The watcher: one inotify instance for the whole daemon.
 pub struct Watcher {
     shared: Shared,
+    /// The layers' file system (see `fs`).
+    fs: SharedFs,
     /// Directory fds all containers may cache together (see `fds`).
     budget: SharedBudget,
     /// Where the next budget enforcement starts, so no container is always shed first.
@@ -268,6 +274,7 @@ impl Watcher {
         })?;
         Ok(Watcher {
             shared: Shared::new(fd),
+            fs: Arc::new(SysFs),
             budget: FdBudget::new(budget),
             shed_cursor: 0,
             containers: Vec::new(),
@@ -346,21 +353,22 @@ impl Watcher {
         };
         // Room for the upperdir and the image layers, taken from other containers' caches.
         self.enforce_budget(layer.lowerdirs.len() + 1);
-        let root_fd = sys::open_host_dir(upper).map_err(open_err(upper))?;
-        let root_st = sys::stat_fd(root_fd.as_fd()).map_err(open_err(upper))?;
+        let root_fd = self.fs.open_host_dir(upper).map_err(open_err(upper))?;
+        let root_st = self.fs.stat_dir(&root_fd).map_err(open_err(upper))?;
         let lowers = layer
             .lowerdirs
             .iter()
-            .map(|p| sys::open_host_dir(p).map_err(open_err(p)))
+            .map(|p| self.fs.open_host_dir(p).map_err(open_err(p)))
             .collect::<Result<Vec<_>, _>>()?;
         for _ in 0..=lowers.len() {
             self.budget.opened();
         }
         // IN_MASK_CREATE (4.18): fail rather than share a watch with another container id.
         let ifd = self.shared.inotify.as_fd();
-        let wd = sys::add_watch(ifd, root_fd.as_fd(), MASK | libc::IN_MASK_CREATE)
+        let wd = (self.fs)
+            .add_watch(ifd, &root_fd, MASK | libc::IN_MASK_CREATE)
             .or_else(|e| match e.raw_os_error() {
-                Some(libc::EINVAL) => sys::add_watch(ifd, root_fd.as_fd(), MASK),
+                Some(libc::EINVAL) => self.fs.add_watch(ifd, &root_fd, MASK),
                 _ => Err(e),
             })
             .map_err(|source| match source.raw_os_error() {
@@ -386,9 +394,9 @@ impl Watcher {
             id,
             layer.clone(),
             lowers,
+            self.fs.clone(),
             self.budget.clone(),
-            armed_ns,
-            since_ns,
+            ArmTimes { armed_ns, since_ns },
         );
         c.arm(&mut self.shared, wd, &root_st, root_fd);
         let stats = c.stats;
@@ -496,7 +504,7 @@ impl Watcher {
                 .is_some_and(|o| o.container == key && o.node == node)
             {
                 self.shared.wds.remove(&wd);
-                sys::rm_watch(self.shared.inotify.as_fd(), wd);
+                self.fs.rm_watch(self.shared.inotify.as_fd(), wd);
             }
         }
         self.shared.out.retain(|o| match o {

@@ -8,7 +8,6 @@ use crate::overlay::{self, DirAttrib};
 use super::container::Container;
 use super::rules::{self};
 use super::shared::Shared;
-use super::sys::{self};
 use super::tree::NodeRef;
 
 impl Container {
@@ -76,7 +75,7 @@ impl Container {
         if !self.ensure_fd(m) {
             return;
         }
-        let Some(st) = self.fd_of(m).and_then(|fd| sys::stat_fd(fd).ok()) else {
+        let Some(st) = self.fd_of(m).and_then(|fd| self.fs.stat_dir(fd).ok()) else {
             return;
         };
         let Some(d) = self.node_mut(m) else { return };

@@ -16,7 +16,7 @@ use super::container::EventCtx;
 use super::index::{stamp, Entry, Ino};
 use super::rules::{self, Since};
 use super::shared::{Shared, WdOwner, MASK};
-use super::sys::{self, Dirent};
+use super::sys::Dirent;
 use super::tree::{NodeRef, NodeState};
 
 /// How a directory's listing is used.
@@ -64,7 +64,7 @@ impl Container {
                 }
                 continue;
             }
-            let rfd = match self.fd_of(n).map(sys::reopen_dir) {
+            let rfd = match self.fd_of(n).map(|dir| self.fs.reopen_dir(dir)) {
                 Some(Ok(fd)) => fd,
                 Some(Err(e)) if crate::limits::is_fd_exhaustion(&e) => {
                     // Listed again at the end of the next call, once descriptors allow.
@@ -80,7 +80,7 @@ impl Container {
             };
             let mut dirents = std::mem::take(&mut shared.dirents);
             dirents.clear();
-            if let Err(e) = sys::list_dir(rfd.as_fd(), &mut shared.dirbuf, &mut dirents) {
+            if let Err(e) = self.fs.list_dir(&rfd, &mut shared.dirbuf, &mut dirents) {
                 tracing::debug!(container_id = %self.id, error = %e, "listing a directory");
             }
             drop(rfd);
@@ -320,7 +320,7 @@ impl Container {
         let Some(fd) = self.fd_of(m) else {
             return Rewatch::Later;
         };
-        match sys::add_watch(shared.inotify.as_fd(), fd, MASK) {
+        match self.fs.add_watch(shared.inotify.as_fd(), fd, MASK) {
             Ok(wd) if !shared.wds.contains_key(&wd) => {
                 let Some(d) = self.node_mut(m) else {
                     return Rewatch::Never;

@@ -7,17 +7,18 @@
 //! Kernel features: inotify(7) (2.6.13), openat2(2) `RESOLVE_*` (5.6).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use crate::overlay::Meta;
 
 use super::container::Container;
+use super::fs::Dir;
 use super::index::{Entry, Ino};
 use super::lower::LowerDir;
 use super::rules::{self};
 use super::scan::ScanMode;
 use super::shared::{Shared, WdOwner, MASK};
-use super::sys::{self, Stat};
+use super::sys::Stat;
 
 /// A reference to a [`DirNode`]: its slot in the container's [`Nodes`] and the serial the
 /// node was made with (serials are never reused). A reference may outlive its node: once
@@ -137,7 +138,7 @@ pub(super) struct DirNode {
     /// Entries were added or removed since `baseline` was taken.
     pub(super) mtime_stale: bool,
     /// `O_PATH` fd, cached (see `Container::ensure_fd`).
-    pub(super) fd: Option<OwnedFd>,
+    pub(super) fd: Option<Dir>,
     pub(super) fd_used: bool,
     /// A listing still to do.
     pub(super) scan: Option<ScanMode>,
@@ -222,7 +223,7 @@ impl Container {
         let Some(pfd) = self.fd_of(parent) else {
             return Attached::Failed;
         };
-        let cfd = match sys::open_child_dir(pfd, name, false) {
+        let cfd = match self.fs.open_child_dir(pfd, name, false) {
             Ok(fd) => fd,
             Err(e) if crate::limits::is_fd_exhaustion(&e) => {
                 return self.attach_without_fd(shared, parent, name, baseline, expect);
@@ -234,7 +235,7 @@ impl Container {
                 return Attached::Failed;
             }
         };
-        let Ok(cst) = sys::stat_fd(cfd.as_fd()) else {
+        let Ok(cst) = self.fs.stat_dir(&cfd) else {
             return Attached::Failed;
         };
         if expect.is_known() && !expect.is(cst.ino) {
@@ -242,7 +243,7 @@ impl Container {
             return Attached::Failed;
         }
         let mut limited = false;
-        let mut wd = match sys::add_watch(shared.inotify.as_fd(), cfd.as_fd(), MASK) {
+        let mut wd = match self.fs.add_watch(shared.inotify.as_fd(), &cfd, MASK) {
             Ok(wd) => Some(wd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 self.watch_limit(shared);
@@ -274,7 +275,7 @@ impl Container {
         node.fd_used = true;
         let Some(id) = self.alloc(node, Some(mode)) else {
             if let Some(w) = wd {
-                sys::rm_watch(shared.inotify.as_fd(), w);
+                self.fs.rm_watch(shared.inotify.as_fd(), w);
             }
             return Attached::Failed;
         };
@@ -313,7 +314,10 @@ impl Container {
     ) -> Attached {
         self.fd_exhausted = true;
         self.fd_limit(shared);
-        let Some(cst) = self.fd_of(parent).and_then(|p| sys::stat_at(p, name).ok()) else {
+        let Some(cst) = self
+            .fd_of(parent)
+            .and_then(|p| self.fs.stat_at(p, name).ok())
+        else {
             return Attached::Failed;
         };
         if !cst.is_dir() || expect.is_known() && !expect.is(cst.ino) {
@@ -341,7 +345,7 @@ impl Container {
         m: NodeRef,
         parent: NodeRef,
         name: &[u8],
-        fd: OwnedFd,
+        fd: Dir,
     ) -> Attached {
         let Some(d) = self.node(m) else {
             return Attached::Failed;
@@ -471,7 +475,7 @@ impl Container {
                     .is_some_and(|o| o.container == self.key && o.node == x)
                 {
                     shared.wds.remove(&wd);
-                    sys::rm_watch(shared.inotify.as_fd(), wd);
+                    self.fs.rm_watch(shared.inotify.as_fd(), wd);
                 }
             }
             if d.fd.is_some() {
