@@ -179,7 +179,7 @@ impl Container {
         self.fs.stat_at(self.fd_of(n)?, name).ok()
     }
 
-    /// [`Self::stat_child`] with the birth time, when known ([`sys::statx_at`]).
+    /// [`Self::stat_child`] with the birth time, when known ([`super::sys::statx_at`]).
     pub(super) fn statx_child(&mut self, n: NodeRef, name: &[u8]) -> Option<(Stat, Option<i64>)> {
         if !self.ensure_fd(n) {
             return None;

@@ -16,18 +16,52 @@ use std::sync::Arc;
 use super::sys::{self, Dirent, Stat};
 
 /// A directory the watcher holds open (for [`SysFs`]: an `O_PATH` or read-only fd).
-pub(super) struct Dir(OwnedFd);
+pub(super) struct Dir(Handle);
+
+enum Handle {
+    Fd(OwnedFd),
+    /// A directory of the in-memory file system of the tests, by inode.
+    #[cfg(test)]
+    Fake(u64),
+}
 
 impl fmt::Debug for Dir {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Dir").field(&self.0).finish()
+        match &self.0 {
+            Handle::Fd(fd) => f.debug_tuple("Dir").field(fd).finish(),
+            #[cfg(test)]
+            Handle::Fake(ino) => f.debug_tuple("FakeDir").field(ino).finish(),
+        }
     }
 }
 
 impl Dir {
-    /// The fd of a directory opened by [`SysFs`].
-    pub(super) fn fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
+    fn from_fd(fd: OwnedFd) -> Dir {
+        Dir(Handle::Fd(fd))
+    }
+
+    /// The fd of a directory opened by [`SysFs`] (`EBADF` for any other).
+    fn fd(&self) -> io::Result<BorrowedFd<'_>> {
+        match &self.0 {
+            Handle::Fd(fd) => Ok(fd.as_fd()),
+            #[cfg(test)]
+            Handle::Fake(_) => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        }
+    }
+
+    /// A directory of the in-memory file system of the tests.
+    #[cfg(test)]
+    pub(super) fn fake(ino: u64) -> Dir {
+        Dir(Handle::Fake(ino))
+    }
+
+    /// The inode of a directory of the in-memory file system of the tests.
+    #[cfg(test)]
+    pub(super) fn fake_ino(&self) -> Option<u64> {
+        match self.0 {
+            Handle::Fake(ino) => Some(ino),
+            Handle::Fd(_) => None,
+        }
     }
 }
 
@@ -81,31 +115,31 @@ pub(super) struct SysFs;
 
 impl Fs for SysFs {
     fn open_host_dir(&self, path: &Path) -> io::Result<Dir> {
-        sys::open_host_dir(path).map(Dir)
+        sys::open_host_dir(path).map(Dir::from_fd)
     }
 
     fn open_child_dir(&self, dir: &Dir, name: &[u8], read: bool) -> io::Result<Dir> {
-        sys::open_child_dir(dir.fd(), name, read).map(Dir)
+        sys::open_child_dir(dir.fd()?, name, read).map(Dir::from_fd)
     }
 
     fn reopen_dir(&self, dir: &Dir) -> io::Result<Dir> {
-        sys::reopen_dir(dir.fd()).map(Dir)
+        sys::reopen_dir(dir.fd()?).map(Dir::from_fd)
     }
 
     fn open_dir_beneath(&self, root: &Dir, rel: &[u8], read: bool) -> io::Result<Dir> {
-        sys::open_dir_beneath(root.fd(), rel, read).map(Dir)
+        sys::open_dir_beneath(root.fd()?, rel, read).map(Dir::from_fd)
     }
 
     fn stat_dir(&self, dir: &Dir) -> io::Result<Stat> {
-        sys::stat_fd(dir.fd())
+        sys::stat_fd(dir.fd()?)
     }
 
     fn stat_at(&self, dir: &Dir, name: &[u8]) -> io::Result<Stat> {
-        sys::stat_at(dir.fd(), name)
+        sys::stat_at(dir.fd()?, name)
     }
 
     fn statx_at(&self, dir: &Dir, name: &[u8]) -> io::Result<(Stat, Option<i64>)> {
-        sys::statx_at(dir.fd(), name)
+        sys::statx_at(dir.fd()?, name)
     }
 
     fn xattr_of_dir<'b>(
@@ -114,7 +148,7 @@ impl Fs for SysFs {
         names: &[&str],
         buf: &'b mut [u8],
     ) -> io::Result<Option<&'b [u8]>> {
-        sys::xattr_of_fd(dir.fd(), names, buf)
+        sys::xattr_of_fd(dir.fd()?, names, buf)
     }
 
     fn xattr_at<'b>(
@@ -124,15 +158,15 @@ impl Fs for SysFs {
         names: &[&str],
         buf: &'b mut [u8],
     ) -> io::Result<Option<&'b [u8]>> {
-        sys::xattr_at(dir.fd(), name, names, buf)
+        sys::xattr_at(dir.fd()?, name, names, buf)
     }
 
     fn list_dir(&self, dir: &Dir, buf: &mut Vec<u8>, out: &mut Vec<Dirent>) -> io::Result<()> {
-        sys::list_dir(dir.fd(), buf, out)
+        sys::list_dir(dir.fd()?, buf, out)
     }
 
     fn add_watch(&self, inotify: BorrowedFd<'_>, dir: &Dir, mask: u32) -> io::Result<i32> {
-        sys::add_watch(inotify, dir.fd(), mask)
+        sys::add_watch(inotify, dir.fd()?, mask)
     }
 
     fn rm_watch(&self, inotify: BorrowedFd<'_>, wd: i32) {

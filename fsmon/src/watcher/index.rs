@@ -51,7 +51,7 @@ pub(super) struct Entry {
     pub(super) stamp: Option<Stamp>,
     /// [`Stat::read_gen`] of the stat behind `stamp`.
     pub(super) stamp_gen: u32,
-    /// When the current write burst was reported (0: none), see [`rules::modify_due`].
+    /// When the current write burst was reported (0: none), see [`super::rules::modify_due`].
     pub(super) burst_ms: u32,
     /// A directory that overlayfs exchanged in for an emptied one (before an `rmdir`, or a
     /// rename over it): it is opaque and empty, so the container sees nothing below it,

@@ -24,6 +24,8 @@
 //! * `outbox`: output slots (withdraw, rewrite), directory `attrib`s waiting for the drain.
 //! * `lower`: image-layer lookups; `cache`/`fds`: directory fds and their budget.
 //! * `fs`: the `Fs` trait, every file-system call of the state machine (`SysFs`: by `sys`).
+//! * Tests: `fake` (an in-memory upperdir behind `Fs`) and `races` (the races above as
+//!   fixed event sequences on it, no root needed).
 //! * `shared`: what all containers share; `rules`: pure helpers; `sys`: the syscalls.
 //!
 //! # Guarantees
@@ -84,12 +86,16 @@
 mod appear;
 mod cache;
 mod container;
+#[cfg(test)]
+mod fake;
 mod fds;
 mod fs;
 mod index;
 mod lower;
 mod moves;
 mod outbox;
+#[cfg(test)]
+mod races;
 mod rules;
 mod scan;
 mod shared;
@@ -268,13 +274,18 @@ impl Watcher {
 
     /// Like [`Watcher::new`], with a budget of `budget` cached directory fds.
     pub fn with_fd_budget(budget: usize) -> Result<Self, WatchError> {
+        Self::with_fs(Arc::new(SysFs), budget)
+    }
+
+    /// A watcher whose containers' layers are on `fs` (the real one, or a test's).
+    fn with_fs(fs: SharedFs, budget: usize) -> Result<Self, WatchError> {
         let fd = sys::inotify_init().map_err(|source| match source.raw_os_error() {
             Some(libc::EMFILE) => WatchError::TooManyInstances { source },
             _ => WatchError::Init { source },
         })?;
         Ok(Watcher {
             shared: Shared::new(fd),
-            fs: Arc::new(SysFs),
+            fs,
             budget: FdBudget::new(budget),
             shed_cursor: 0,
             containers: Vec::new(),
@@ -523,12 +534,18 @@ impl Watcher {
         let mut buf = std::mem::take(&mut self.buf);
         let result = self.read_loop(&mut buf);
         self.buf = buf;
+        self.end_call(out);
+        result
+    }
+
+    /// The end of a call that handled events: what waited for later events is settled,
+    /// deferred listings done, the budget enforced, the outputs handed over.
+    fn end_call(&mut self, out: &mut Vec<WatchOutput>) {
         for c in self.containers.iter_mut().flatten() {
             c.finish(&mut self.shared);
         }
         self.enforce_budget(0);
         out.extend(self.shared.out.drain(..).flatten());
-        result
     }
 
     /// Retries the watches that the watch limit refused (call it periodically: it costs
@@ -569,30 +586,7 @@ impl Watcher {
         loop {
             match sys::read(self.shared.inotify.as_fd(), buf) {
                 Ok(0) => return Ok(()),
-                Ok(n) => {
-                    self.shared.read_gen = sys::next_read();
-                    let evs: Vec<_> =
-                        rules::parse_events(buf.get(..n).unwrap_or_default()).collect();
-                    let last = rules::last_name_changes(&evs);
-                    for (i, ev) in evs.iter().enumerate() {
-                        let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
-                        self.shared.next = match evs.get(i + 1) {
-                            None => NextEvent::Unknown,
-                            Some(next)
-                                if next.wd == ev.wd
-                                    && next.name == ev.name
-                                    && next.mask & libc::IN_MOVED_FROM != 0 =>
-                            {
-                                NextEvent::MovedFromSameName {
-                                    is_dir: next.mask & libc::IN_ISDIR != 0,
-                                }
-                            }
-                            Some(_) => NextEvent::Other,
-                        };
-                        self.dispatch(ev, stale);
-                    }
-                    self.shared.next = NextEvent::Unknown;
-                }
+                Ok(n) => self.handle_read(buf.get(..n).unwrap_or_default()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let waiting = self.containers.iter().flatten().any(Container::waiting);
                     if waiting && !waited {
@@ -606,6 +600,39 @@ impl Watcher {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Handles the events of one read of the inotify fd, in order.
+    fn handle_read(&mut self, bytes: &[u8]) {
+        self.shared.read_gen = sys::next_read();
+        let evs: Vec<_> = rules::parse_events(bytes).collect();
+        let last = rules::last_name_changes(&evs);
+        for (i, ev) in evs.iter().enumerate() {
+            let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
+            self.shared.next = match evs.get(i + 1) {
+                None => NextEvent::Unknown,
+                Some(next)
+                    if next.wd == ev.wd
+                        && next.name == ev.name
+                        && next.mask & libc::IN_MOVED_FROM != 0 =>
+                {
+                    NextEvent::MovedFromSameName {
+                        is_dir: next.mask & libc::IN_ISDIR != 0,
+                    }
+                }
+                Some(_) => NextEvent::Other,
+            };
+            self.dispatch(ev, stale);
+        }
+        self.shared.next = NextEvent::Unknown;
+    }
+
+    /// Tests: handles `bytes` as one read of the inotify fd and ends the call as
+    /// [`Watcher::read_events`] does (what the real inotify fd holds is not read).
+    #[cfg(test)]
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<WatchOutput>) {
+        self.handle_read(bytes);
+        self.end_call(out);
     }
 
     fn dispatch(&mut self, ev: &rules::RawEvent<'_>, stale: bool) {

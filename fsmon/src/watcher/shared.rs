@@ -19,7 +19,7 @@ use super::tree::NodeRef;
 /// same, and every one of them would take a queue slot. `IN_ONLYDIR`: the watch is refused
 /// if the fd somehow is not a directory. `IN_EXCL_UNLINK`: no events from files already
 /// unlinked (still open). No `IN_DONT_FOLLOW`: watches are added through the
-/// `/proc/self/fd/N` magic link, which must be followed (see [`sys::add_watch`]).
+/// `/proc/self/fd/N` magic link, which must be followed (see [`super::sys::add_watch`]).
 pub(super) const MASK: u32 = libc::IN_CREATE
     | libc::IN_MODIFY
     | libc::IN_CLOSE_WRITE
@@ -47,7 +47,7 @@ pub(super) struct Shared {
     pub(super) serial: u64,
     pub(super) dirbuf: Vec<u8>,
     pub(super) dirents: Vec<Dirent>,
-    /// The number of the read whose events are being handled ([`sys::next_read`]).
+    /// The number of the read whose events are being handled ([`super::sys::next_read`]).
     pub(super) read_gen: u32,
     /// The event right after the one being handled.
     pub(super) next: NextEvent,
