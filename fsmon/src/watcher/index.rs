@@ -1,6 +1,8 @@
 //! The index: what each directory holds, name → [`Entry`] (kind, inode, size and times,
 //! write burst), and the index's view of a name ([`Prior`]) for overlay's decisions.
 
+use std::num::NonZeroU64;
+
 use crate::overlay::{EntryKind, Prior};
 
 use super::container::Container;
@@ -13,16 +15,14 @@ use super::tree::NodeRef;
 pub(super) enum Ino {
     /// Not looked at (a change made before the stat could be taken, an object gone).
     Unknown,
-    Known(u64),
+    /// Never 0 (so that an `Ino` takes 8 bytes).
+    Known(NonZeroU64),
 }
 
 impl Ino {
     /// From a stat or a listing (which give 0 for no inode).
     pub(super) fn from_raw(ino: u64) -> Ino {
-        match ino {
-            0 => Ino::Unknown,
-            ino => Ino::Known(ino),
-        }
+        NonZeroU64::new(ino).map_or(Ino::Unknown, Ino::Known)
     }
 
     /// The inode of what a stat found, if anything.
@@ -32,7 +32,7 @@ impl Ino {
 
     /// Whether it is known to be `ino`.
     pub(super) fn is(self, ino: u64) -> bool {
-        self == Ino::Known(ino) && ino != 0
+        matches!(self, Ino::Known(known) if known.get() == ino)
     }
 
     pub(super) fn is_known(self) -> bool {
@@ -152,5 +152,32 @@ impl Container {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_entry_stays_small() {
+        // One per object of the layer, not capped: the types in it cost no more than the
+        // conventions they replaced (u32 node ids, 0 for an unknown inode).
+        assert_eq!(std::mem::size_of::<Ino>(), 8);
+        assert_eq!(std::mem::size_of::<Option<NodeRef>>(), 8);
+        assert!(
+            std::mem::size_of::<Entry>() <= 64,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+    }
+
+    #[test]
+    fn inode_known_or_not() {
+        assert_eq!(Ino::from_raw(0), Ino::Unknown);
+        assert!(Ino::from_raw(7).is(7));
+        assert!(!Ino::from_raw(7).is(8));
+        assert!(!Ino::Unknown.is(0));
+        assert!(!Ino::Unknown.is_known());
     }
 }

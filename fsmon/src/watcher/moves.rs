@@ -424,7 +424,7 @@ mod tests {
         // A file leaving, or an index entry that changed meanwhile: no.
         assert!(!clear_empty_exchange(false, &known, &known, None));
         assert!(!clear_empty_exchange(true, &known, &dir(11), None));
-        let file = Entry::new(EntryKind::File, Ino::Known(10));
+        let file = Entry::new(EntryKind::File, Ino::from_raw(10));
         assert!(!clear_empty_exchange(true, &file, &file, None));
         // An inode never known cannot be recognised as back.
         assert!(clear_empty_exchange(true, &dir(0), &dir(0), Some(0)));
@@ -434,8 +434,8 @@ mod tests {
     fn replaced_one_leaving_after_an_exchange() {
         let old_dir = dir(10);
         let new_dir = dir(20);
-        let whiteout = Entry::new(EntryKind::Whiteout, Ino::Known(30));
-        let file = Entry::new(EntryKind::File, Ino::Known(40));
+        let whiteout = Entry::new(EntryKind::Whiteout, Ino::from_raw(30));
+        let file = Entry::new(EntryKind::File, Ino::from_raw(40));
         // `rmdir` of a directory: its whiteout is exchanged in, the directory leaves,
         // whatever is there by now (`rm -r` of the parent may have run ahead).
         assert!(replaced_one_leaving(

@@ -448,9 +448,9 @@ mod tests {
 
     #[test]
     fn listing_compared_with_the_index() {
-        let dir = Entry::new(EntryKind::Dir, Ino::Known(7));
-        let file = Entry::new(EntryKind::File, Ino::Known(8));
-        let link = Entry::new(EntryKind::Symlink, Ino::Known(9));
+        let dir = Entry::new(EntryKind::Dir, Ino::from_raw(7));
+        let file = Entry::new(EntryKind::File, Ino::from_raw(8));
+        let link = Entry::new(EntryKind::Symlink, Ino::from_raw(9));
         let unknown = Entry::new(EntryKind::File, Ino::Unknown);
         let cases = [
             (Some(&dir), dirent("d", 7, libc::DT_DIR), Listed::SameDir),
@@ -475,7 +475,7 @@ mod tests {
         for (name, ino) in [("a", 1), ("b", 2), ("c\n", 3)] {
             entries.insert(
                 name.as_bytes().into(),
-                Entry::new(EntryKind::File, Ino::Known(ino)),
+                Entry::new(EntryKind::File, Ino::from_raw(ino)),
             );
         }
         let listing = [dirent("b", 2, libc::DT_REG), dirent("new", 4, libc::DT_REG)];

@@ -7,6 +7,7 @@
 //! Kernel features: inotify(7) (2.6.13), openat2(2) `RESOLVE_*` (5.6).
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::os::fd::AsFd;
 
 use crate::overlay::Meta;
@@ -20,81 +21,93 @@ use super::scan::ScanMode;
 use super::shared::{Shared, WdOwner, MASK};
 use super::sys::Stat;
 
-/// A reference to a [`DirNode`]: its slot in the container's [`Nodes`] and the serial the
-/// node was made with (serials are never reused). A reference may outlive its node: once
-/// the node is removed, and even when its slot holds another node, it resolves to nothing.
+/// A reference to a [`DirNode`]: its slot in the container's [`Nodes`] and the generation
+/// of that slot when the node was put there (a slot's generation moves on at every reuse).
+/// A reference may outlive its node: once the node is removed, and even when its slot holds
+/// another node, it resolves to nothing. 8 bytes, and so is an `Option<NodeRef>`: the index
+/// holds one per directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct NodeRef {
     slot: u32,
-    serial: u64,
+    generation: NonZeroU32,
+}
+
+/// One place of the slab.
+struct Slot {
+    generation: NonZeroU32,
+    node: Option<DirNode>,
 }
 
 /// The slab of a container's directory nodes.
 #[derive(Default)]
 pub(super) struct Nodes {
-    slots: Vec<Option<DirNode>>,
+    slots: Vec<Slot>,
     free: Vec<u32>,
 }
 
 impl Nodes {
     /// The node `r` refers to, if it is still there.
     pub(super) fn get(&self, r: NodeRef) -> Option<&DirNode> {
-        let slot = usize::try_from(r.slot).ok()?;
-        self.slots
-            .get(slot)?
+        let slot = self.slots.get(usize::try_from(r.slot).ok()?)?;
+        slot.node
             .as_ref()
-            .filter(|d| d.serial == r.serial)
+            .filter(|_| slot.generation == r.generation)
     }
 
     pub(super) fn get_mut(&mut self, r: NodeRef) -> Option<&mut DirNode> {
-        let slot = usize::try_from(r.slot).ok()?;
-        self.slots
-            .get_mut(slot)?
+        let slot = self.slots.get_mut(usize::try_from(r.slot).ok()?)?;
+        slot.node
             .as_mut()
-            .filter(|d| d.serial == r.serial)
+            .filter(|_| slot.generation == r.generation)
     }
 
     /// Stores `node`; `None` only when the slab cannot grow (2^32 nodes).
     fn insert(&mut self, node: DirNode) -> Option<NodeRef> {
-        let serial = node.serial;
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                *self.slots.get_mut(usize::try_from(slot).ok()?)? = Some(node);
-                slot
+        let (slot, generation) = match self.free.pop() {
+            Some(i) => {
+                let slot = self.slots.get_mut(usize::try_from(i).ok()?)?;
+                // Wrapping after 2^32 - 1 reuses of one slot: a reference kept that long
+                // is not to be expected.
+                let next = slot.generation.get().wrapping_add(1);
+                slot.generation = NonZeroU32::new(next).unwrap_or(NonZeroU32::MIN);
+                slot.node = Some(node);
+                (i, slot.generation)
             }
             None => {
-                let slot = u32::try_from(self.slots.len()).ok()?;
-                self.slots.push(Some(node));
-                slot
+                let i = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push(Slot {
+                    generation: NonZeroU32::MIN,
+                    node: Some(node),
+                });
+                (i, NonZeroU32::MIN)
             }
         };
-        Some(NodeRef { slot, serial })
+        Some(NodeRef { slot, generation })
     }
 
     /// Removes the node `r` refers to, freeing its slot.
     fn remove(&mut self, r: NodeRef) -> Option<DirNode> {
         self.get(r)?;
-        let node = self.slots.get_mut(usize::try_from(r.slot).ok()?)?.take();
+        let node = self
+            .slots
+            .get_mut(usize::try_from(r.slot).ok()?)?
+            .node
+            .take();
         self.free.push(r.slot);
         node
     }
 
     /// Every node, in slot order.
     pub(super) fn iter(&self) -> impl Iterator<Item = &DirNode> {
-        self.slots.iter().flatten()
+        self.slots.iter().filter_map(|s| s.node.as_ref())
     }
 
     /// Every node with a reference to it, in slot order.
     pub(super) fn iter_refs(&self) -> impl Iterator<Item = (NodeRef, &DirNode)> {
-        (0u32..).zip(&self.slots).filter_map(|(slot, d)| {
-            let d = d.as_ref()?;
-            Some((
-                NodeRef {
-                    slot,
-                    serial: d.serial,
-                },
-                d,
-            ))
+        (0u32..).zip(&self.slots).filter_map(|(slot, s)| {
+            let d = s.node.as_ref()?;
+            let generation = s.generation;
+            Some((NodeRef { slot, generation }, d))
         })
     }
 
