@@ -6,8 +6,27 @@
 //! tested on 6.18.
 //!
 //! One inotify instance serves every container; each watched directory is a node of its
-//! container's tree (`container.rs`), and `wd → (container, node)` routes events. What the
-//! raw events mean to the container is decided by [`crate::overlay`].
+//! container's tree, and `wd → (container, node)` routes events. What the raw events mean
+//! to the container is decided by [`crate::overlay`].
+//!
+//! # Where things are
+//! * This file: the [`Watcher`], the read loop, routing by watch descriptor, the fd budget
+//!   across containers, exits seen through `cgroup.events`.
+//! * `container`: one container's state and the dispatch of each event to a handler.
+//! * `tree`: the slab of directory nodes and the generational `NodeRef` into it; attach
+//!   (watch first, list after), adopt, reparent, displace, remove a subtree.
+//! * `index`: what each directory holds (`Entry`), and the index's view of a name.
+//! * `scan`: listings (index at arm time, report a new directory, diff after lost events,
+//!   rewatch), with the pure comparison of a listing with the index.
+//! * `appear`: an entry appearing (created, moved in, listed), decided by
+//!   [`crate::overlay::appear`].
+//! * `moves`: rename pairing, overlayfs' exchanges (pure decisions), in-flight directories.
+//! * `outbox`: output slots (withdraw, rewrite), directory `attrib`s waiting for the drain.
+//! * `lower`: image-layer lookups; `cache`/`fds`: directory fds and their budget.
+//! * `fs`: the `Fs` trait, every file-system call of the state machine (`SysFs`: by `sys`).
+//! * Tests: `fake` (an in-memory upperdir behind `Fs`) and `races` (the races above as
+//!   fixed event sequences on it, no root needed).
+//! * `shared`: what all containers share; `rules`: pure helpers; `sys`: the syscalls.
 //!
 //! # Guarantees
 //! * **Race-free recursion.** A directory that appears (created, moved in, copied up, found
@@ -64,22 +83,39 @@
 //! [`Watcher::retry_unwatched`] too: it returns outputs queued by them (a `watch_limit`
 //! overflow, what a rescan found) even when the inotify fd is not readable.
 
+mod appear;
+mod cache;
 mod container;
+#[cfg(test)]
+mod fake;
 mod fds;
+mod fs;
+mod index;
+mod lower;
+mod moves;
+mod outbox;
+#[cfg(test)]
+mod races;
 mod rules;
+mod scan;
+mod shared;
 mod sys;
+mod tree;
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::event::WatchOutput;
 
-use container::{Container, Shared, MASK};
+use container::{ArmTimes, Container};
 pub use fds::FdBudget;
 use fds::SharedBudget;
+use fs::{SharedFs, SysFs};
+use shared::{NextEvent, Shared, MASK};
 
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;
@@ -169,7 +205,9 @@ pub enum WatchError {
 
 /// The watcher: one inotify instance for the whole daemon.
 pub struct Watcher {
-    sh: Shared,
+    shared: Shared,
+    /// The layers' file system (see `fs`).
+    fs: SharedFs,
     /// Directory fds all containers may cache together (see `fds`).
     budget: SharedBudget,
     /// Where the next budget enforcement starts, so no container is always shed first.
@@ -236,12 +274,18 @@ impl Watcher {
 
     /// Like [`Watcher::new`], with a budget of `budget` cached directory fds.
     pub fn with_fd_budget(budget: usize) -> Result<Self, WatchError> {
+        Self::with_fs(Arc::new(SysFs), budget)
+    }
+
+    /// A watcher whose containers' layers are on `fs` (the real one, or a test's).
+    fn with_fs(fs: SharedFs, budget: usize) -> Result<Self, WatchError> {
         let fd = sys::inotify_init().map_err(|source| match source.raw_os_error() {
             Some(libc::EMFILE) => WatchError::TooManyInstances { source },
             _ => WatchError::Init { source },
         })?;
         Ok(Watcher {
-            sh: Shared::new(fd),
+            shared: Shared::new(fd),
+            fs,
             budget: FdBudget::new(budget),
             shed_cursor: 0,
             containers: Vec::new(),
@@ -254,7 +298,7 @@ impl Watcher {
 
     /// The inotify fd, to poll for readability (it stays owned by the watcher).
     pub fn as_raw_fd(&self) -> RawFd {
-        self.sh.inotify.as_raw_fd()
+        self.shared.inotify.as_raw_fd()
     }
 
     /// Arms a container: watches its upperdir recursively (each directory watched first,
@@ -320,21 +364,22 @@ impl Watcher {
         };
         // Room for the upperdir and the image layers, taken from other containers' caches.
         self.enforce_budget(layer.lowerdirs.len() + 1);
-        let root_fd = sys::open_host_dir(upper).map_err(open_err(upper))?;
-        let root_st = sys::stat_fd(root_fd.as_fd()).map_err(open_err(upper))?;
+        let root_fd = self.fs.open_host_dir(upper).map_err(open_err(upper))?;
+        let root_st = self.fs.stat_dir(&root_fd).map_err(open_err(upper))?;
         let lowers = layer
             .lowerdirs
             .iter()
-            .map(|p| sys::open_host_dir(p).map_err(open_err(p)))
+            .map(|p| self.fs.open_host_dir(p).map_err(open_err(p)))
             .collect::<Result<Vec<_>, _>>()?;
         for _ in 0..=lowers.len() {
             self.budget.opened();
         }
         // IN_MASK_CREATE (4.18): fail rather than share a watch with another container id.
-        let ifd = self.sh.inotify.as_fd();
-        let wd = sys::add_watch(ifd, root_fd.as_fd(), MASK | libc::IN_MASK_CREATE)
+        let ifd = self.shared.inotify.as_fd();
+        let wd = (self.fs)
+            .add_watch(ifd, &root_fd, MASK | libc::IN_MASK_CREATE)
             .or_else(|e| match e.raw_os_error() {
-                Some(libc::EINVAL) => sys::add_watch(ifd, root_fd.as_fd(), MASK),
+                Some(libc::EINVAL) => self.fs.add_watch(ifd, &root_fd, MASK),
                 _ => Err(e),
             })
             .map_err(|source| match source.raw_os_error() {
@@ -360,11 +405,11 @@ impl Watcher {
             id,
             layer.clone(),
             lowers,
+            self.fs.clone(),
             self.budget.clone(),
-            armed_ns,
-            since_ns,
+            ArmTimes { armed_ns, since_ns },
         );
-        c.arm(&mut self.sh, wd, &root_st, root_fd);
+        c.arm(&mut self.shared, wd, &root_st, root_fd);
         let stats = c.stats;
         tracing::debug!(container_id = %id, upperdir = %upper.display(), ?stats, "armed");
         if key == self.containers.len() {
@@ -374,7 +419,7 @@ impl Watcher {
         }
         self.by_id.insert(id.to_owned(), key);
         if let Some(c) = self.containers.get_mut(key).and_then(Option::as_mut) {
-            c.finish(&mut self.sh);
+            c.finish(&mut self.shared);
         }
         self.enforce_budget(0);
         Ok(stats)
@@ -429,7 +474,7 @@ impl Watcher {
     pub fn watch_exit(&mut self, id: &str, cgroup_dir: &Path) -> io::Result<()> {
         let path = cgroup_dir.join("cgroup.events");
         let file = std::fs::File::open(&path)?;
-        let wd = sys::add_watch(self.sh.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
+        let wd = sys::add_watch(self.shared.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
         drop(file);
         let mut exit = ExitWatch {
             id: id.to_owned(),
@@ -454,7 +499,7 @@ impl Watcher {
             .collect();
         for wd in exit_wds {
             self.exits.remove(&wd);
-            sys::rm_watch(self.sh.inotify.as_fd(), wd);
+            sys::rm_watch(self.shared.inotify.as_fd(), wd);
         }
         let Some(key) = self.by_id.remove(id) else {
             return;
@@ -462,18 +507,18 @@ impl Watcher {
         let Some(c) = self.containers.get_mut(key).and_then(Option::take) else {
             return;
         };
-        for (wd, serial) in c.wds() {
+        for (wd, node) in c.wds() {
             if self
-                .sh
+                .shared
                 .wds
                 .get(&wd)
-                .is_some_and(|o| o.container == key && o.serial == serial)
+                .is_some_and(|o| o.container == key && o.node == node)
             {
-                self.sh.wds.remove(&wd);
-                sys::rm_watch(self.sh.inotify.as_fd(), wd);
+                self.shared.wds.remove(&wd);
+                self.fs.rm_watch(self.shared.inotify.as_fd(), wd);
             }
         }
-        self.sh.out.retain(|o| match o {
+        self.shared.out.retain(|o| match o {
             Some(WatchOutput::File(f)) => f.container != id,
             Some(WatchOutput::Overflow {
                 container: Some(c), ..
@@ -489,12 +534,18 @@ impl Watcher {
         let mut buf = std::mem::take(&mut self.buf);
         let result = self.read_loop(&mut buf);
         self.buf = buf;
+        self.end_call(out);
+        result
+    }
+
+    /// The end of a call that handled events: what waited for later events is settled,
+    /// deferred listings done, the budget enforced, the outputs handed over.
+    fn end_call(&mut self, out: &mut Vec<WatchOutput>) {
         for c in self.containers.iter_mut().flatten() {
-            c.finish(&mut self.sh);
+            c.finish(&mut self.shared);
         }
         self.enforce_budget(0);
-        out.extend(self.sh.out.drain(..).flatten());
-        result
+        out.extend(self.shared.out.drain(..).flatten());
     }
 
     /// Retries the watches that the watch limit refused (call it periodically: it costs
@@ -509,8 +560,8 @@ impl Watcher {
     pub fn retry_unwatched(&mut self) {
         for c in self.containers.iter_mut().flatten() {
             if c.has_unwatched() {
-                c.retry_unwatched(&mut self.sh);
-                c.finish(&mut self.sh);
+                c.retry_unwatched(&mut self.shared);
+                c.finish(&mut self.shared);
             }
         }
         self.enforce_budget(0);
@@ -518,7 +569,7 @@ impl Watcher {
 
     /// Number of watches held, all containers together.
     pub fn watch_count(&self) -> usize {
-        self.sh.wds.len()
+        self.shared.wds.len()
     }
 
     /// Number of watches held for one container (0 if unknown).
@@ -533,30 +584,14 @@ impl Watcher {
     fn read_loop(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut waited = false;
         loop {
-            match sys::read(self.sh.inotify.as_fd(), buf) {
+            match sys::read(self.shared.inotify.as_fd(), buf) {
                 Ok(0) => return Ok(()),
-                Ok(n) => {
-                    self.sh.read_gen = sys::next_read();
-                    let evs: Vec<_> =
-                        rules::parse_events(buf.get(..n).unwrap_or_default()).collect();
-                    let last = rules::last_name_changes(&evs);
-                    for (i, ev) in evs.iter().enumerate() {
-                        let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
-                        self.sh.next_from = evs.get(i + 1).map(|next| {
-                            (next.wd == ev.wd
-                                && next.name == ev.name
-                                && next.mask & libc::IN_MOVED_FROM != 0)
-                                .then_some(next.mask & libc::IN_ISDIR != 0)
-                        });
-                        self.dispatch(ev, stale);
-                    }
-                    self.sh.next_from = None;
-                }
+                Ok(n) => self.handle_read(buf.get(..n).unwrap_or_default()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let waiting = self.containers.iter().flatten().any(Container::waiting);
                     if waiting && !waited {
                         waited = true;
-                        if sys::poll_readable(self.sh.inotify.as_fd(), MOVE_PARTNER_WAIT_MS) {
+                        if sys::poll_readable(self.shared.inotify.as_fd(), MOVE_PARTNER_WAIT_MS) {
                             continue;
                         }
                     }
@@ -565,6 +600,39 @@ impl Watcher {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Handles the events of one read of the inotify fd, in order.
+    fn handle_read(&mut self, bytes: &[u8]) {
+        self.shared.read_gen = sys::next_read();
+        let evs: Vec<_> = rules::parse_events(bytes).collect();
+        let last = rules::last_name_changes(&evs);
+        for (i, ev) in evs.iter().enumerate() {
+            let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
+            self.shared.next = match evs.get(i + 1) {
+                None => NextEvent::Unknown,
+                Some(next)
+                    if next.wd == ev.wd
+                        && next.name == ev.name
+                        && next.mask & libc::IN_MOVED_FROM != 0 =>
+                {
+                    NextEvent::MovedFromSameName {
+                        is_dir: next.mask & libc::IN_ISDIR != 0,
+                    }
+                }
+                Some(_) => NextEvent::Other,
+            };
+            self.dispatch(ev, stale);
+        }
+        self.shared.next = NextEvent::Unknown;
+    }
+
+    /// Tests: handles `bytes` as one read of the inotify fd and ends the call as
+    /// [`Watcher::read_events`] does (what the real inotify fd holds is not read).
+    #[cfg(test)]
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<WatchOutput>) {
+        self.handle_read(bytes);
+        self.end_call(out);
     }
 
     fn dispatch(&mut self, ev: &rules::RawEvent<'_>, stale: bool) {
@@ -585,13 +653,15 @@ impl Watcher {
                     .and_then(|&k| self.containers.get_mut(k))
                     .and_then(Option::as_mut)
                 {
-                    c.finish(&mut self.sh);
+                    c.finish(&mut self.shared);
                 }
-                self.sh.out.push(Some(WatchOutput::Exited { container }));
+                self.shared
+                    .out
+                    .push(Some(WatchOutput::Exited { container }));
             }
             return;
         }
-        let Some(owner) = self.sh.wds.get(&ev.wd).copied() else {
+        let Some(owner) = self.shared.wds.get(&ev.wd).copied() else {
             return;
         };
         if self.budget.full() {
@@ -606,24 +676,24 @@ impl Watcher {
             return;
         };
         if ev.mask & libc::IN_IGNORED != 0 {
-            c.on_ignored(&mut self.sh, ev.wd, owner);
+            c.on_ignored(&mut self.shared, ev.wd, owner);
             return;
         }
-        c.handle(&mut self.sh, owner, ev, stale);
+        c.handle(&mut self.shared, owner, ev, stale);
     }
 
     /// The kernel queue overflowed: anything may have been lost, for any container.
     fn queue_overflow(&mut self) {
         tracing::warn!("inotify queue overflow; rescanning every container (raise fs.inotify.max_queued_events)");
         for c in self.containers.iter_mut().flatten() {
-            c.settle(&mut self.sh);
+            c.settle(&mut self.shared);
         }
-        self.sh.out.push(Some(WatchOutput::Overflow {
+        self.shared.out.push(Some(WatchOutput::Overflow {
             container: None,
             reason: "queue",
         }));
         for c in self.containers.iter_mut().flatten() {
-            c.rescan(&mut self.sh);
+            c.rescan(&mut self.shared);
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Pure helpers of the watcher: inotify record parsing, container path joining, rename
-//! pairing by cookie, directory `attrib`s waiting for the end of a drain, `modify`
-//! coalescing and the rescan comparison. No IO; unit-tested.
+//! Pure helpers of the watcher: inotify record parsing, container path joining, `modify`
+//! coalescing and the rescan comparison. No IO; unit-tested. (Rename pairing by cookie is
+//! in `moves`, directory `attrib`s waiting for the drain in `outbox`.)
 //!
 //! Kernel feature: the inotify(7) event record layout (`struct inotify_event`, 2.6.13).
 
@@ -83,108 +83,6 @@ pub(crate) fn dir_path(dir: &[u8]) -> Vec<u8> {
         b"/".to_vec()
     } else {
         dir.to_vec()
-    }
-}
-
-/// `IN_MOVED_FROM` halves waiting for their `IN_MOVED_TO`, matched by cookie.
-///
-/// The kernel queues the two halves of one rename back to back (`fsnotify_move`), but other
-/// events may slip in between and a `read(2)` may end between them. So a half waits here
-/// until its partner arrives or the batch ends; what is left then left the watched tree.
-#[derive(Debug)]
-pub(crate) struct Moves<T> {
-    pending: Vec<(u32, T)>,
-}
-
-impl<T> Default for Moves<T> {
-    fn default() -> Self {
-        Moves {
-            pending: Vec::new(),
-        }
-    }
-}
-
-impl<T> Moves<T> {
-    /// Records a `IN_MOVED_FROM` half.
-    pub fn push(&mut self, cookie: u32, half: T) {
-        self.pending.push((cookie, half));
-    }
-
-    /// The waiting half with this cookie, if any.
-    pub fn take(&mut self, cookie: u32) -> Option<T> {
-        let i = self.pending.iter().position(|(c, _)| *c == cookie)?;
-        Some(self.pending.remove(i).1)
-    }
-
-    /// The first waiting half that matches `f`, if any (pairing by inode when the cookie
-    /// half was missed).
-    pub fn take_where(&mut self, f: impl Fn(&T) -> bool) -> Option<T> {
-        let i = self.pending.iter().position(|(_, t)| f(t))?;
-        Some(self.pending.remove(i).1)
-    }
-
-    /// Every unpaired half, in arrival order.
-    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
-        self.pending.drain(..).map(|(_, t)| t)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.pending.iter().map(|(_, t)| t)
-    }
-
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.pending.iter_mut().map(|(_, t)| t)
-    }
-}
-
-/// Directory `attrib`s that only an mtime change supports
-/// ([`crate::overlay::DirAttrib::MtimeOnly`]): already placed in the output (at the
-/// position of their `IN_ATTRIB`) and decided when the queue is drained
-/// ([`crate::overlay::mtime_attrib_stands`]): withdrawn if an entry change of the same
-/// directory came after them. Directories are named by their node's serial (never reused).
-#[derive(Debug, Default)]
-pub(crate) struct MtimeAttribs {
-    pending: Vec<MtimeAttrib>,
-}
-
-#[derive(Debug)]
-struct MtimeAttrib {
-    dir: u64,
-    slot: usize,
-    explained: bool,
-}
-
-impl MtimeAttribs {
-    /// An `attrib` of directory `dir` placed at output slot `slot`.
-    pub fn push(&mut self, dir: u64, slot: usize) {
-        self.pending.push(MtimeAttrib {
-            dir,
-            slot,
-            explained: false,
-        });
-    }
-
-    /// An entry of directory `dir` was created, removed or renamed (its event was handled
-    /// now, after those of the `attrib`s waiting).
-    pub fn entries_changed(&mut self, dir: u64) {
-        for p in self.pending.iter_mut().filter(|p| p.dir == dir) {
-            p.explained = true;
-        }
-    }
-
-    /// Whether an `attrib` still waits without an explanation (worth waiting a little
-    /// for the entry event that may explain it).
-    pub fn unexplained(&self) -> bool {
-        self.pending.iter().any(|p| !p.explained)
-    }
-
-    /// End of the drain: the output slots to withdraw; nothing waits any more.
-    pub fn settle(&mut self) -> Vec<usize> {
-        self.pending
-            .drain(..)
-            .filter(|p| !crate::overlay::mtime_attrib_stands(p.explained))
-            .map(|p| p.slot)
-            .collect()
     }
 }
 
@@ -332,54 +230,6 @@ mod tests {
         assert_eq!(join(b"/a\xff", b"b\nc"), b"/a\xff/b\nc");
         assert_eq!(dir_path(b""), b"/");
         assert_eq!(dir_path(b"/x"), b"/x");
-    }
-
-    #[test]
-    fn pairs_moves_by_cookie() {
-        let mut m = Moves::default();
-        m.push(5, "a");
-        m.push(6, "b");
-        m.push(7, "c");
-        assert_eq!(m.take(6), Some("b"));
-        assert_eq!(m.take(6), None);
-        assert_eq!(m.take(9), None);
-        assert_eq!(m.take_where(|t| *t == "c"), Some("c"));
-        assert_eq!(m.iter().count(), 1);
-        assert_eq!(m.drain().collect::<Vec<_>>(), vec!["a"]);
-        assert_eq!(m.iter().count(), 0);
-    }
-
-    #[test]
-    fn mtime_attribs_wait_for_entry_changes_after_them() {
-        let mut a = MtimeAttribs::default();
-        assert!(a.settle().is_empty());
-        assert!(!a.unexplained());
-        // Directory 7: an attrib, then an entry change (the race): withdrawn. Directory 8:
-        // a touch with nothing after it: kept. Directory 9: its entry change came first.
-        a.entries_changed(9);
-        a.push(7, 3);
-        a.push(8, 4);
-        a.push(9, 5);
-        assert!(a.unexplained());
-        a.entries_changed(7);
-        assert!(a.unexplained());
-        assert_eq!(a.settle(), vec![3]);
-        assert!(!a.unexplained());
-        a.push(8, 6);
-        assert!(a.unexplained());
-        a.entries_changed(8);
-        assert!(!a.unexplained());
-        assert_eq!(a.settle(), vec![6]);
-        a.push(8, 6);
-        a.push(9, 7);
-        a.entries_changed(9);
-        assert_eq!(a.settle(), vec![7]);
-        // Two attribs of one directory, each decided by what follows it.
-        a.push(7, 1);
-        a.entries_changed(7);
-        a.push(7, 2);
-        assert_eq!(a.settle(), vec![1]);
-        assert!(a.settle().is_empty());
     }
 
     #[test]
