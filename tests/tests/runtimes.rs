@@ -318,6 +318,31 @@ fn cri_pod_containers_are_reported_from_their_first_instruction() -> anyhow::Res
         f.settle(Duration::from_millis(300));
         assert_sandbox_ignored(&f, &pod);
     }
+    // A pod container that keeps running: armed, then running on, not frozen.
+    let pod = cri.run_pod(
+        POD_NAMESPACE,
+        &format!("fsmon-pod-{}-long", std::process::id()),
+    )?;
+    let result = (|| -> anyhow::Result<()> {
+        let id = cri.run_container(&pod, "long", &image, &["sleep", "1000"])?;
+        let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+        check_cri_start(&start, "long", &pod);
+        std::thread::sleep(Duration::from_millis(200));
+        let frozen = cri::frozen_pod_cgroups();
+        assert!(frozen.is_empty(), "left frozen: {frozen:?}");
+        cri.exec(&id, &["touch", "/alive"])?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "create" && r["path"] == "/alive" && r["container"]["id"] == id.as_str()
+        })?;
+        cri.stop_remove_container(&id, 0)?;
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        Ok(())
+    })();
+    let removed = cri.remove_pod(&pod.id, Some(&pod.uid));
+    result?;
+    removed?;
+    f.settle(Duration::from_millis(300));
+    assert_sandbox_ignored(&f, &pod);
     let frozen = cri::frozen_pod_cgroups();
     assert!(frozen.is_empty(), "left frozen: {frozen:?}");
     let (code, _) = f.stop()?;
