@@ -1,7 +1,10 @@
 //! Tier 3 beyond Docker: the real `fsmon` binary against a system containerd (`ctr`, 64-hex
-//! ids) and rootful podman, real containers. Run with `cargo xtask test` (it starts the
-//! test containerd on its own socket, configures podman, imports the test image into both
-//! and sets the environment).
+//! ids, and Kubernetes-style pods through its CRI plugin) and rootful podman, real
+//! containers. Run with `cargo xtask test` (it starts the test containerd on its own
+//! socket with its CRI plugin and a sandbox image, configures podman, imports the test
+//! image into both and sets the environment).
+
+mod cri;
 
 use std::time::Duration;
 
@@ -210,4 +213,172 @@ fn running_ctr_and_podman_containers_are_armed_before_ready() -> anyhow::Result<
     let _ = ctr("default", &["containers", "delete", &ctr_id]);
     let _ = podman(&["rm", "-f", "-t", "0", &name]);
     result
+}
+
+/// A CRI client on the test containerd, with the test pods of an earlier (killed) run
+/// removed.
+fn cri_client() -> anyhow::Result<cri::Cri> {
+    let mut c = cri::Cri::connect(&env("FSMON_CONTAINERD_SOCK"))?;
+    c.remove_leftovers()?;
+    Ok(c)
+}
+
+/// The Kubernetes namespace of the test pods.
+const POD_NAMESPACE: &str = "fsmon-test";
+
+/// A CRI container's `container_start`: runtime, name, image and pod as the CRI plugin's
+/// annotations say.
+fn check_cri_start(start: &Value, name: &str, pod: &cri::Pod) {
+    let c = &start["container"];
+    assert_eq!(c["runtime"], "containerd", "{start}");
+    assert_eq!(c["name"], name, "{start}");
+    assert_eq!(c["image"], env("FSMON_CTR_IMAGE").as_str(), "{start}");
+    assert_eq!(c["pod"]["name"], pod.name.as_str(), "{start}");
+    assert_eq!(c["pod"]["namespace"], pod.namespace.as_str(), "{start}");
+    assert_eq!(c["pod"]["uid"], pod.uid.as_str(), "{start}");
+    assert!(
+        start["upperdir"]
+            .as_str()
+            .is_some_and(|u| u.contains("io.containerd.snapshotter.v1.overlayfs/snapshots/")),
+        "{start}"
+    );
+}
+
+/// The pod's sandbox (pause) container is never monitored: no record names it.
+fn assert_sandbox_ignored(f: &Fsmon, pod: &cri::Pod) {
+    let recs = f.of(&pod.id);
+    assert!(
+        recs.is_empty(),
+        "pod {}: its sandbox container was reported: {recs:#?}",
+        pod.name
+    );
+}
+
+#[test]
+fn cri_pod_containers_are_reported_from_their_first_instruction() -> anyhow::Result<()> {
+    let image = env("FSMON_CTR_IMAGE");
+    let mut cri = cri_client()?;
+    let mut f = fsmon()?;
+    for round in 0..5 {
+        let pod = cri.run_pod(
+            POD_NAMESPACE,
+            &format!("fsmon-pod-{}-{round}", std::process::id()),
+        )?;
+        let name = format!("first-{round}");
+        let result = (|| -> anyhow::Result<()> {
+            let id = cri.run_container(&pod, &name, &image, &["sh", "-c", FIRST])?;
+            assert_eq!(cri.wait_exited(&id, WAIT)?, 0, "{name}: exit code");
+            let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+            f.wait_for(WAIT, is("container_stop", id.clone()))?;
+            check_cri_start(&start, &name, &pod);
+            check_first(
+                &mut f,
+                &id,
+                &format!("CRI round {round}"),
+                &[
+                    "/proc",
+                    "/dev",
+                    "/sys",
+                    "/run",
+                    "/etc/hosts",
+                    "/etc/hostname",
+                    "/etc/resolv.conf",
+                    "/dev/shm",
+                ],
+            );
+            cri.stop_remove_container(&id, 0)?;
+            Ok(())
+        })();
+        let removed = cri.remove_pod(&pod.id, Some(&pod.uid));
+        result?;
+        removed?;
+        f.settle(Duration::from_millis(300));
+        assert_sandbox_ignored(&f, &pod);
+    }
+    // A pod container that keeps running: armed, then running on, not frozen.
+    let pod = cri.run_pod(
+        POD_NAMESPACE,
+        &format!("fsmon-pod-{}-long", std::process::id()),
+    )?;
+    let result = (|| -> anyhow::Result<()> {
+        let id = cri.run_container(&pod, "long", &image, &["sleep", "1000"])?;
+        let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+        check_cri_start(&start, "long", &pod);
+        std::thread::sleep(Duration::from_millis(200));
+        let frozen = cri::frozen_pod_cgroups();
+        assert!(frozen.is_empty(), "left frozen: {frozen:?}");
+        cri.exec(&id, &["touch", "/alive"])?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "create" && r["path"] == "/alive" && r["container"]["id"] == id.as_str()
+        })?;
+        cri.stop_remove_container(&id, 0)?;
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        Ok(())
+    })();
+    let removed = cri.remove_pod(&pod.id, Some(&pod.uid));
+    result?;
+    removed?;
+    f.settle(Duration::from_millis(300));
+    assert_sandbox_ignored(&f, &pod);
+    let frozen = cri::frozen_pod_cgroups();
+    assert!(frozen.is_empty(), "left frozen: {frozen:?}");
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+#[test]
+fn running_cri_pod_containers_are_armed_before_ready() -> anyhow::Result<()> {
+    let mut cri = cri_client()?;
+    let pod = cri.run_pod(
+        POD_NAMESPACE,
+        &format!("fsmon-pod-running-{}", std::process::id()),
+    )?;
+    let result = (|| -> anyhow::Result<()> {
+        let id = cri.run_container(&pod, "sleeper", &env("FSMON_CTR_IMAGE"), &["sleep", "1000"])?;
+        let mut f = fsmon()?;
+        let ready_at = f
+            .records
+            .iter()
+            .position(|r| r["kind"] == "ready")
+            .unwrap_or(usize::MAX);
+        let at = f
+            .records
+            .iter()
+            .position(|r| r["kind"] == "container_start" && r["container"]["id"] == id.as_str());
+        assert!(
+            at.is_some_and(|a| a < ready_at),
+            "CRI: container_start before ready: {:#?}",
+            f.records
+        );
+        let start = f.records[at.unwrap_or(0)].clone();
+        check_cri_start(&start, "sleeper", &pod);
+        assert_eq!(
+            start["freeze_us"],
+            Value::Null,
+            "already running: not frozen"
+        );
+        assert_sandbox_ignored(&f, &pod);
+        let frozen = cri::frozen_pod_cgroups();
+        assert!(frozen.is_empty(), "frozen: {frozen:?}");
+        // Monitoring is live: a change now is reported, and the end ends it.
+        cri.exec(&id, &["touch", "/late"])?;
+        f.wait_for(WAIT, |r| {
+            r["kind"] == "create" && r["path"] == "/late" && r["container"]["id"] == id.as_str()
+        })?;
+        cri.stop_remove_container(&id, 0)?;
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        let (code, records) = f.stop()?;
+        assert_eq!(code, 0);
+        assert!(
+            !records
+                .iter()
+                .any(|r| r["container"]["id"] == pod.id.as_str()),
+            "the sandbox container was reported: {records:#?}"
+        );
+        Ok(())
+    })();
+    let removed = cri.remove_pod(&pod.id, Some(&pod.uid));
+    result?;
+    removed
 }

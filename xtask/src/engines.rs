@@ -35,6 +35,11 @@ pub const CONTAINERD_STATE: &str = "/run/fsmon-containerd";
 pub const CONTAINERD_SOCK: &str = "/run/fsmon-containerd/containerd.sock";
 /// The test image as containerd names it (`docker save` of TEST_IMAGE, imported).
 pub const CTR_IMAGE: &str = "docker.io/library/fsmon-test:2";
+/// The CRI plugin's sandbox ("pause") image, in containerd's `k8s.io` namespace: busybox
+/// whose entrypoint sleeps (no registry here to pull `registry.k8s.io/pause` from).
+pub const PAUSE_IMAGE: &str = "docker.io/library/fsmon-pause:1";
+/// The same image as the Docker engine it is built in names it.
+const PAUSE_IMAGE_DOCKER: &str = "fsmon-pause:1";
 /// The test image as podman names it (`podman load` of the same archive).
 pub const PODMAN_IMAGE: &str = "localhost/fsmon-test:2";
 const CONTAINERD_CONFIG: &str = "/var/lib/fsmon-test/containerd.toml";
@@ -232,6 +237,37 @@ fn ensure_image(host: &str) -> Result<()> {
     Ok(())
 }
 
+/// The sandbox image: a busybox that sleeps until the CRI plugin kills it (StopPodSandbox
+/// sends SIGKILL). Built in the cgroup v1 engine, exported from there to containerd.
+fn ensure_pause_image(host: &str) -> Result<()> {
+    if ok(Command::new("docker").args(["-H", host, "image", "inspect", PAUSE_IMAGE_DOCKER])) {
+        return Ok(());
+    }
+    let dir = tempdir()?;
+    std::fs::create_dir_all(dir.join("bin"))?;
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
+        .context("copy /bin/busybox (package busybox-static)")?;
+    std::os::unix::fs::symlink("busybox", dir.join("bin/sleep"))?;
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let status = Command::new("docker")
+        .args(["-H", host, "import", "--change"])
+        .arg(r#"ENTRYPOINT ["/bin/sleep", "2147483647"]"#)
+        .args(["-", PAUSE_IMAGE_DOCKER])
+        .stdin(tar.stdout.context("tar stdout")?)
+        .stdout(Stdio::null())
+        .status()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !status.success() {
+        bail!("docker import of {PAUSE_IMAGE_DOCKER} into {host} failed");
+    }
+    Ok(())
+}
+
 fn tempdir() -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("fsmon-xtask-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -283,7 +319,7 @@ state = "{CONTAINERD_STATE}"
 [grpc]
   address = "{CONTAINERD_SOCK}"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "docker.io/library/fsmon-pause:1"
+  sandbox_image = "{PAUSE_IMAGE}"
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -326,28 +362,40 @@ fn configure_podman() -> Result<()> {
 }
 
 /// The test image in containerd (`default` for ctr, `k8s.io` for CRI) and in podman, from
-/// the same archive as Docker's.
+/// the same archive as Docker's; the sandbox image in `k8s.io`.
 fn ensure_other_images() -> Result<()> {
-    let in_ns = |ns: &str| {
+    let in_ns = |ns: &str, image: &str| {
         Command::new("ctr")
             .args(["-a", CONTAINERD_SOCK, "-n", ns, "images", "ls", "-q"])
             .output()
             .map(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
-                    .any(|l| l == CTR_IMAGE)
+                    .any(|l| l == image)
             })
             .unwrap_or(false)
     };
     let missing_ns: Vec<&str> = ["default", "k8s.io"]
         .into_iter()
-        .filter(|ns| !in_ns(ns))
+        .filter(|ns| !in_ns(ns, CTR_IMAGE))
         .collect();
     let podman_has = ok(Command::new("podman").args(["image", "exists", PODMAN_IMAGE]));
-    if missing_ns.is_empty() && podman_has {
+    let pause_has = in_ns("k8s.io", PAUSE_IMAGE);
+    if missing_ns.is_empty() && podman_has && pause_has {
         return Ok(());
     }
     let dir = tempdir()?;
+    if !pause_has {
+        let archive = dir.join("pause.tar");
+        run(Command::new("docker")
+            .args(["-H", V1_HOST, "save", "-o"])
+            .arg(&archive)
+            .arg(PAUSE_IMAGE_DOCKER))?;
+        run(Command::new("ctr")
+            .args(["-a", CONTAINERD_SOCK, "-n", "k8s.io", "images", "import"])
+            .arg(&archive)
+            .stdout(Stdio::null()))?;
+    }
     let archive = dir.join("image.tar");
     run(Command::new("docker")
         .args(["-H", V1_HOST, "save", "-o"])
@@ -446,6 +494,7 @@ pub fn start_engines() -> Result<Vec<Started>> {
         remove_leftover_containers(host);
         ensure_image(host)?;
     }
+    ensure_pause_image(V1_HOST)?;
     // After the Docker engines, and on a socket of its own: no dockerd adopts it.
     match start_containerd() {
         Ok(Some(s)) => started.push(s),
@@ -479,6 +528,7 @@ fn tier3(tests: &[&str], bin: &Path, image: &str, filter: Option<&str>) -> Comma
         .env("FSMON_CONTAINERD_STATE", CONTAINERD_STATE)
         .env("FSMON_CTR_IMAGE", CTR_IMAGE)
         .env("FSMON_PODMAN_IMAGE", PODMAN_IMAGE)
+        .env("FSMON_PAUSE_IMAGE", PAUSE_IMAGE)
         .env("FSMON_IMAGE", image);
     c.args(filter);
     c
@@ -504,6 +554,10 @@ pub fn test(args: &TestArgs) -> Result<()> {
         return Ok(());
     }
     util::require_root("tiers 2 and 3")?;
+    // The tests crate's CRI client (k8s-cri) generates its gRPC bindings with protoc.
+    if std::env::var_os("PROTOC").is_none() && util::which("protoc").is_none() {
+        util::apt_install(&["protobuf-compiler"])?;
+    }
     let bin = ebpf::build_all()?;
     if want(2) {
         eprintln!("xtask: tier 2 — the watcher on real overlay mounts");
@@ -534,7 +588,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
                 &["docker", "scale"],
             ),
             (
-                "the fsmon binary against containerd (ctr) and podman",
+                "the fsmon binary against containerd (ctr, CRI pods) and podman",
                 &["runtimes"],
             ),
             (

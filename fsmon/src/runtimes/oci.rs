@@ -388,23 +388,41 @@ mod tests {
 
     #[test]
     fn cri_annotations() {
+        // Recorded: a pod container and its sandbox, run through containerd 1.6's CRI plugin.
         let b =
             parse_config(Path::new("/b"), &fixture("cri-containerd-config.json")).expect("config");
         let id = identity_from_annotations(&b.annotations);
-        assert_eq!(id.name.as_deref(), Some("app"));
+        assert_eq!(id.name.as_deref(), Some("sleeper"));
         assert_eq!(id.image.as_deref(), Some("docker.io/library/fsmon-test:2"));
         assert_eq!(
             id.pod,
             Some(Pod {
-                name: Some("web-0".into()),
-                namespace: Some("shop".into()),
-                uid: Some("2b1c9a55-63a4-4f0e-9d43-6f0b7c1f0a11".into()),
+                name: Some("fsmon-pod-running-29730".into()),
+                namespace: Some("fsmon-test".into()),
+                uid: Some("d8985224-1df5-087f-e3a3-cd619a7427dc".into()),
             })
         );
         assert!(!id.sandbox);
-        let mut sandbox = b.annotations.clone();
-        sandbox.insert(cri::TYPE.into(), "sandbox".into());
-        assert!(identity_from_annotations(&sandbox).sandbox);
+        // The CRI plugin's own mounts are the runtime's setup, not the container's doing.
+        let setup = SetupPaths::from_destinations(b.mount_destinations.iter().map(String::as_str));
+        for p in [
+            "/etc/hosts",
+            "/etc/hostname",
+            "/etc/resolv.conf",
+            "/dev/shm",
+            "/proc",
+        ] {
+            assert!(setup.contains(p.as_bytes()), "{p}");
+        }
+        assert!(!setup.contains(b"/etc/passwd"));
+        let sandbox = parse_config(
+            Path::new("/b"),
+            &fixture("cri-containerd-sandbox-config.json"),
+        )
+        .expect("config");
+        let sid = identity_from_annotations(&sandbox.annotations);
+        assert!(sid.sandbox, "{sid:?}");
+        assert_eq!(sid.pod, id.pod);
     }
 
     #[test]
