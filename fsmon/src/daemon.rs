@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use fsmon_common::FilterConfig;
+use fsmon_common::{FilterConfig, GateConfig};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
@@ -25,6 +25,7 @@ use crate::{
     ebpf::{monotonic_ns, CgroupOp, Lifecycle, LifecycleRecord},
     event::WatchOutput,
     freezer::{FreezeTarget, Freezer, FreezerKind},
+    gate::Gate,
     record::{self, ContainerRef},
     runtime::{Runtime, RuntimeEvent},
     watcher::{FdBudget, Watcher},
@@ -67,6 +68,10 @@ pub struct Config {
     pub freeze_max_age: Duration,
     /// Where in-flight freezes are recorded so a later fsmon can undo them.
     pub state_dir: PathBuf,
+    /// Stop a pending container's tasks at exec until it is armed (`--no-gate` turns it off).
+    pub gate: bool,
+    /// Longest a task is held by the exec gate before the watchdog resumes it.
+    pub gate_timeout: Duration,
 }
 
 impl Default for Config {
@@ -78,6 +83,8 @@ impl Default for Config {
             freeze_timeout: Duration::from_millis(100),
             freeze_max_age: Duration::from_millis(5),
             state_dir: PathBuf::from("/run/fsmon"),
+            gate: true,
+            gate_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -125,6 +132,8 @@ struct Daemon {
     config: Config,
     mounts: CgroupMounts,
     freezer: Freezer,
+    /// The exec gate (None with `--no-gate`).
+    gate: Option<Gate>,
     watcher: Watcher,
     runtime: Runtime,
     out: Box<dyn Write + Send>,
@@ -180,8 +189,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             config.state_dir.display()
         )
     })?;
-    for cg in freezer.recover() {
-        tracing::warn!(cgroup = %cg.display(), "thawed a cgroup that an earlier fsmon left frozen");
+    for held in freezer.recover() {
+        tracing::warn!(?held, "released what an earlier fsmon left held");
+    }
+    if let Some(unified) = &mounts.unified {
+        for pid in crate::gate::resume_orphans(unified) {
+            tracing::warn!(
+                pid,
+                "resumed a task that an earlier fsmon's exec gate left stopped"
+            );
+        }
     }
     let filter = FilterConfig {
         freezer_hierarchy: mounts.freezer_id.unwrap_or(u32::MAX),
@@ -191,7 +208,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             u32::MAX
         },
     };
-    let mut lifecycle = Lifecycle::load(filter)?;
+    let gate_config = gate_config(&config, &mounts)?;
+    let mut lifecycle = Lifecycle::load(filter, gate_config)?;
+    let gate = lifecycle.take_pending().map(|pending| {
+        Gate::new(
+            pending,
+            config.gate_timeout,
+            GATE_WINDOW,
+            (gate_config.host_pidns_dev, gate_config.host_pidns_ino),
+        )
+    });
     let watcher = Watcher::new().context("cannot create the inotify instance")?;
     let (rt_tx, mut rt_rx) = mpsc::unbounded_channel();
     let runtime = Runtime::start(&config.docker_hosts, rt_tx);
@@ -199,6 +225,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config,
         mounts,
         freezer,
+        gate,
         watcher,
         runtime,
         out,
@@ -256,14 +283,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut batch = Vec::new();
+    let mut gate_batch = Vec::new();
+    let mut gate_skipped = 0;
     loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            r = lifecycle.next_batch(&mut batch) => {
+            r = lifecycle.next_batch(&mut batch, &mut gate_batch) => {
                 r.context("reading the eBPF ring buffer")?;
+                // Gated tasks first: a container armed by this batch's records resumes them.
+                d.on_gate_records(&mut gate_batch);
                 for rec in std::mem::take(&mut batch) {
+                    // Whatever the daemon decided for a v2 cgroup (armed, not a container
+                    // it arms, gone), the gate holds nothing of it afterwards.
+                    let v2_cgroup = (rec.hierarchy_id == 0).then_some(rec.cgroup_id);
                     d.on_lifecycle(rec).await?;
+                    if let Some(id) = v2_cgroup {
+                        d.settle_gate_id(id);
+                    }
                 }
             }
             g = watch_fd.readable() => {
@@ -283,6 +320,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.regrow_fds();
                 d.arm_stale_pending().await;
                 d.retry_unarmed().await;
+                if let Some(g) = d.gate.as_mut() {
+                    g.expire(&d.freezer);
+                    let skipped = lifecycle.gate_skipped();
+                    if skipped > gate_skipped {
+                        tracing::warn!(execs = skipped - gate_skipped, "exec gate let execs of pending containers through (ring buffer full or stop refused); those containers rely on the late-arm scan");
+                        gate_skipped = skipped;
+                    }
+                }
                 // Directories left unwatched at the watch limit get their watch when the
                 // limit allows; what changed meanwhile is reported by scan.
                 d.watcher.retry_unwatched();
@@ -294,11 +339,56 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Drain what the kernel has already queued, so nothing observed is lost at exit.
     d.drain_watcher()?;
     d.flush()?;
+    if let Some(g) = d.gate.as_mut() {
+        g.release_all(&d.freezer);
+    }
     tracing::info!("shutting down");
     Ok(())
 }
 
+/// How long a new container cgroup may gate execs (the kernel ignores older entries).
+const GATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The exec gate's kernel settings: off unless asked for and the v2 hierarchy is mounted.
+fn gate_config(config: &Config, mounts: &CgroupMounts) -> anyhow::Result<GateConfig> {
+    if !config.gate || mounts.unified.is_none() {
+        return Ok(GateConfig::default());
+    }
+    let (dev, ino) = crate::gate::host_pidns()
+        .context("cannot stat /proc/self/ns/pid (the exec gate needs the host PID namespace)")?;
+    Ok(GateConfig {
+        enabled: 1,
+        _pad: 0,
+        host_pidns_dev: dev,
+        host_pidns_ino: ino,
+        window_ns: u64::try_from(GATE_WINDOW.as_nanos()).unwrap_or(u64::MAX),
+    })
+}
+
 impl Daemon {
+    fn on_gate_records(&mut self, records: &mut Vec<crate::ebpf::GateRecord>) {
+        let Some(gate) = self.gate.as_mut() else {
+            records.clear();
+            return;
+        };
+        for rec in records.drain(..) {
+            gate.on_record(&self.freezer, &rec);
+        }
+    }
+
+    /// Ends the exec gate for a container's v2 cgroup and resumes what it held; how long
+    /// the first exec was held (µs), if it held one.
+    fn settle_gate(&mut self, unified_cgroup: Option<&std::path::Path>) -> Option<u64> {
+        let (gate, dir) = (self.gate.as_mut()?, unified_cgroup?);
+        gate.settle_dir(&self.freezer, dir)
+    }
+
+    fn settle_gate_id(&mut self, cgroup_id: u64) {
+        if let Some(gate) = self.gate.as_mut() {
+            gate.settle(&self.freezer, cgroup_id);
+        }
+    }
+
     fn emit(&mut self, line: &str) -> anyhow::Result<()> {
         self.pending_out.extend_from_slice(line.as_bytes());
         self.write_if_large()
@@ -736,7 +826,8 @@ impl Daemon {
         let arm_us = since
             .and_then(|t| now.duration_since(t).ok())
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us);
+        let gated_us = self.settle_gate(unified_cgroup.as_deref());
+        let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us, gated_us);
         self.emit(&line)?;
         // The container's exit, in order with its file events, so that nothing the engine
         // does afterwards (removing a --rm container's layer) is reported as its doing.

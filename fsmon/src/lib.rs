@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod event;
 pub mod freezer;
+pub mod gate;
 pub mod limits;
 pub mod overlay;
 pub mod record;
