@@ -102,7 +102,24 @@ impl Fsmon {
         args: &[&str],
         nofile: Option<u64>,
     ) -> Result<Fsmon> {
-        let state_dir = tempfile::tempdir()?;
+        Self::launch(hosts, args, tempfile::tempdir()?, nofile)
+    }
+
+    /// [`Fsmon::start`] with a given state directory (e.g. one a killed fsmon left).
+    pub fn start_in(
+        hosts: &[String],
+        args: &[&str],
+        state_dir: tempfile::TempDir,
+    ) -> Result<Fsmon> {
+        Self::launch(hosts, args, state_dir, None)
+    }
+
+    fn launch(
+        hosts: &[String],
+        args: &[&str],
+        state_dir: tempfile::TempDir,
+        nofile: Option<u64>,
+    ) -> Result<Fsmon> {
         let mut cmd = Command::new(env("FSMON_BIN"));
         cmd.arg("run");
         for h in hosts {
@@ -238,6 +255,14 @@ impl Fsmon {
         }
         let records = std::mem::take(&mut self.records);
         Ok((status.code().unwrap_or(-1), records))
+    }
+
+    /// Kills fsmon with SIGKILL (nothing of its own clean-up runs) and hands back its
+    /// state directory, for a restart with [`Fsmon::start_in`].
+    pub fn kill_9(mut self) -> Result<tempfile::TempDir> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(std::mem::replace(&mut self.state_dir, tempfile::tempdir()?))
     }
 
     /// The child's pid.
