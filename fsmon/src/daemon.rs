@@ -778,6 +778,16 @@ impl Daemon {
             Ok(None) => Ok(None),
             Err(e) => Err(e),
         };
+        // The container's exit, in order with its file events, so that nothing the engine
+        // does afterwards (removing a --rm container's layer) is reported as its doing.
+        // Watched before the container is thawed or resumed: one that ran and exited before
+        // its watch existed would only be seen by the rmdir record, after the clean-up.
+        // Without a v2 cgroup, the cgroup's rmdir record ends monitoring instead.
+        if let (Ok(Some((_, _, Ok(_)))), Some(dir)) = (&armed, &unified_cgroup) {
+            if let Err(e) = self.watcher.watch_exit(id, dir) {
+                tracing::debug!(container_id = %id, cgroup = %dir.display(), error = %e, "cannot watch the container's cgroup.events");
+            }
+        }
         let freeze_us = match frozen.map(|f| self.freezer.thaw(f)) {
             Some(Ok(rep)) => {
                 if rep.bound_exceeded {
@@ -829,14 +839,6 @@ impl Daemon {
         let gated_us = self.settle_gate(unified_cgroup.as_deref());
         let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us, gated_us);
         self.emit(&line)?;
-        // The container's exit, in order with its file events, so that nothing the engine
-        // does afterwards (removing a --rm container's layer) is reported as its doing.
-        // Without a v2 cgroup, the cgroup's rmdir record ends monitoring instead.
-        if let Some(dir) = unified_cgroup {
-            if let Err(e) = self.watcher.watch_exit(id, dir) {
-                tracing::debug!(container_id = %id, cgroup = %dir.display(), error = %e, "cannot watch the container's cgroup.events");
-            }
-        }
         let encoded = cref.encoded();
         self.containers
             .insert(id.to_owned(), Monitored { cref, encoded });
