@@ -998,16 +998,17 @@ fn gate_runs() -> usize {
 fn gate_under_stalls_many_starts_4_at_a_time_cpu_hog() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts(), &[])?;
     for (label, host) in engines() {
-        // fsmon is stopped for 60 ms of every 150 ms: many starts find it late.
+        // fsmon is stopped for 300 ms of every 400 ms: longer than runc takes from a
+        // container's cgroup to its first exec, so many starts find it late.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let staller = {
             let (stop, pid) = (stop.clone(), f.pid());
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     signal(pid, libc::SIGSTOP);
-                    std::thread::sleep(Duration::from_millis(60));
+                    std::thread::sleep(Duration::from_millis(300));
                     signal(pid, libc::SIGCONT);
-                    std::thread::sleep(Duration::from_millis(90));
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             })
         };
