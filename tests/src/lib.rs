@@ -62,6 +62,11 @@ pub fn run_rm(host: &str, name: &str, cmd: &[&str]) -> Result<String> {
     run_test_image(host, "--rm", name, cmd)
 }
 
+/// `docker run` of the test image (waits for it to exit; the container is kept).
+pub fn run_kept(host: &str, name: &str, cmd: &[&str]) -> Result<String> {
+    run_test_image(host, "--pull=never", name, cmd)
+}
+
 fn run_test_image(host: &str, mode: &str, name: &str, cmd: &[&str]) -> Result<String> {
     let image = image();
     let mut args = vec![
