@@ -260,9 +260,19 @@ fn check_lossless(f: &mut Fsmon, label: &str, names: &[String]) -> anyhow::Resul
             }
         }
     }
+    let first_missing: Vec<&Value> = missing
+        .first()
+        .and_then(|m| m.split(':').next())
+        .map(|name| {
+            f.records
+                .iter()
+                .filter(|r| r["container"]["name"] == name)
+                .collect()
+        })
+        .unwrap_or_default();
     assert!(
         missing.is_empty(),
-        "{label}: {} of {} first-instruction paths missing: {missing:?}",
+        "{label}: {} of {} first-instruction paths missing: {missing:?}; records of the first: {first_missing:#?}",
         missing.len(),
         names.len() * FIRST_PATHS.len()
     );
