@@ -279,23 +279,27 @@ fn check_lossless(f: &mut Fsmon, label: &str, names: &[String]) -> anyhow::Resul
     Ok(())
 }
 
+/// The non-null `field` (`freeze_us`, `gated_us`) of the `container_start`s of `names`.
+fn start_durations(f: &Fsmon, names: &[String], field: &str) -> Vec<u64> {
+    f.records
+        .iter()
+        .filter(|r| {
+            r["kind"] == "container_start"
+                && r["container"]["name"]
+                    .as_str()
+                    .is_some_and(|n| names.iter().any(|m| m == n))
+        })
+        .filter_map(|r| r[field].as_u64())
+        .collect()
+}
+
 #[test]
 fn lossless_start_sequential() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts(), &[])?;
     for (label, host) in engines() {
         let names = run_many(&host, label, stress_runs(), 1)?;
         check_lossless(&mut f, label, &names)?;
-        let freezes: Vec<u64> = f
-            .records
-            .iter()
-            .filter(|r| {
-                r["kind"] == "container_start"
-                    && r["container"]["name"]
-                        .as_str()
-                        .is_some_and(|n| names.iter().any(|m| m == n))
-            })
-            .filter_map(|r| r["freeze_us"].as_u64())
-            .collect();
+        let freezes = start_durations(&f, &names, "freeze_us");
         eprintln!(
             "{label}: {} containers, {} frozen, freeze_us max {:?}",
             names.len(),
@@ -1033,17 +1037,7 @@ fn gate_under_stalls_many_starts_4_at_a_time_cpu_hog() -> anyhow::Result<()> {
         for name in &names {
             docker(&host, &["rm", "-f", name])?;
         }
-        let gated: Vec<u64> = f
-            .records
-            .iter()
-            .filter(|r| {
-                r["kind"] == "container_start"
-                    && r["container"]["name"]
-                        .as_str()
-                        .is_some_and(|n| names.iter().any(|m| m == n))
-            })
-            .filter_map(|r| r["gated_us"].as_u64())
-            .collect();
+        let gated = start_durations(&f, &names, "gated_us");
         eprintln!(
             "{label}: {} starts, {} gated, gated_us max {:?}",
             names.len(),
