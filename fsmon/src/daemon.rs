@@ -836,7 +836,7 @@ impl Daemon {
         let arm_us = since
             .and_then(|t| now.duration_since(t).ok())
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let gated_us = self.settle_gate(unified_cgroup.as_deref());
+        let gated_us = self.settle_gate(unified_cgroup);
         let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us, gated_us);
         self.emit(&line)?;
         let encoded = cref.encoded();
