@@ -372,6 +372,14 @@ impl Daemon {
             return;
         };
         for rec in records.drain(..) {
+            tracing::debug!(
+                pid = rec.pid,
+                cgroup_id = rec.cgroup_id,
+                task_cgroup_id = rec.task_cgroup_id,
+                signal_ret = rec.signal_ret,
+                age_us = monotonic_ns().saturating_sub(rec.ktime_ns) / 1000,
+                "gate record"
+            );
             gate.on_record(&self.freezer, &rec);
         }
     }
@@ -441,6 +449,7 @@ impl Daemon {
                 }
                 WatchOutput::Exited { container } => {
                     if self.containers.contains_key(&container) {
+                        tracing::debug!(container_id = %container, "exited (cgroup.events populated 0)");
                         self.stop(&container)?;
                     }
                 }
@@ -463,6 +472,14 @@ impl Daemon {
     }
 
     async fn on_lifecycle(&mut self, rec: LifecycleRecord) -> anyhow::Result<()> {
+        tracing::debug!(
+            op = ?rec.op,
+            hierarchy_id = rec.hierarchy_id,
+            cgroup_id = rec.cgroup_id,
+            path = %rec.path,
+            age_us = monotonic_ns().saturating_sub(rec.ktime_ns) / 1000,
+            "lifecycle record"
+        );
         let Some(cg) = parse_container_cgroup(&rec.path) else {
             return Ok(());
         };
@@ -532,6 +549,7 @@ impl Daemon {
                     // Events queued before the container's cgroup went away are its own:
                     // print them before its watches are dropped.
                     self.drain_watcher()?;
+                    tracing::debug!(container_id = %cg.id, hierarchy_id = rec.hierarchy_id, "stopped by rmdir");
                     self.stop(&cg.id)?;
                 }
                 self.foreign.remove(&cg.id);
@@ -817,6 +835,10 @@ impl Daemon {
             tracing::error!(container_id = %id, upperdir = %upperdir.display(), error = %e, "cannot watch the container's upperdir");
             return Ok(ArmOutcome::Gone);
         }
+        // Armed: the gate ends here, not after the engine has answered for the name and
+        // image (that may take a while on a busy engine, and an armed container's exec is
+        // never to be held).
+        let gated_us = self.settle_gate(unified_cgroup);
         let meta = match meta {
             Some(m) => m,
             None => {
@@ -836,7 +858,6 @@ impl Daemon {
         let arm_us = since
             .and_then(|t| now.duration_since(t).ok())
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let gated_us = self.settle_gate(unified_cgroup);
         let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us, gated_us);
         self.emit(&line)?;
         let encoded = cref.encoded();
