@@ -291,7 +291,14 @@ impl Gate {
     /// Ends gating for `cgroup_id` (armed, or not to be armed) and resumes the tasks held
     /// for it. Returns how long the first-stopped of them was held (µs), if any.
     pub fn settle(&mut self, freezer: &Freezer, cgroup_id: u64) -> Option<u64> {
+        let was_pending = self.pending.contains(cgroup_id);
         self.pending.remove(cgroup_id);
+        tracing::debug!(
+            cgroup_id,
+            was_pending,
+            held = self.holds.get(&cgroup_id).map_or(0, Vec::len),
+            "gate settled"
+        );
         let held = self.holds.remove(&cgroup_id)?;
         let mut longest = None;
         for h in held {
