@@ -270,9 +270,21 @@ fn check_lossless(f: &mut Fsmon, label: &str, names: &[String]) -> anyhow::Resul
                 .collect()
         })
         .unwrap_or_default();
+    // What the first one's layer holds now (kept containers): tells a lost event from a
+    // container that never ran its command.
+    let layer: Option<String> = first_missing
+        .iter()
+        .find_map(|r| r["upperdir"].as_str())
+        .and_then(|u| {
+            std::process::Command::new("find")
+                .arg(u)
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        });
     assert!(
         missing.is_empty(),
-        "{label}: {} of {} first-instruction paths missing: {missing:?}; records of the first: {first_missing:#?}",
+        "{label}: {} of {} first-instruction paths missing: {missing:?}; records of the first: {first_missing:#?}; its layer now: {layer:?}",
         missing.len(),
         names.len() * FIRST_PATHS.len()
     );
