@@ -208,14 +208,14 @@ struct ExitWatch {
 impl ExitWatch {
     /// Reads `cgroup.events`; returns true when this read shows the exit.
     fn exited_now(&mut self) -> bool {
-        // Any other failed read (no descriptor left) says nothing: the cgroup's rmdir
-        // record ends monitoring then.
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             // The cgroup is gone, and a cgroup is removed only once no process is left in
             // it: this read (late, at a modify the exit or an earlier change queued) shows
             // the exit.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return true,
+            // Any other failed read (no descriptor left) says nothing: the cgroup's rmdir
+            // record ends monitoring then.
             Err(_) => String::new(),
         };
         if text.lines().any(|l| l.trim() == "populated 1") {
