@@ -17,6 +17,9 @@ pub const EVENT_MKDIR: u32 = 1;
 /// `CgroupEvent::kind` for a `cgroup_rmdir`.
 pub const EVENT_RMDIR: u32 = 2;
 
+/// `GateEvent::kind`: the exec gate stopped a task of a pending container.
+pub const EVENT_GATE: u32 = 3;
+
 /// `CgroupEvent::flags` bit: the path did not fit in `path` and was truncated.
 pub const FLAG_TRUNCATED: u32 = 1;
 
@@ -53,6 +56,76 @@ const _: () = {
     assert!(core::mem::offset_of!(CgroupEvent, path_len) == 32);
     assert!(core::mem::offset_of!(CgroupEvent, path) == 40);
 };
+
+/// A record of the exec gate (`sched/sched_process_exec`), sent through the same `EVENTS`
+/// ring buffer as [`CgroupEvent`]; the daemon dispatches on `kind` (first in both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct GateEvent {
+    /// `EVENT_GATE`.
+    pub kind: u32,
+    /// The process (thread-group) id, in the host's PID namespace.
+    pub pid: u32,
+    /// Return code of `bpf_send_signal(SIGSTOP)`: 0 when the stop was queued.
+    pub signal_ret: i32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// The pending cgroup that matched (the task's own v2 cgroup or an ancestor of it).
+    pub cgroup_id: u64,
+    /// The task's own v2 cgroup (`bpf_get_current_cgroup_id()`).
+    pub task_cgroup_id: u64,
+    /// `bpf_ktime_get_boot_ns()` at the exec: the task started before this instant, so a
+    /// task found under `pid` that started later is another one (the pid was recycled).
+    pub boot_ns: u64,
+    /// `bpf_ktime_get_ns()` at the exec (CLOCK_MONOTONIC), to time the hold.
+    pub ktime_ns: u64,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<GateEvent>() == 48);
+    assert!(core::mem::offset_of!(GateEvent, kind) == 0);
+    assert!(core::mem::offset_of!(GateEvent, cgroup_id) == 16);
+    assert!(core::mem::offset_of!(GateEvent, boot_ns) == 32);
+};
+
+/// Value of the `PENDING` map (key: v2 cgroup id): a container cgroup that the daemon has
+/// not armed yet. Inserted by the `cgroup_mkdir` program, deleted by the daemon once it
+/// armed the container (or decided not to) and by the `cgroup_rmdir` program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PendingCgroup {
+    /// `bpf_ktime_get_ns()` at the mkdir. The gate ignores entries older than
+    /// `GateConfig::window_ns`, so an entry the daemon failed to delete gates nothing.
+    pub mkdir_ktime_ns: u64,
+}
+
+/// The exec gate's settings: the second read-only global (`FSMON_GATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct GateConfig {
+    /// 1 when the gate is on. 0 (the default) gates nothing and marks nothing pending.
+    pub enabled: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// `st_dev` of the host PID namespace (`/proc/self/ns/pid` of the daemon): tasks in it
+    /// (runc, conmon, runtime helpers) are never stopped.
+    pub host_pidns_dev: u64,
+    /// `st_ino` of the host PID namespace.
+    pub host_pidns_ino: u64,
+    /// How long after its mkdir a pending cgroup can gate (nanoseconds).
+    pub window_ns: u64,
+}
+
+/// Largest number of pending container cgroups the gate tracks at once.
+pub const PENDING_MAX: u32 = 4096;
+/// How many ancestor levels of a task's v2 cgroup the gate checks (crun puts a container's
+/// process in a `container` sub-cgroup; kubepods paths are four levels deep).
+pub const GATE_ANCESTOR_LEVELS: i32 = 8;
+/// `SIGSTOP` (the same number on every Linux architecture fsmon runs on).
+pub const SIGSTOP: u32 = 19;
 
 /// Where the tracepoint's fields are, read by the daemon from the tracepoint's `format`
 /// file and handed to the program as a read-only global before it is loaded.
@@ -105,8 +178,13 @@ pub const STAT_RINGBUF_FULL: u32 = 0;
 pub const STAT_SENT: u32 = 1;
 /// Index in the `STATS` array: cgroups seen but filtered out in the kernel.
 pub const STAT_FILTERED: u32 = 2;
+/// Index in the `STATS` array: tasks stopped by the exec gate.
+pub const STAT_GATED: u32 = 3;
+/// Index in the `STATS` array: execs the gate let through because the ring buffer was full
+/// (the daemon could not have resumed them) or the stop could not be queued.
+pub const STAT_GATE_SKIPPED: u32 = 4;
 /// Number of `STATS` slots.
-pub const STAT_SLOTS: u32 = 3;
+pub const STAT_SLOTS: u32 = 5;
 
 /// Length of a container id in hex characters.
 pub const CONTAINER_ID_HEX: usize = 64;
@@ -157,6 +235,16 @@ unsafe impl aya::Pod for CgroupEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as for CgroupEvent: repr(C), plain integers, explicit padding.
 unsafe impl aya::Pod for ProgramConfig {}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), plain integers, explicit padding (asserted above).
+unsafe impl aya::Pod for GateEvent {}
+#[cfg(feature = "user")]
+// SAFETY: a single u64.
+unsafe impl aya::Pod for PendingCgroup {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), plain integers, explicit padding.
+unsafe impl aya::Pod for GateConfig {}
 
 #[cfg(all(test, feature = "user"))]
 mod tests {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use fsmon_common::FilterConfig;
+use fsmon_common::{FilterConfig, GateConfig};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
@@ -30,6 +30,7 @@ use crate::{
     event::{FileKind, WatchOutput},
     filter::{ContainerFilter, Decision, Facts, Meta, RecordFilter},
     freezer::{FreezeTarget, Freezer, FreezerKind},
+    gate::Gate,
     id::{ContainerId, RuntimeName},
     output::Output,
     record::{self, ContainerRef},
@@ -84,6 +85,10 @@ pub struct Config {
     pub containers: ContainerFilter,
     /// Which file records are printed (`--path`, `--exclude-path`, `--kind`).
     pub records: RecordFilter,
+    /// Stop a pending container's tasks at exec until it is armed (`--no-gate` turns it off).
+    pub gate: bool,
+    /// Longest a task is held by the exec gate before the watchdog resumes it.
+    pub gate_timeout: Duration,
 }
 
 impl Default for Config {
@@ -99,6 +104,8 @@ impl Default for Config {
             stats_interval: Duration::from_secs(60),
             containers: ContainerFilter::default(),
             records: RecordFilter::default(),
+            gate: true,
+            gate_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -167,6 +174,7 @@ struct HeldStart {
     upperdir: PathBuf,
     freeze_us: Option<u64>,
     arm_us: Option<u64>,
+    gated_us: Option<u64>,
     /// What the watcher reported meanwhile (when, what), printed after `container_start`.
     outputs: Vec<(SystemTime, WatchOutput)>,
 }
@@ -209,6 +217,8 @@ struct Daemon {
     config: Config,
     mounts: CgroupMounts,
     freezer: Freezer,
+    /// The exec gate (None with `--no-gate`).
+    gate: Option<Gate>,
     watcher: Watcher,
     runtime: Runtime,
     out: Output,
@@ -257,8 +267,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             config.state_dir.display()
         )
     })?;
-    for cg in freezer.recover() {
-        tracing::warn!(cgroup = %cg.display(), "thawed a cgroup that an earlier fsmon left frozen");
+    for held in freezer.recover() {
+        tracing::warn!(?held, "released what an earlier fsmon left held");
+    }
+    if let Some(unified) = &mounts.unified {
+        for pid in crate::gate::resume_orphans(unified) {
+            tracing::warn!(
+                pid,
+                "resumed a task that an earlier fsmon's exec gate left stopped"
+            );
+        }
     }
     let filter = FilterConfig {
         freezer_hierarchy: mounts.freezer_id.unwrap_or(u32::MAX),
@@ -268,7 +286,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             u32::MAX
         },
     };
-    let mut lifecycle = Lifecycle::load(filter)?;
+    let gate_config = gate_config(&config, &mounts)?;
+    let mut lifecycle = Lifecycle::load(filter, gate_config)?;
+    let gate = lifecycle.take_pending().map(|pending| {
+        Gate::new(
+            pending,
+            config.gate_timeout,
+            GATE_WINDOW,
+            (gate_config.host_pidns_dev, gate_config.host_pidns_ino),
+        )
+    });
     let watcher = Watcher::new().context("cannot create the inotify instance")?;
     let (rt_tx, mut rt_rx) = mpsc::unbounded_channel();
     let runtime = Runtime::start(&config.docker_hosts, rt_tx);
@@ -277,6 +304,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config,
         mounts,
         freezer,
+        gate,
         watcher,
         runtime,
         out,
@@ -349,17 +377,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
     let mut batch = Vec::new();
     let mut slow = SlowTurns::default();
+    let mut gate_batch = Vec::new();
+    let mut gate_skipped = 0;
     loop {
         // Nothing in a turn awaits: what needs a runtime's answer is asked by a task
         // whose answer comes back as an input (`answers_rx`).
         let input = tokio::select! {
             biased;
             () = &mut shutdown => break,
-            r = lifecycle.next_batch(&mut batch) => {
+            r = lifecycle.next_batch(&mut batch, &mut gate_batch) => {
                 let t = std::time::Instant::now();
                 r.context("reading the eBPF ring buffer")?;
+                // Gated tasks first: a container armed by this batch's records resumes them.
+                d.on_gate_records(&mut gate_batch);
                 for rec in std::mem::take(&mut batch) {
-                    d.on_lifecycle(rec)?;
+                    // Whatever the daemon decided for a v2 cgroup (armed, not a container
+                    // it arms, gone), the gate holds nothing of it afterwards; unless an
+                    // engine is being asked where its layer is (the answer settles it).
+                    let v2_cgroup = (rec.hierarchy_id == 0).then_some(rec.cgroup_id);
+                    let deciding = d.on_lifecycle(rec)?;
+                    if let (Some(id), false) = (v2_cgroup, deciding) {
+                        d.settle_gate_id(id);
+                    }
                 }
                 ("lifecycle", t)
             }
@@ -409,6 +448,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.regrow_fds();
                 d.arm_stale_pending();
                 d.retry_unarmed();
+                if let Some(g) = d.gate.as_mut() {
+                    g.expire(&d.freezer);
+                    let skipped = lifecycle.gate_skipped();
+                    if skipped > gate_skipped {
+                        tracing::warn!(execs = skipped - gate_skipped, "exec gate let execs of pending containers through (ring buffer full or stop refused); those containers rely on the late-arm scan");
+                        gate_skipped = skipped;
+                    }
+                }
                 // Directories left unwatched at the watch limit get their watch when the
                 // limit allows; what changed meanwhile is reported by scan.
                 d.watcher.retry_unwatched();
@@ -426,11 +473,64 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     d.drain_watcher()?;
     d.emit_stats(lifecycle.lost(), true)?;
     d.flush()?;
+    if let Some(g) = d.gate.as_mut() {
+        g.release_all(&d.freezer);
+    }
     tracing::info!("shutting down");
     Ok(())
 }
 
+/// How long a new container cgroup may gate execs (the kernel ignores older entries).
+const GATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The exec gate's kernel settings: off unless asked for and the v2 hierarchy is mounted.
+fn gate_config(config: &Config, mounts: &CgroupMounts) -> anyhow::Result<GateConfig> {
+    if !config.gate || mounts.unified.is_none() {
+        return Ok(GateConfig::default());
+    }
+    let (dev, ino) = crate::gate::host_pidns()
+        .context("cannot stat /proc/self/ns/pid (the exec gate needs the host PID namespace)")?;
+    Ok(GateConfig {
+        enabled: 1,
+        _pad: 0,
+        host_pidns_dev: dev,
+        host_pidns_ino: ino,
+        window_ns: u64::try_from(GATE_WINDOW.as_nanos()).unwrap_or(u64::MAX),
+    })
+}
+
 impl Daemon {
+    fn on_gate_records(&mut self, records: &mut Vec<crate::ebpf::GateRecord>) {
+        let Some(gate) = self.gate.as_mut() else {
+            records.clear();
+            return;
+        };
+        for rec in records.drain(..) {
+            tracing::debug!(
+                pid = rec.pid,
+                cgroup_id = rec.cgroup_id,
+                task_cgroup_id = rec.task_cgroup_id,
+                signal_ret = rec.signal_ret,
+                age_us = monotonic_ns().saturating_sub(rec.ktime_ns) / 1000,
+                "gate record"
+            );
+            gate.on_record(&self.freezer, &rec);
+        }
+    }
+
+    /// Ends the exec gate for a container's v2 cgroup and resumes what it held; how long
+    /// the first exec was held (µs), if it held one.
+    fn settle_gate(&mut self, unified_cgroup: Option<&std::path::Path>) -> Option<u64> {
+        let (gate, dir) = (self.gate.as_mut()?, unified_cgroup?);
+        gate.settle_dir(&self.freezer, dir)
+    }
+
+    fn settle_gate_id(&mut self, cgroup_id: u64) {
+        if let Some(gate) = self.gate.as_mut() {
+            gate.settle(&self.freezer, cgroup_id);
+        }
+    }
+
     fn emit(&mut self, line: &str) -> anyhow::Result<()> {
         self.stats.daemon_record(line);
         self.pending_out.extend_from_slice(line.as_bytes());
@@ -546,6 +646,7 @@ impl Daemon {
             }
             WatchOutput::Exited { container } => {
                 if self.containers.contains_key(container.as_str()) {
+                    tracing::debug!(container_id = %container, "exited (cgroup.events populated 0)");
                     self.stop(container.as_str())?;
                 }
             }
@@ -592,6 +693,7 @@ impl Daemon {
             &held.upperdir,
             held.freeze_us,
             held.arm_us,
+            held.gated_us,
         );
         self.emit(&line)?;
         let mut enc: Option<(SystemTime, record::FileEncoder)> = None;
@@ -625,6 +727,9 @@ impl Daemon {
                             resolved: None,
                         };
                         let r = self.add_to_watcher(&ask.cgroup.id, &found, ask.since);
+                        if let (Ok(_), Some(dir)) = (&r, ask.unified_cgroup.as_deref()) {
+                            self.watch_exit(&id, dir);
+                        }
                         self.finish_arm(
                             &ask.cgroup,
                             found,
@@ -640,6 +745,9 @@ impl Daemon {
                         exhausted: false,
                     },
                 };
+                if !matches!(outcome, ArmOutcome::Armed) {
+                    self.settle_gate(ask.unified_cgroup.as_deref());
+                }
                 self.settle(&ask.cgroup, ask.unified_cgroup, ask.since, outcome)
             }
             Answer::Running { ids } => {
@@ -651,12 +759,22 @@ impl Daemon {
         }
     }
 
-    fn on_lifecycle(&mut self, rec: LifecycleRecord) -> anyhow::Result<()> {
+    /// Handles a cgroup record; true while an engine is being asked about its container.
+    fn on_lifecycle(&mut self, rec: LifecycleRecord) -> anyhow::Result<bool> {
+        tracing::debug!(
+            op = ?rec.op,
+            hierarchy_id = rec.hierarchy_id,
+            cgroup_id = rec.cgroup_id,
+            path = %rec.path,
+            age_us = monotonic_ns().saturating_sub(rec.ktime_ns) / 1000,
+            "lifecycle record"
+        );
+        let rec_path = rec.path.clone();
         let Some(cg) = parse_container_cgroup(&rec.path) else {
-            return Ok(());
+            return Ok(false);
         };
         let Some(hierarchy) = self.mounts.hierarchy_of(rec.hierarchy_id) else {
-            return Ok(());
+            return Ok(false);
         };
         match rec.op {
             CgroupOp::Mkdir => {
@@ -666,7 +784,7 @@ impl Daemon {
                     || self.excluded.contains(id)
                     || self.unarmed.contains_key(id)
                 {
-                    return Ok(());
+                    return Ok(false);
                 }
                 // A cgroup v1 engine on a hybrid host: runc makes the container's v2 cgroup
                 // last, right before init joins it. Wait for that one and freeze there:
@@ -676,7 +794,7 @@ impl Daemon {
                     self.pending
                         .entry(id.to_owned())
                         .or_insert_with(|| (rec.ktime_ns, cg.clone(), rec.path.clone()));
-                    return Ok(());
+                    return Ok(false);
                 }
                 let first_ns = self.pending.remove(id).map(|(t, _, _)| t);
                 let v1_engine = first_ns.is_some();
@@ -726,6 +844,7 @@ impl Daemon {
                     // Events queued before the container's cgroup went away are its own:
                     // print them before its watches are dropped.
                     self.drain_watcher()?;
+                    tracing::debug!(container_id = %cg.id, hierarchy_id = rec.hierarchy_id, "stopped by rmdir");
                     self.stop(id)?;
                 }
                 self.foreign.remove(id);
@@ -734,7 +853,8 @@ impl Daemon {
                 self.unarmed.remove(id);
             }
         }
-        Ok(())
+        Ok(parse_container_cgroup(&rec_path)
+            .is_some_and(|cg| self.asking.contains_key(cg.id.as_str())))
     }
 
     /// The v2 cgroup of a container found by listing (not by its mkdir): Docker's cgroupfs
@@ -1047,6 +1167,14 @@ impl Daemon {
             Ok(Located::Found(found)) => Some(self.add_to_watcher(&cg.id, found, since)),
             _ => None,
         };
+        // The container's exit, in order with its file events, so that nothing the engine
+        // does afterwards (removing a --rm container's layer) is reported as its doing.
+        // Watched before the container is thawed or resumed: one that ran and exited before
+        // its watch existed would only be seen by the rmdir record, after the clean-up.
+        // Without a v2 cgroup, the cgroup's rmdir record ends monitoring instead.
+        if let (Some(Ok(_)), Some(dir)) = (&added, unified_cgroup) {
+            self.watch_exit(id, dir);
+        }
         let freeze_us = match frozen.map(|f| self.freezer.thaw(f)) {
             Some(Ok(rep)) => {
                 if rep.bound_exceeded {
@@ -1113,6 +1241,10 @@ impl Daemon {
             tracing::error!(container_id = %id, upperdir = %upperdir.display(), error = %e, "cannot watch the container's upperdir");
             return Ok(ArmOutcome::Gone);
         }
+        // Armed: the gate ends here, not after the engine has answered for the name and
+        // image (that may take a while on a busy engine, and an armed container's exec is
+        // never to be held).
+        let gated_us = self.settle_gate(unified_cgroup);
         let (cref, setup, ask) = self.identify(&cg.id, cg.runtime, found);
         // Its name and image are known unless an engine is being asked for them (then
         // `release` decides, before its `container_start`).
@@ -1134,23 +1266,17 @@ impl Daemon {
                     upperdir,
                     freeze_us,
                     arm_us,
+                    gated_us,
                     outputs: Vec::new(),
                 })
             }
             None => {
-                let line = record::container_start(now, &cref, &upperdir, freeze_us, arm_us);
+                let line =
+                    record::container_start(now, &cref, &upperdir, freeze_us, arm_us, gated_us);
                 self.emit(&line)?;
                 None
             }
         };
-        // The container's exit, in order with its file events, so that nothing the engine
-        // does afterwards (removing a --rm container's layer) is reported as its doing.
-        // Without a v2 cgroup, the cgroup's rmdir record ends monitoring instead.
-        if let Some(dir) = unified_cgroup {
-            if let Err(e) = self.watcher.watch_exit(id, dir) {
-                tracing::debug!(container_id = %id, cgroup = %dir.display(), error = %e, "cannot watch the container's cgroup.events");
-            }
-        }
         let encoded = cref.encoded();
         self.containers.insert(
             id.to_owned(),
@@ -1165,6 +1291,17 @@ impl Daemon {
         // will announce: print it now.
         self.drain_watcher()?;
         Ok(ArmOutcome::Armed)
+    }
+
+    /// Watches the container's exit (its v2 `cgroup.events`), in order with its file
+    /// events, so that nothing the engine does afterwards (removing a --rm container's
+    /// layer) is reported as its doing. Done before the container is thawed or resumed:
+    /// one that ran and exited before its watch existed would only be seen by the rmdir
+    /// record, after the clean-up. Without a v2 cgroup, the rmdir record ends monitoring.
+    fn watch_exit(&mut self, id: &str, dir: &std::path::Path) {
+        if let Err(e) = self.watcher.watch_exit(id, dir) {
+            tracing::debug!(container_id = %id, cgroup = %dir.display(), error = %e, "cannot watch the container's cgroup.events");
+        }
     }
 
     /// Asks the Docker engines for the layer of a container not found on disk, by a task.

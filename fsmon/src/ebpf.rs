@@ -4,15 +4,18 @@
 //! `cgroup/cgroup_rmdir` tracepoints (kernel >= 4.19; BPF ring buffer >= 5.8), and reads
 //! their records asynchronously from the `EVENTS` ring buffer. The tracepoint's field
 //! offsets are read from its tracefs `format` file and handed to the program as a global,
-//! because the record layout differs between kernels.
+//! because the record layout differs between kernels. With the exec gate on, it also
+//! attaches `sched/sched_process_exec`, decodes the gate's records from the same ring
+//! buffer, and hands the daemon the `PENDING` map ([`PendingCgroups`]).
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
 use fsmon_common::{
-    CgroupEvent, FilterConfig, ProgramConfig, TracepointLayout, EVENT_MKDIR, STAT_RINGBUF_FULL,
+    CgroupEvent, FilterConfig, GateConfig, GateEvent, PendingCgroup, ProgramConfig,
+    TracepointLayout, EVENT_GATE, EVENT_MKDIR, EVENT_RMDIR, STAT_GATE_SKIPPED, STAT_RINGBUF_FULL,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -108,6 +111,62 @@ impl LifecycleRecord {
     }
 }
 
+/// One exec-gate record, decoded: the kernel stopped (or tried to stop) process `pid`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateRecord {
+    /// Host pid of the process.
+    pub pid: u32,
+    /// Return code of `bpf_send_signal(SIGSTOP)`; 0 when the stop was queued.
+    pub signal_ret: i32,
+    /// The pending cgroup that matched.
+    pub cgroup_id: u64,
+    /// The task's own v2 cgroup.
+    pub task_cgroup_id: u64,
+    /// CLOCK_BOOTTIME nanoseconds at the exec (the task started before it).
+    pub boot_ns: u64,
+    /// CLOCK_MONOTONIC nanoseconds at the exec.
+    pub ktime_ns: u64,
+}
+
+impl GateRecord {
+    fn decode(ev: &GateEvent) -> Self {
+        GateRecord {
+            pid: ev.pid,
+            signal_ret: ev.signal_ret,
+            cgroup_id: ev.cgroup_id,
+            task_cgroup_id: ev.task_cgroup_id,
+            boot_ns: ev.boot_ns,
+            ktime_ns: ev.ktime_ns,
+        }
+    }
+}
+
+/// The gate's `PENDING` map: container cgroups (v2 ids) whose tasks are stopped at exec
+/// until the daemon deletes their entry.
+pub struct PendingCgroups(BpfHashMap<MapData, u64, PendingCgroup>);
+
+impl PendingCgroups {
+    /// Ends gating for `cgroup_id`; true when it was pending.
+    pub fn remove(&mut self, cgroup_id: u64) -> bool {
+        self.0.remove(&cgroup_id).is_ok()
+    }
+
+    /// Whether `cgroup_id` is still pending.
+    pub fn contains(&self, cgroup_id: u64) -> bool {
+        self.0.get(&cgroup_id, 0).is_ok()
+    }
+
+    /// Entries marked more than `max_age_ns` ago (CLOCK_MONOTONIC `now_ns`).
+    pub fn older_than(&self, now_ns: u64, max_age_ns: u64) -> Vec<u64> {
+        self.0
+            .iter()
+            .flatten()
+            .filter(|(_, p)| now_ns.saturating_sub(p.mkdir_ktime_ns) > max_age_ns)
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
+
 /// Parses a tracepoint `format` file into the offsets the program needs.
 pub fn parse_format(text: &str) -> Result<TracepointLayout, String> {
     let mut layout = TracepointLayout::default();
@@ -174,13 +233,15 @@ pub struct Lifecycle {
     ring: AsyncFd<RingBuf<MapData>>,
     logger: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     stats: PerCpuArray<MapData, u64>,
+    pending: Option<PendingCgroups>,
     // Keeps the programs (and their links) alive.
     _ebpf: Ebpf,
 }
 
 impl Lifecycle {
-    /// Loads and attaches the programs. `filter` says which hierarchies to report.
-    pub fn load(filter: FilterConfig) -> Result<Self, EbpfError> {
+    /// Loads and attaches the programs. `filter` says which hierarchies to report; the exec
+    /// gate is attached when `gate.enabled` is 1.
+    pub fn load(filter: FilterConfig, gate: GateConfig) -> Result<Self, EbpfError> {
         let object = OBJECT.ok_or(EbpfError::NotEmbedded)?;
         if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(EbpfError::NoBtf);
@@ -207,6 +268,7 @@ impl Lifecycle {
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("FSMON_CONFIG", &config, true)
+            .override_global("FSMON_GATE", &gate, true)
             .load(object)
             .map_err(aya_err("load"))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -218,7 +280,11 @@ impl Lifecycle {
                 None
             }
         };
-        for name in ["cgroup_mkdir", "cgroup_rmdir"] {
+        let mut programs = vec![("cgroup", "cgroup_mkdir"), ("cgroup", "cgroup_rmdir")];
+        if gate.enabled != 0 {
+            programs.push(("sched", "sched_process_exec"));
+        }
+        for (category, name) in programs {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| EbpfError::Aya {
@@ -228,8 +294,8 @@ impl Lifecycle {
                 .try_into()
                 .map_err(aya_err(format!("program {name}")))?;
             prog.load().map_err(aya_err(format!("load {name}")))?;
-            prog.attach("cgroup", name)
-                .map_err(aya_err(format!("attach cgroup/{name}")))?;
+            prog.attach(category, name)
+                .map_err(aya_err(format!("attach {category}/{name}")))?;
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| EbpfError::Aya {
             what: "find map EVENTS".into(),
@@ -242,18 +308,35 @@ impl Lifecycle {
                 source: "missing".into(),
             })?)
             .map_err(aya_err("open STATS"))?;
+        let pending = match ebpf.take_map("PENDING") {
+            Some(m) if gate.enabled != 0 => Some(PendingCgroups(
+                BpfHashMap::try_from(m).map_err(aya_err("open PENDING"))?,
+            )),
+            _ => None,
+        };
         // SAFETY: the ring buffer owns its map fd, which stays open while the AsyncFd owns it.
         let ring = unsafe { AsyncFd::register(ring) }.map_err(aya_err("register ring buffer"))?;
         Ok(Lifecycle {
             ring,
             logger,
             stats,
+            pending,
             _ebpf: ebpf,
         })
     }
 
-    /// Waits until records are available, then drains all of them into `out`.
-    pub async fn next_batch(&mut self, out: &mut Vec<LifecycleRecord>) -> std::io::Result<()> {
+    /// The gate's `PENDING` map (once; `None` when the gate is off).
+    pub fn take_pending(&mut self) -> Option<PendingCgroups> {
+        self.pending.take()
+    }
+
+    /// Waits until records are available, then drains all of them: cgroup records into
+    /// `out`, exec-gate records into `gates`.
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<LifecycleRecord>,
+        gates: &mut Vec<GateRecord>,
+    ) -> std::io::Result<()> {
         loop {
             // Forward eBPF-side log lines (cold paths only) without blocking.
             if let Some(logger) = self.logger.as_mut() {
@@ -267,14 +350,28 @@ impl Lifecycle {
             let mut guard = self.ring.readable_mut().await?;
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
-                if item.len() >= std::mem::size_of::<CgroupEvent>() {
-                    let ev: CgroupEvent =
-                        bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<CgroupEvent>()]);
-                    out.push(LifecycleRecord::decode(&ev));
+                let kind = item
+                    .get(..4)
+                    .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                match kind {
+                    Some(EVENT_MKDIR | EVENT_RMDIR)
+                        if item.len() >= std::mem::size_of::<CgroupEvent>() =>
+                    {
+                        let ev: CgroupEvent = bytemuck::pod_read_unaligned(
+                            &item[..std::mem::size_of::<CgroupEvent>()],
+                        );
+                        out.push(LifecycleRecord::decode(&ev));
+                    }
+                    Some(EVENT_GATE) if item.len() >= std::mem::size_of::<GateEvent>() => {
+                        let ev: GateEvent =
+                            bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<GateEvent>()]);
+                        gates.push(GateRecord::decode(&ev));
+                    }
+                    _ => {}
                 }
             }
             guard.clear_ready();
-            if !out.is_empty() {
+            if !out.is_empty() || !gates.is_empty() {
                 return Ok(());
             }
         }
@@ -282,8 +379,18 @@ impl Lifecycle {
 
     /// Records the kernel could not put in the ring buffer (it was full), summed over CPUs.
     pub fn lost(&self) -> u64 {
+        self.stat(STAT_RINGBUF_FULL)
+    }
+
+    /// Execs of pending containers the gate let through (ring buffer full, or the stop
+    /// could not be queued): those containers rely on the late-arm scan.
+    pub fn gate_skipped(&self) -> u64 {
+        self.stat(STAT_GATE_SKIPPED)
+    }
+
+    fn stat(&self, slot: u32) -> u64 {
         self.stats
-            .get(&STAT_RINGBUF_FULL, 0)
+            .get(&slot, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
     }

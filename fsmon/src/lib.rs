@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod event;
 pub mod filter;
 pub mod freezer;
+pub mod gate;
 pub mod id;
 pub mod limits;
 pub mod output;

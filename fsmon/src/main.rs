@@ -133,8 +133,23 @@ struct RunArgs {
     #[arg(long, value_name = "MS", default_value_t = 100)]
     freeze_timeout: u64,
 
-    /// Directory (on tmpfs) where in-flight freezes are recorded, so that a restarted fsmon
-    /// thaws what a killed one left frozen.
+    /// Do not stop a starting container's tasks at exec while its watch is armed (the exec
+    /// gate); a starved fsmon then relies on the late-arm scan, which cannot see a file
+    /// made and deleted before the watch.
+    ///
+    /// Example: --no-gate
+    #[arg(long)]
+    no_gate: bool,
+
+    /// Longest time the exec gate holds a starting container's task, in milliseconds; past
+    /// it the task is resumed and arming finishes without the gate.
+    ///
+    /// Example: --gate-timeout 2000
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    gate_timeout: u64,
+
+    /// Directory (on tmpfs) where in-flight freezes and gated tasks are recorded, so that a
+    /// restarted fsmon thaws and resumes what a killed one left held.
     ///
     /// Example: --state-dir /run/fsmon
     #[arg(long, value_name = "DIR", default_value = "/run/fsmon")]
@@ -346,14 +361,16 @@ fn run(args: RunArgs) -> ExitCode {
         stats_interval: Duration::from_secs(args.stats_interval),
         containers,
         records,
+        gate: !args.no_gate,
+        gate_timeout: Duration::from_millis(args.gate_timeout.max(1)),
         ..Config::default()
     };
 
-    // A panic must never leave a container frozen: thaw everything recorded, then abort.
+    // A panic must never leave a container frozen or stopped: release everything recorded.
     let state_dir = args.state_dir;
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        fsmon::freezer::thaw_recorded(&state_dir);
+        fsmon::freezer::release_recorded(&state_dir);
         default_hook(info);
     }));
 

@@ -129,12 +129,14 @@ pub fn container_start(
     upperdir: &std::path::Path,
     freeze_us: Option<u64>,
     arm_us: Option<u64>,
+    gated_us: Option<u64>,
 ) -> String {
     let mut m = base("container_start", now);
     m.insert("container".into(), c.to_json());
     put_path(&mut m, "upperdir", upperdir.as_os_str().as_encoded_bytes());
     m.insert("freeze_us".into(), json!(freeze_us));
     m.insert("arm_us".into(), json!(arm_us));
+    m.insert("gated_us".into(), json!(gated_us));
     line(m)
 }
 
@@ -412,6 +414,7 @@ mod tests {
             std::path::Path::new("/var/lib/docker/x/diff"),
             None,
             Some(310),
+            Some(1234),
         ));
         assert_eq!(v["kind"], "container_start");
         assert_eq!(v["container"]["runtime"], "containerd");
@@ -421,6 +424,7 @@ mod tests {
         );
         assert_eq!(v["freeze_us"], Value::Null);
         assert_eq!(v["arm_us"], 310);
+        assert_eq!(v["gated_us"], 1234);
         assert_eq!(v["upperdir"], "/var/lib/docker/x/diff");
         let v = parse(&overflow(UNIX_EPOCH, None, "queue"));
         assert_eq!(v["kind"], "overflow");

@@ -74,6 +74,11 @@ pub fn run_rm(host: &str, name: &str, cmd: &[&str]) -> Result<String> {
     run_test_image(host, "--rm", name, cmd)
 }
 
+/// `docker run` of the test image (waits for it to exit; the container is kept).
+pub fn run_kept(host: &str, name: &str, cmd: &[&str]) -> Result<String> {
+    run_test_image(host, "--pull=never", name, cmd)
+}
+
 fn run_test_image(host: &str, mode: &str, name: &str, cmd: &[&str]) -> Result<String> {
     let image = image();
     let mut args = vec![
@@ -114,7 +119,24 @@ impl Fsmon {
         args: &[&str],
         nofile: Option<u64>,
     ) -> Result<Fsmon> {
-        let state_dir = tempfile::tempdir()?;
+        Self::launch(hosts, args, tempfile::tempdir()?, nofile)
+    }
+
+    /// [`Fsmon::start`] with a given state directory (e.g. one a killed fsmon left).
+    pub fn start_in(
+        hosts: &[String],
+        args: &[&str],
+        state_dir: tempfile::TempDir,
+    ) -> Result<Fsmon> {
+        Self::launch(hosts, args, state_dir, None)
+    }
+
+    fn launch(
+        hosts: &[String],
+        args: &[&str],
+        state_dir: tempfile::TempDir,
+        nofile: Option<u64>,
+    ) -> Result<Fsmon> {
         let mut cmd = Command::new(env("FSMON_BIN"));
         cmd.arg("run");
         for h in hosts {
@@ -264,6 +286,14 @@ impl Fsmon {
         }
         let records = std::mem::take(&mut self.records);
         Ok((status.code().unwrap_or(-1), records))
+    }
+
+    /// Kills fsmon with SIGKILL (nothing of its own clean-up runs) and hands back its
+    /// state directory, for a restart with [`Fsmon::start_in`].
+    pub fn kill_9(mut self) -> Result<tempfile::TempDir> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(std::mem::replace(&mut self.state_dir, tempfile::tempdir()?))
     }
 
     /// The child's pid.

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use fsmon_tests::{
-    assert_bracketed, docker, engines, frozen_cgroups, image, run_detached, run_rm, unique, Fsmon,
+    assert_bracketed, docker, engines, frozen_cgroups, image, run_detached, run_kept, run_rm,
+    unique, Fsmon,
 };
 use serde_json::Value;
 
@@ -182,6 +183,17 @@ fn stress_runs() -> usize {
 
 /// Runs `n` `docker run --rm` of FIRST on `host`, `parallel` at a time; returns the names.
 fn run_many(host: &str, label: &str, n: usize, parallel: usize) -> anyhow::Result<Vec<String>> {
+    run_many_with(host, label, n, parallel, run_rm)
+}
+
+/// [`run_many`] with another way to run the container (e.g. [`run_kept`]).
+fn run_many_with(
+    host: &str,
+    label: &str,
+    n: usize,
+    parallel: usize,
+    runner: fn(&str, &str, &[&str]) -> anyhow::Result<String>,
+) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     let mut i = 0;
     while i < n {
@@ -192,7 +204,7 @@ fn run_many(host: &str, label: &str, n: usize, parallel: usize) -> anyhow::Resul
             .iter()
             .map(|name| {
                 let (host, name) = (host.to_owned(), name.clone());
-                std::thread::spawn(move || run_rm(&host, &name, &["sh", "-c", FIRST]))
+                std::thread::spawn(move || runner(&host, &name, &["sh", "-c", FIRST]))
             })
             .collect();
         for (h, name) in handles.into_iter().zip(&batch) {
@@ -239,13 +251,49 @@ fn check_lossless(f: &mut Fsmon, label: &str, names: &[String]) -> anyhow::Resul
             }
         }
     }
+    let first_missing: Vec<&Value> = missing
+        .first()
+        .and_then(|m| m.split(':').next())
+        .map(|name| {
+            f.records
+                .iter()
+                .filter(|r| r["container"]["name"] == name)
+                .collect()
+        })
+        .unwrap_or_default();
+    // What the first one's layer holds now (kept containers): tells a lost event from a
+    // container that never ran its command.
+    let layer: Option<String> = first_missing
+        .iter()
+        .find_map(|r| r["upperdir"].as_str())
+        .and_then(|u| {
+            std::process::Command::new("find")
+                .arg(u)
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        });
     assert!(
         missing.is_empty(),
-        "{label}: {} of {} first-instruction paths missing: {missing:?}",
+        "{label}: {} of {} first-instruction paths missing: {missing:?}; records of the first: {first_missing:#?}; its layer now: {layer:?}",
         missing.len(),
         names.len() * FIRST_PATHS.len()
     );
     Ok(())
+}
+
+/// The non-null `field` (`freeze_us`, `gated_us`) of the `container_start`s of `names`.
+fn start_durations(f: &Fsmon, names: &[String], field: &str) -> Vec<u64> {
+    f.records
+        .iter()
+        .filter(|r| {
+            r["kind"] == "container_start"
+                && r["container"]["name"]
+                    .as_str()
+                    .is_some_and(|n| names.iter().any(|m| m == n))
+        })
+        .filter_map(|r| r[field].as_u64())
+        .collect()
 }
 
 #[test]
@@ -254,17 +302,7 @@ fn lossless_start_sequential() -> anyhow::Result<()> {
     for (label, host) in engines() {
         let names = run_many(&host, label, stress_runs(), 1)?;
         check_lossless(&mut f, label, &names)?;
-        let freezes: Vec<u64> = f
-            .records
-            .iter()
-            .filter(|r| {
-                r["kind"] == "container_start"
-                    && r["container"]["name"]
-                        .as_str()
-                        .is_some_and(|n| names.iter().any(|m| m == n))
-            })
-            .filter_map(|r| r["freeze_us"].as_u64())
-            .collect();
+        let freezes = start_durations(&f, &names, "freeze_us");
         eprintln!(
             "{label}: {} containers, {} frozen, freeze_us max {:?}",
             names.len(),
@@ -387,6 +425,11 @@ fn kill_9_during_load_leaves_nothing_frozen_after_restart() -> anyhow::Result<()
         frozen_cgroups().is_empty(),
         "left frozen: {:?}",
         frozen_cgroups()
+    );
+    assert!(
+        stopped_container_tasks().is_empty(),
+        "left stopped: {:?}",
+        stopped_container_tasks()
     );
     assert_eq!(
         std::fs::read_dir(&state_dir)?.count(),
@@ -872,6 +915,285 @@ fn a_slow_engine_delays_no_other_container() -> anyhow::Result<()> {
             .find(|r| r["kind"] == "container_start" && r["container"]["name"] == name.as_str())
             .ok_or_else(|| anyhow::anyhow!("{name}: no container_start"))?;
         assert_eq!(start["container"]["image"], image().as_str(), "{start}");
+    }
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+// ---- The exec gate -------------------------------------------------------------------
+
+/// State and start time of host pid `pid` (None when it is gone).
+fn proc_stat(pid: u32) -> Option<fsmon::gate::ProcStat> {
+    fsmon::gate::parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Every task of every Docker container (both engines: all are in the v2 hierarchy) that is
+/// stopped (state `T`), as `cgroup:pid`.
+fn stopped_container_tasks() -> Vec<String> {
+    let mut stopped = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup/unified/docker") else {
+        return stopped;
+    };
+    for e in rd.flatten() {
+        let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) else {
+            continue;
+        };
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if proc_stat(pid).is_some_and(|s| s.state == b'T') {
+                stopped.push(format!("{}:{pid}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    stopped
+}
+
+/// Waits until `pred` holds for host pid `pid`'s state, or `timeout` passes.
+fn wait_state(pid: u32, timeout: Duration, pred: impl Fn(u8) -> bool) -> Option<u8> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let state = proc_stat(pid).map(|s| s.state);
+        if state.is_some_and(&pred) || std::time::Instant::now() >= deadline {
+            return state;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a pid this test started (fsmon) or owns (a sleep it spawned).
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+fn init_pid(host: &str, id: &str) -> anyhow::Result<u32> {
+    Ok(docker(host, &["inspect", "-f", "{{.State.Pid}}", id])?.parse()?)
+}
+
+/// A file the container makes and deletes at once: only a watch armed before the
+/// container's first instruction sees it.
+const FLASH: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2; \
+                     echo y > /flash; rm /flash";
+
+#[test]
+fn gate_holds_a_start_while_fsmon_is_stopped() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        let name = unique(label);
+        signal(f.pid(), libc::SIGSTOP);
+        // `docker run -d` returns once the container started: runc treats a stopped PID 1 as
+        // running, so a gated start does not fail or hang.
+        let started = run_detached(&host, &name, &["sh", "-c", FLASH]);
+        let held = started
+            .as_ref()
+            .ok()
+            .and_then(|id| init_pid(&host, id).ok())
+            .map(|pid| (pid, wait_state(pid, Duration::from_secs(5), |s| s == b'T')));
+        std::thread::sleep(Duration::from_secs(1));
+        signal(f.pid(), libc::SIGCONT);
+        let id = started?;
+        let (pid, state) = held.ok_or_else(|| anyhow::anyhow!("{label}: no init pid"))?;
+        assert_eq!(
+            state,
+            Some(b'T'),
+            "{label}: the container's first exec is held while fsmon is stopped (pid {pid})"
+        );
+        let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+        let gated = start["gated_us"].as_u64();
+        assert!(
+            gated.is_some_and(|us| us >= 900_000),
+            "{label}: gated_us covers the second fsmon was stopped: {start}"
+        );
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        let recs = f.of(&id);
+        assert_bracketed(&recs, &format!("{label}: {recs:#?}"));
+        // Live: from the watch, not from a late arm's scan (the contents of a directory made
+        // before its own watch are found by its scan, as always).
+        for p in ["/f0", "/a", "/flash"] {
+            assert!(
+                recs.iter()
+                    .any(|r| r["kind"] == "create" && r["path"] == p && r["source"] == "inotify"),
+                "{label}: {p} reported live: {recs:#?}"
+            );
+        }
+        for p in FIRST_PATHS {
+            assert!(
+                recs.iter().any(|r| r["kind"] == "create" && r["path"] == p),
+                "{label}: {p} reported: {recs:#?}"
+            );
+        }
+        assert!(
+            recs.iter().any(|r| r["kind"] == "delete"
+                && r["path"] == "/flash"
+                && r["source"] == "inotify"),
+            "{label}: the file made and deleted at once is deleted live: {recs:#?}"
+        );
+        docker(&host, &["rm", "-f", &id])?;
+    }
+    assert!(
+        std::fs::read_dir(f.state_dir.path())?.next().is_none(),
+        "hold records removed after the resume"
+    );
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+#[test]
+fn gate_costs_nothing_when_fsmon_is_on_time_and_never_stops_exec_or_unarmed() -> anyhow::Result<()>
+{
+    // fsmon follows the v1 engine only: the v2 engine's containers are not armed.
+    let (v1_label, v1) = engines().remove(0);
+    let (_, v2) = engines().remove(1);
+    let mut f = Fsmon::start(std::slice::from_ref(&v1), &[])?;
+    let name = unique(v1_label);
+    let id = run_detached(&v1, &name, &["sh", "-c", "touch /f0; sleep 1000"])?;
+    let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
+    assert_eq!(start["gated_us"], Value::Null, "nothing held: {start}");
+    // docker exec in an armed container runs (exec'd tasks of armed containers pass).
+    docker(&v1, &["exec", &id, "sh", "-c", "touch /by-exec"])?;
+    f.wait_for(WAIT, |r| {
+        r["kind"] == "create" && r["container"]["id"] == id.as_str() && r["path"] == "/by-exec"
+    })?;
+    // A container fsmon does not arm starts and runs to its end.
+    let other = unique("unarmed");
+    run_rm(&v2, &other, &["sh", "-c", "touch /x; sleep 0.2; touch /y"])?;
+    assert!(
+        f.records
+            .iter()
+            .all(|r| r["container"]["name"] != other.as_str()),
+        "an unarmed container is not reported"
+    );
+    assert!(
+        stopped_container_tasks().is_empty(),
+        "stopped: {:?}",
+        stopped_container_tasks()
+    );
+    docker(&v1, &["rm", "-f", &id])?;
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+#[test]
+fn gate_kill_9_while_a_start_is_held_then_restart_resumes_it() -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    let f = Fsmon::start(&hosts(), &[])?;
+    let state_dir = f.state_dir.path().to_owned();
+    // SIGKILL can end a stopped process: no SIGCONT needed first.
+    signal(f.pid(), libc::SIGSTOP);
+    for (label, host) in engines() {
+        let name = unique(label);
+        let id = run_detached(&host, &name, &["sh", "-c", "touch /f0; sleep 1000"])?;
+        let pid = init_pid(&host, &id)?;
+        assert_eq!(
+            wait_state(pid, Duration::from_secs(5), |s| s == b'T'),
+            Some(b'T'),
+            "{label}: held while fsmon is stopped"
+        );
+        held.push((label, host, id, pid));
+    }
+    // Killed while holding: it never even read the gate's records.
+    let state = f.kill_9()?;
+    // A task its user stopped on purpose (same state T), and a record of a task whose pid
+    // now names another process (start time differs): neither may be resumed.
+    let mut user_stopped = std::process::Command::new("sleep").arg("1000").spawn()?;
+    signal(user_stopped.id(), libc::SIGSTOP);
+    let mut recycled = std::process::Command::new("sleep").arg("1000").spawn()?;
+    signal(recycled.id(), libc::SIGSTOP);
+    let start = proc_stat(recycled.id()).map_or(0, |s| s.start_ticks);
+    std::fs::write(
+        state_dir.join("999999-1"),
+        format!("stop {} {} 1\n", recycled.id(), start + 1),
+    )?;
+    let mut second = Fsmon::start_in(&hosts(), &[], state)?;
+    for (label, host, id, pid) in &held {
+        assert_ne!(
+            wait_state(*pid, Duration::from_secs(5), |s| s != b'T'),
+            Some(b'T'),
+            "{label}: resumed by the restarted fsmon"
+        );
+        docker(host, &["exec", id, "touch", "/after-restart"])?;
+        second.wait_for(WAIT, |r| {
+            r["kind"] == "create"
+                && r["container"]["id"] == id.as_str()
+                && r["path"] == "/after-restart"
+        })?;
+        docker(host, &["rm", "-f", id])?;
+    }
+    assert_eq!(proc_stat(user_stopped.id()).map(|s| s.state), Some(b'T'));
+    assert_eq!(proc_stat(recycled.id()).map(|s| s.state), Some(b'T'));
+    assert!(
+        std::fs::read_dir(&state_dir)?.next().is_none(),
+        "records consumed"
+    );
+    for c in [&mut user_stopped, &mut recycled] {
+        c.kill()?;
+        c.wait()?;
+    }
+    assert!(
+        stopped_container_tasks().is_empty(),
+        "stopped: {:?}",
+        stopped_container_tasks()
+    );
+    let (code, _) = second.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+fn gate_runs() -> usize {
+    std::env::var("FSMON_GATE_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100)
+}
+
+#[test]
+fn gate_under_stalls_many_starts_4_at_a_time_cpu_hog() -> anyhow::Result<()> {
+    let mut f = Fsmon::start(&hosts(), &[])?;
+    for (label, host) in engines() {
+        // fsmon is stopped for 300 ms of every 400 ms: longer than runc takes from a
+        // container's cgroup to its first exec, so many starts find it late.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let staller = {
+            let (stop, pid) = (stop.clone(), f.pid());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    signal(pid, libc::SIGSTOP);
+                    std::thread::sleep(Duration::from_millis(300));
+                    signal(pid, libc::SIGCONT);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let hog = CpuHog::start()?;
+        // Kept, not --rm: a container that runs and exits while fsmon is stopped is
+        // reported when fsmon resumes, by scanning what it left; a --rm layer would be gone.
+        let names = run_many_with(&host, label, gate_runs(), 4, run_kept);
+        drop(hog);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        staller
+            .join()
+            .map_err(|_| anyhow::anyhow!("staller panicked"))?;
+        signal(f.pid(), libc::SIGCONT);
+        let names = names?;
+        check_lossless(&mut f, &format!("{label} stalled fsmon, CPU hog"), &names)?;
+        for name in &names {
+            docker(&host, &["rm", "-f", name])?;
+        }
+        let gated = start_durations(&f, &names, "gated_us");
+        eprintln!(
+            "{label}: {} starts, {} gated, gated_us max {:?}",
+            names.len(),
+            gated.len(),
+            gated.iter().max()
+        );
+        assert!(!gated.is_empty(), "{label}: the gate engaged at least once");
+        assert!(
+            stopped_container_tasks().is_empty() && frozen_cgroups().is_empty(),
+            "{label}: left stopped {:?} / frozen {:?}",
+            stopped_container_tasks(),
+            frozen_cgroups()
+        );
     }
     let (code, _) = f.stop()?;
     assert_eq!(code, 0);

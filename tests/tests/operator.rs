@@ -418,12 +418,6 @@ fn bad_flags_are_one_line_and_exit_2() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fields that SPEC defines and that are printed once the branches adding them are merged
-/// (`gated_us`: issue 10, the exec gate; `container.runtime` and `container.pod` of issue 9
-/// are on main). The docs show them; a binary that does not print them yet is not a
-/// mismatch. Empty this list once the exec gate has landed.
-const NOT_YET_ON_EVERY_BRANCH: [&str; 1] = ["gated_us"];
-
 /// The shape of a record: every key path (`container.id`, `records.create`), without the
 /// keys that only some containers have (`container.pod`, for Kubernetes).
 fn shape(v: &Value) -> Vec<String> {
@@ -436,11 +430,6 @@ fn shape(v: &Value) -> Vec<String> {
                     format!("{prefix}.{k}")
                 };
                 if path.ends_with("container.pod") || path == "pod" {
-                    continue;
-                }
-                if NOT_YET_ON_EVERY_BRANCH.contains(&path.as_str())
-                    || NOT_YET_ON_EVERY_BRANCH.contains(&format!("container.{path}").as_str())
-                {
                     continue;
                 }
                 walk(child, &path, out);

@@ -1540,3 +1540,47 @@ fn armed_without_a_start_instant_reports_nothing_of_the_same_layer() {
         "{stats:?}"
     );
 }
+
+/// A container's exit is read from `cgroup.events` when fsmon gets to a modify of it, which
+/// may be long after that modify (a stalled fsmon): the file then already says `populated
+/// 0` at an *earlier* modify (a thaw, init joining), before the container's file events, or
+/// is gone with its cgroup. The exit must still come after those events, where its own
+/// modify is, or they are lost with it.
+#[test]
+fn exit_read_late_comes_after_the_file_events_before_it() {
+    let _l = shared();
+    for cgroup_removed in [false, true] {
+        let m = OverlayMount::new(1, image);
+        let cg = tempfile::tempdir().expect("temp dir");
+        let events_file = cg.path().join("cgroup.events");
+        std::fs::write(&events_file, "populated 1\nfrozen 1\n").expect("write");
+        let mut w = armed("c", &m);
+        w.watch_exit("c", cg.path()).expect("watch_exit");
+        // fsmon thaws it (a modify), then the container runs and exits (and its cgroup
+        // goes), all before fsmon reads.
+        std::fs::write(&events_file, "populated 1\nfrozen 0\n").expect("write");
+        std::fs::write(m.m("f0"), "x").expect("write");
+        std::fs::create_dir_all(m.m("a/b")).expect("mkdir");
+        std::fs::write(m.m("a/b/f1"), "x").expect("write");
+        std::fs::write(&events_file, "populated 0\nfrozen 0\n").expect("write");
+        if cgroup_removed {
+            std::fs::remove_file(&events_file).expect("rm");
+        }
+        let outs = drain(&mut w, QUIET, MAX);
+        let exits: Vec<usize> = outs
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, WatchOutput::Exited { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        let evs = files(&outs);
+        assert_eq!(
+            exits,
+            vec![outs.len() - 1],
+            "cgroup removed: {cgroup_removed}; one exit, last: {outs:?}"
+        );
+        for p in ["/f0", "/a", "/a/b", "/a/b/f1"] {
+            assert_count(&evs, FileKind::Create, p.as_bytes(), 1);
+        }
+    }
+}

@@ -124,6 +124,11 @@ const READ_BUF: usize = 64 * 1024;
 /// (or for the entry event that would explain a directory's mtime-only `attrib`).
 const MOVE_PARTNER_WAIT_MS: i32 = 1;
 
+/// How long to wait, once, for the modify of a container's `cgroup.events` that an exit
+/// read at an earlier modify implies (the kernel queues it from a work item, so it can
+/// trail the file's content), when outputs came after that earlier modify.
+const EXIT_MODIFY_WAIT_MS: i32 = 10;
+
 /// Margin for coarse file-system timestamps when deciding whether a file changed after
 /// monitoring began (see [`rules::rescan_change`]), or after a late-armed container
 /// started (see [`Watcher::add_container_since`]).
@@ -230,14 +235,27 @@ struct ExitWatch {
     /// (init not joined yet) and its freeze/thaw also modify `cgroup.events`, so only a
     /// change from populated to empty is an exit.
     seen_populated: bool,
+    /// Where in `Shared::out` this drain put the container's exit. A modify only says that
+    /// the file changed, and its content is read when fsmon gets to the modify: a stalled
+    /// fsmon reads `populated 0` already at an earlier modify (its own thaw, init joining),
+    /// which precedes the container's file events in the queue. The exit is the last
+    /// modify, so each later modify moves the exit there.
+    out_at: Option<usize>,
 }
 
 impl ExitWatch {
     /// Reads `cgroup.events`; returns true when this read shows the exit.
     fn exited_now(&mut self) -> bool {
-        // A failed read (the cgroup is gone, or no descriptor is left) says nothing: the
-        // cgroup's rmdir record ends monitoring then.
-        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            // The cgroup is gone, and a cgroup is removed only once no process is left in
+            // it: this read (late, at a modify the exit or an earlier change queued) shows
+            // the exit.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return true,
+            // Any other failed read (no descriptor left) says nothing: the cgroup's rmdir
+            // record ends monitoring then.
+            Err(_) => String::new(),
+        };
         if text.lines().any(|l| l.trim() == "populated 1") {
             self.seen_populated = true;
             false
@@ -480,6 +498,7 @@ impl Watcher {
             id: id.to_owned(),
             path,
             seen_populated: false,
+            out_at: None,
         };
         // Watch first, then read: a change after this read is an event.
         let _ = exit.exited_now();
@@ -546,6 +565,9 @@ impl Watcher {
         }
         self.enforce_budget(0);
         out.extend(self.shared.out.drain(..).flatten());
+        for e in self.exits.values_mut() {
+            e.out_at = None;
+        }
     }
 
     /// Retries the watches that the watch limit refused (call it periodically: it costs
@@ -589,9 +611,20 @@ impl Watcher {
                 Ok(n) => self.handle_read(buf.get(..n).unwrap_or_default()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let waiting = self.containers.iter().flatten().any(Container::waiting);
-                    if waiting && !waited {
+                    // An exit read at a modify that outputs followed: its own modify may
+                    // still be on its way; wait for it, so that the exit moves there.
+                    let exit_early = self
+                        .exits
+                        .values()
+                        .any(|e| e.out_at.is_some_and(|i| i + 1 < self.shared.out.len()));
+                    if (waiting || exit_early) && !waited {
                         waited = true;
-                        if sys::poll_readable(self.shared.inotify.as_fd(), MOVE_PARTNER_WAIT_MS) {
+                        let ms = if exit_early {
+                            EXIT_MODIFY_WAIT_MS
+                        } else {
+                            MOVE_PARTNER_WAIT_MS
+                        };
+                        if sys::poll_readable(self.shared.inotify.as_fd(), ms) {
                             continue;
                         }
                     }
@@ -645,6 +678,10 @@ impl Watcher {
                 self.exits.remove(&ev.wd);
             } else if ev.mask & libc::IN_MODIFY != 0 && exit.exited_now() {
                 let container = exit.id.clone();
+                // Read at an earlier modify of this drain: the exit is this later one.
+                if let Some(slot) = exit.out_at.take().and_then(|i| self.shared.out.get_mut(i)) {
+                    *slot = None;
+                }
                 // Pending rename halves of this container are its own: settle them
                 // before the exit, so they are not lost with the container.
                 if let Some(c) = self
@@ -658,6 +695,10 @@ impl Watcher {
                 self.shared
                     .out
                     .push(Some(WatchOutput::Exited { container }));
+                let at = self.shared.out.len() - 1;
+                if let Some(exit) = self.exits.get_mut(&ev.wd) {
+                    exit.out_at = Some(at);
+                }
             }
             return;
         }
