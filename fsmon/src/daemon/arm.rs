@@ -15,16 +15,96 @@ impl Daemon {
         unified_cgroup: Option<PathBuf>,
         since: Option<SystemTime>,
     ) -> anyhow::Result<()> {
-        let mut outcome = self.try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)?;
+        if let Some(target) = freeze {
+            if self.decide_early(cg) == Decision::Skip {
+                return self.settle(cg, unified_cgroup, since, ArmOutcome::Excluded);
+            }
+            self.freeze_off_loop(cg, target, unified_cgroup, since);
+            return Ok(());
+        }
+        let outcome = self.try_arm(cg, unified_cgroup.as_deref(), since)?;
+        self.settle_with_retry(cg, unified_cgroup, since, outcome)
+    }
+
+    /// After an attempt: when descriptors ran out, the cache of directory fds gives way
+    /// and the container gets a second try (not frozen); then the outcome is booked.
+    pub(super) fn settle_with_retry(
+        &mut self,
+        cg: &ContainerCgroup,
+        unified_cgroup: Option<PathBuf>,
+        since: Option<SystemTime>,
+        mut outcome: ArmOutcome,
+    ) -> anyhow::Result<()> {
         if let ArmOutcome::Failed {
             exhausted: true, ..
         } = outcome
         {
-            // The cache of directory fds gives way, and the container gets a second try.
             self.relieve_fds();
-            outcome = self.try_arm(cg, freeze.as_ref(), unified_cgroup.as_deref(), since)?;
+            outcome = self.try_arm(cg, unified_cgroup.as_deref(), since)?;
         }
         self.settle(cg, unified_cgroup, since, outcome)
+    }
+
+    /// Writes a freeze by a blocking task: the write can wait 5–17 ms behind runc on the
+    /// cgroup lock, and the loop goes on meanwhile (other containers, file events). The
+    /// container is armed when [`Answer::Frozen`] comes back (`arm_frozen`); a hold whose
+    /// container went meanwhile is released when dropped.
+    fn freeze_off_loop(
+        &mut self,
+        cg: &ContainerCgroup,
+        target: FreezeTarget,
+        unified_cgroup: Option<PathBuf>,
+        since: Option<SystemTime>,
+    ) {
+        let id = cg.id.as_str().to_owned();
+        self.freezing.insert(
+            id.clone(),
+            Asking {
+                cgroup: cg.clone(),
+                unified_cgroup,
+                since,
+            },
+        );
+        let (freezer, answers) = (self.freezer.clone(), self.answers.clone());
+        let bound = self.config.freeze_timeout;
+        tokio::task::spawn_blocking(move || {
+            let result = freezer.freeze(&target, bound);
+            // A closed channel (shutdown) drops the answer, and with it the hold: thawed.
+            let _ = answers.send(Answer::Frozen { id, result });
+        });
+    }
+
+    /// The freeze written off the loop came back: arm the (frozen) container.
+    pub(super) fn arm_frozen(
+        &mut self,
+        id: &str,
+        result: Result<Option<Hold>, FreezeError>,
+    ) -> anyhow::Result<()> {
+        // Gone meanwhile (its cgroup was removed): the hold, if any, is dropped: released.
+        let Some(ask) = self.freezing.remove(id) else {
+            return Ok(());
+        };
+        let frozen = match result {
+            Ok(f) => f,
+            Err(e) if crate::limits::chain_is_fd_exhaustion(&e) => {
+                let outcome = ArmOutcome::Failed {
+                    cause: format!("{e:#}"),
+                    exhausted: true,
+                };
+                return self.settle_with_retry(&ask.cgroup, ask.unified_cgroup, ask.since, outcome);
+            }
+            Err(e) => {
+                tracing::warn!(container_id = %id, error = %e, "cannot freeze; arming without it");
+                None
+            }
+        };
+        let outcome = self.arm_held(
+            &ask.cgroup,
+            frozen,
+            ask.unified_cgroup.as_deref(),
+            ask.since,
+        )?;
+        self.settle_with_retry(&ask.cgroup, ask.unified_cgroup, ask.since, outcome)
     }
 
     /// Books how an attempt to arm ended.
@@ -149,7 +229,7 @@ impl Daemon {
         let ids: Vec<String> = self
             .unarmed
             .keys()
-            .filter(|id| !self.asking.contains_key(*id))
+            .filter(|id| !self.asking.contains_key(*id) && !self.freezing.contains_key(*id))
             .cloned()
             .collect();
         for id in ids {
@@ -229,33 +309,28 @@ impl Daemon {
         filter.decide(&facts)
     }
 
+    /// An attempt to arm a container without freezing it.
     pub(super) fn try_arm(
         &mut self,
         cg: &ContainerCgroup,
-        freeze: Option<&FreezeTarget>,
+        unified_cgroup: Option<&std::path::Path>,
+        since: Option<SystemTime>,
+    ) -> anyhow::Result<ArmOutcome> {
+        if self.decide_early(cg) == Decision::Skip {
+            return Ok(ArmOutcome::Excluded);
+        }
+        self.arm_held(cg, None, unified_cgroup, since)
+    }
+
+    /// Resolve → watch → exit watch → thaw `frozen` → `container_start` (or its hold).
+    fn arm_held(
+        &mut self,
+        cg: &ContainerCgroup,
+        frozen: Option<Hold>,
         unified_cgroup: Option<&std::path::Path>,
         since: Option<SystemTime>,
     ) -> anyhow::Result<ArmOutcome> {
         let id = cg.id.as_str();
-        if self.decide_early(cg) == Decision::Skip {
-            return Ok(ArmOutcome::Excluded);
-        }
-        let frozen = match freeze {
-            Some(t) => match self.freezer.freeze(t, self.config.freeze_timeout) {
-                Ok(f) => f,
-                Err(e) => {
-                    if crate::limits::chain_is_fd_exhaustion(&e) {
-                        return Ok(ArmOutcome::Failed {
-                            cause: format!("{e:#}"),
-                            exhausted: true,
-                        });
-                    }
-                    tracing::warn!(container_id = %id, error = %e, "cannot freeze; arming without it");
-                    None
-                }
-            },
-            None => None,
-        };
         let located = self.locate(cg);
         let added = match &located {
             Ok(Located::Found(found)) => Some(self.add_to_watcher(&cg.id, found, since)),

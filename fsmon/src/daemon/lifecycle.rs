@@ -52,6 +52,7 @@ impl Daemon {
                 }
                 Ok(())
             }
+            Answer::Frozen { id, result } => self.arm_frozen(&id, result),
         }
     }
 
@@ -79,6 +80,8 @@ impl Daemon {
                     || self.foreign.contains(id)
                     || self.excluded.contains(id)
                     || self.unarmed.contains_key(id)
+                    || self.asking.contains_key(id)
+                    || self.freezing.contains_key(id)
                 {
                     return Ok(false);
                 }
@@ -136,6 +139,7 @@ impl Daemon {
             CgroupOp::Rmdir => {
                 let id = cg.id.as_str();
                 self.asking.remove(id);
+                self.freezing.remove(id);
                 if self.containers.contains_key(id) {
                     // Events queued before the container's cgroup went away are its own:
                     // print them before its watches are dropped.
@@ -149,8 +153,9 @@ impl Daemon {
                 self.unarmed.remove(id);
             }
         }
-        Ok(parse_container_cgroup(&rec_path)
-            .is_some_and(|cg| self.asking.contains_key(cg.id.as_str())))
+        Ok(parse_container_cgroup(&rec_path).is_some_and(|cg| {
+            self.asking.contains_key(cg.id.as_str()) || self.freezing.contains_key(cg.id.as_str())
+        }))
     }
 
     /// The v2 cgroup of a container found by listing (not by its mkdir): Docker's cgroupfs
@@ -223,6 +228,7 @@ impl Daemon {
                 || self.excluded.contains(id)
                 || self.unarmed.contains_key(id)
                 || self.asking.contains_key(id)
+                || self.freezing.contains_key(id)
             {
                 continue;
             }
@@ -261,6 +267,7 @@ impl Daemon {
     pub(super) fn arm_running_docker(&mut self, id: &str) {
         if self.containers.contains_key(id)
             || self.asking.contains_key(id)
+            || self.freezing.contains_key(id)
             || self.excluded.contains(id)
         {
             return;

@@ -2,9 +2,10 @@
 //! event, runtime event, periodic check, shutdown). Tests and `main` drive it through
 //! [`run`].
 //!
-//! Arming a new container (the lossless start) happens inline in the loop and never waits
-//! on a runtime: freeze the cgroup, resolve the upperdir from disk, arm the recursive
-//! watch, thaw, then print `container_start`. What only an engine's API can tell (the
+//! Arming a new container (the lossless start) never waits on a runtime: freeze the cgroup
+//! (the write, which can wait behind runc on the cgroup lock, by a blocking task whose
+//! answer is a loop input), resolve the upperdir from disk, arm the recursive watch, thaw,
+//! then print `container_start`. What only an engine's API can tell (the
 //! layer of a Docker container not found on disk, a name not on disk) is asked by a task
 //! whose answer comes back as a loop input; meanwhile the container's records are held, so
 //! they always follow its `container_start`.
@@ -29,7 +30,7 @@ use crate::{
     ebpf::{monotonic_ns, CgroupOp, Lifecycle, LifecycleRecord},
     event::{FileKind, WatchOutput},
     filter::{ContainerFilter, Decision, Facts, Meta, RecordFilter},
-    freezer::{FreezeTarget, Freezer, FreezerKind},
+    freezer::{FreezeError, FreezeTarget, Freezer, FreezerKind, Hold},
     gate::Gate,
     id::{ContainerId, RuntimeName},
     output::Output,
@@ -163,9 +164,15 @@ enum Answer {
     Meta { id: String, meta: ContainerMeta },
     /// The containers an engine runs (resync after lifecycle records were lost).
     Running { ids: Vec<String> },
+    /// A freeze written by a blocking task (it may wait behind runc on the cgroup lock).
+    Frozen {
+        id: String,
+        result: Result<Option<Hold>, FreezeError>,
+    },
 }
 
-/// A Docker container whose layer an engine is being asked for.
+/// A container whose layer an engine is being asked for, or whose freeze is being
+/// written: what arming it needs when the answer comes.
 struct Asking {
     cgroup: ContainerCgroup,
     unified_cgroup: Option<PathBuf>,
@@ -220,7 +227,8 @@ struct Found {
 struct Daemon {
     config: Config,
     mounts: CgroupMounts,
-    freezer: Freezer,
+    /// Shared with the tasks that write freezes off the loop.
+    freezer: std::sync::Arc<Freezer>,
     /// The exec gate (None with `--no-gate`).
     gate: Option<Gate>,
     watcher: Watcher,
@@ -249,6 +257,8 @@ struct Daemon {
     started: SystemTime,
     /// Docker containers whose layer an engine is being asked for.
     asking: HashMap<String, Asking>,
+    /// Containers whose freeze a blocking task is writing.
+    freezing: HashMap<String, Asking>,
     /// Where the tasks that ask runtimes send their answers.
     answers: mpsc::UnboundedSender<Answer>,
     /// Counters for the `stats` record.
@@ -307,7 +317,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut d = Daemon {
         config,
         mounts,
-        freezer,
+        freezer: std::sync::Arc::new(freezer),
         gate,
         watcher,
         runtime,
@@ -323,6 +333,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         fd_budget_max: 0,
         started: SystemTime::now(),
         asking: HashMap::new(),
+        freezing: HashMap::new(),
         answers,
         stats: Stats::default(),
     };
