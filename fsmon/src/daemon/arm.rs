@@ -107,7 +107,9 @@ impl Daemon {
         self.settle_with_retry(&ask.cgroup, ask.unified_cgroup, ask.since, outcome)
     }
 
-    /// Books how an attempt to arm ended.
+    /// Books how an attempt to arm ended. Unless it was armed (the gate ended then) or an
+    /// answer is awaited, the exec gate holds nothing of it any more: a container fsmon
+    /// does not arm now must not wait for the gate's bound.
     pub(super) fn settle(
         &mut self,
         cg: &ContainerCgroup,
@@ -116,6 +118,9 @@ impl Daemon {
         outcome: ArmOutcome,
     ) -> anyhow::Result<()> {
         let id = cg.id.as_str();
+        if !matches!(outcome, ArmOutcome::Armed | ArmOutcome::Asking) {
+            self.settle_gate(unified_cgroup.as_deref());
+        }
         match outcome {
             ArmOutcome::Armed | ArmOutcome::Gone => {
                 self.unarmed.remove(id);

@@ -41,9 +41,6 @@ impl Daemon {
                         exhausted: false,
                     },
                 };
-                if !matches!(outcome, ArmOutcome::Armed) {
-                    self.settle_gate(ask.unified_cgroup.as_deref());
-                }
                 self.settle(&ask.cgroup, ask.unified_cgroup, ask.since, outcome)
             }
             Answer::Running { ids } => {
