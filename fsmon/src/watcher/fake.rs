@@ -358,6 +358,11 @@ impl Fs for FakeFs {
 
 /// One raw inotify record, as read(2) returns it (the name NUL-padded to 16 bytes).
 pub(super) fn event(wd: i32, mask: u32, cookie: u32, name: &str) -> Vec<u8> {
+    raw_event(wd, mask, cookie, name.as_bytes())
+}
+
+/// [`event`] with any bytes as the name.
+pub(super) fn raw_event(wd: i32, mask: u32, cookie: u32, name: &[u8]) -> Vec<u8> {
     let padded = if name.is_empty() {
         0
     } else {
@@ -369,7 +374,7 @@ pub(super) fn event(wd: i32, mask: u32, cookie: u32, name: &str) -> Vec<u8> {
     v.extend_from_slice(&mask.to_ne_bytes());
     v.extend_from_slice(&cookie.to_ne_bytes());
     v.extend_from_slice(&len.to_ne_bytes());
-    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(name);
     v.resize(16 + padded, 0);
     v
 }
