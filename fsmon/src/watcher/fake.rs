@@ -157,6 +157,18 @@ impl FakeFs {
         ino
     }
 
+    /// Makes an overlayfs whiteout `name` in `parent` (a 0/0 character device, as overlayfs
+    /// leaves for a deleted image entry), replacing what is there; returns its inode.
+    pub(super) fn whiteout(&self, parent: u64, name: &str) -> u64 {
+        let mut fs = self.lock();
+        let ino = fs.new_inode(libc::S_IFCHR, 0);
+        if let Some(p) = fs.inodes.get_mut(&parent) {
+            p.children.insert(name.as_bytes().into(), ino);
+        }
+        fs.entries_changed(parent);
+        ino
+    }
+
     /// Changes the mode of `ino` (its ctime moves, as for `chmod`).
     pub(super) fn chmod(&self, ino: u64, perm: u32) {
         let mut fs = self.lock();
@@ -325,6 +337,7 @@ impl Fs for FakeFs {
             let dtype = match fs.inode(ino)?.stat.mode & libc::S_IFMT {
                 libc::S_IFDIR => libc::DT_DIR,
                 libc::S_IFREG => libc::DT_REG,
+                libc::S_IFCHR => libc::DT_CHR,
                 _ => libc::DT_UNKNOWN,
             };
             out.push(Dirent {
