@@ -51,10 +51,26 @@ fn image(lowers: &[std::path::PathBuf]) {
 /// A watcher; with `FSMON_TEST_FD_BUDGET=N` its directory-fd cache holds at most N fds
 /// (N = 8, the least, makes every operation reopen what it needs: `cargo xtask test`
 /// runs this tier that way too).
+///
+/// With `FSMON_WATCHER_RECORD=DIR`, each watcher records its inputs and outputs to
+/// `DIR/<test>.<n>.trace`, for the tier-1 replays of `fsmon/src/watcher/replay.rs`.
 fn new_watcher() -> Watcher {
-    match std::env::var("FSMON_TEST_FD_BUDGET") {
-        Ok(n) => Watcher::with_fd_budget(n.parse().expect("FSMON_TEST_FD_BUDGET: a number")),
-        Err(_) => Watcher::new(),
+    let budget = std::env::var("FSMON_TEST_FD_BUDGET")
+        .ok()
+        .map(|n| n.parse().expect("FSMON_TEST_FD_BUDGET: a number"));
+    if let Ok(dir) = std::env::var("FSMON_WATCHER_RECORD") {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("test")
+            .replace("::", "-");
+        let path = Path::new(&dir).join(format!("{test}.{n}.trace"));
+        return Watcher::recording(budget, &path).expect("inotify");
+    }
+    match budget {
+        Some(n) => Watcher::with_fd_budget(n),
+        None => Watcher::new(),
     }
     .expect("inotify")
 }

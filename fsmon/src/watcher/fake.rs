@@ -157,6 +157,18 @@ impl FakeFs {
         ino
     }
 
+    /// Makes an overlayfs whiteout `name` in `parent` (a 0/0 character device, as overlayfs
+    /// leaves for a deleted image entry), replacing what is there; returns its inode.
+    pub(super) fn whiteout(&self, parent: u64, name: &str) -> u64 {
+        let mut fs = self.lock();
+        let ino = fs.new_inode(libc::S_IFCHR, 0);
+        if let Some(p) = fs.inodes.get_mut(&parent) {
+            p.children.insert(name.as_bytes().into(), ino);
+        }
+        fs.entries_changed(parent);
+        ino
+    }
+
     /// Changes the mode of `ino` (its ctime moves, as for `chmod`).
     pub(super) fn chmod(&self, ino: u64, perm: u32) {
         let mut fs = self.lock();
@@ -325,6 +337,7 @@ impl Fs for FakeFs {
             let dtype = match fs.inode(ino)?.stat.mode & libc::S_IFMT {
                 libc::S_IFDIR => libc::DT_DIR,
                 libc::S_IFREG => libc::DT_REG,
+                libc::S_IFCHR => libc::DT_CHR,
                 _ => libc::DT_UNKNOWN,
             };
             out.push(Dirent {
@@ -358,6 +371,11 @@ impl Fs for FakeFs {
 
 /// One raw inotify record, as read(2) returns it (the name NUL-padded to 16 bytes).
 pub(super) fn event(wd: i32, mask: u32, cookie: u32, name: &str) -> Vec<u8> {
+    raw_event(wd, mask, cookie, name.as_bytes())
+}
+
+/// [`event`] with any bytes as the name.
+pub(super) fn raw_event(wd: i32, mask: u32, cookie: u32, name: &[u8]) -> Vec<u8> {
     let padded = if name.is_empty() {
         0
     } else {
@@ -369,7 +387,7 @@ pub(super) fn event(wd: i32, mask: u32, cookie: u32, name: &str) -> Vec<u8> {
     v.extend_from_slice(&mask.to_ne_bytes());
     v.extend_from_slice(&cookie.to_ne_bytes());
     v.extend_from_slice(&len.to_ne_bytes());
-    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(name);
     v.resize(16 + padded, 0);
     v
 }

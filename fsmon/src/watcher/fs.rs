@@ -49,6 +49,12 @@ impl Dir {
         }
     }
 
+    /// The raw fd of a directory opened by [`SysFs`], to name it in a trace.
+    pub(super) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.fd().ok().map(|fd| fd.as_raw_fd())
+    }
+
     /// A directory of the in-memory file system of the tests.
     #[cfg(test)]
     pub(super) fn fake(ino: u64) -> Dir {

@@ -25,7 +25,10 @@
 //! * `lower`: image-layer lookups; `cache`/`fds`: directory fds and their budget.
 //! * `fs`: the `Fs` trait, every file-system call of the state machine (`SysFs`: by `sys`).
 //! * Tests: `fake` (an in-memory upperdir behind `Fs`) and `races` (the races above as
-//!   fixed event sequences on it, no root needed).
+//!   fixed event sequences on it, no root needed); `trace` records a watcher's inputs and
+//!   the file system's answers on real overlay mounts (tier 2, `FSMON_WATCHER_RECORD`) and
+//!   `replay` runs them again without root (`fixtures/`: the races above as the kernel
+//!   really ordered them, each output checked).
 //! * `shared`: what all containers share; `rules`: pure helpers; `sys`: the syscalls.
 //!
 //! # Guarantees
@@ -96,10 +99,13 @@ mod moves;
 mod outbox;
 #[cfg(test)]
 mod races;
+#[cfg(test)]
+mod replay;
 mod rules;
 mod scan;
 mod shared;
 mod sys;
+mod trace;
 mod tree;
 
 use std::collections::HashMap;
@@ -116,6 +122,7 @@ pub use fds::FdBudget;
 use fds::SharedBudget;
 use fs::{SharedFs, SysFs};
 use shared::{NextEvent, Shared, MASK};
+use trace::{Recorder, RecordingFs};
 
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;
@@ -224,6 +231,8 @@ pub struct Watcher {
     /// Watches on containers' `cgroup.events` files, by wd. In the same inotify instance as
     /// the layers' watches, so a container's exit is ordered with its file events.
     exits: HashMap<i32, ExitWatch>,
+    /// Where the inputs and outputs are recorded, in the tier-2 harness's recording mode.
+    trace: Option<Arc<Recorder>>,
 }
 
 /// A watch on one container's cgroup v2 `cgroup.events`. The file is opened for each read
@@ -311,7 +320,31 @@ impl Watcher {
             by_id: HashMap::new(),
             buf: vec![0; READ_BUF],
             exits: HashMap::new(),
+            trace: None,
         })
+    }
+
+    /// Tests (tier 2): [`Watcher::with_fd_budget`] (`None`: the budget of [`Watcher::new`]),
+    /// with every input of the state machine and every answer of the file system recorded
+    /// to `path` for tier-1 replays (see `trace`).
+    #[doc(hidden)]
+    pub fn recording(budget: Option<usize>, path: &Path) -> Result<Self, WatchError> {
+        let budget = budget.unwrap_or_else(|| {
+            FdBudget::size_for(
+                crate::limits::soft_fd_limit(),
+                crate::limits::open_fd_count(),
+            )
+        });
+        let rec = Arc::new(Recorder::create(path).map_err(|source| WatchError::Open {
+            path: path.to_owned(),
+            source,
+        })?);
+        let fs = Arc::new(RecordingFs { rec: rec.clone() });
+        let mut w = Self::with_fs(fs.clone(), budget)?;
+        w.shared.clock = Some(fs);
+        rec.line(&format!("budget {budget}"));
+        w.trace = Some(rec);
+        Ok(w)
     }
 
     /// The inotify fd, to poll for readability (it stays owned by the watcher).
@@ -375,6 +408,19 @@ impl Watcher {
         }
         let armed_ns = epoch_ns(SystemTime::now()) - ARM_CLOCK_MARGIN_NS;
         let since_ns = since.map(|t| epoch_ns(t).saturating_sub(ARM_CLOCK_MARGIN_NS));
+        self.arm_at(id, layer, ArmTimes { armed_ns, since_ns })
+    }
+
+    /// [`Watcher::arm_container`] at the instants `times`.
+    fn arm_at(
+        &mut self,
+        id: &str,
+        layer: ContainerLayer,
+        times: ArmTimes,
+    ) -> Result<ArmStats, WatchError> {
+        if let Some(t) = &self.trace {
+            t.line(&trace::add_line(id, &layer, times));
+        }
         let upper = &layer.upperdir;
         let open_err = |path: &PathBuf| {
             let path = path.clone();
@@ -425,7 +471,7 @@ impl Watcher {
             lowers,
             self.fs.clone(),
             self.budget.clone(),
-            ArmTimes { armed_ns, since_ns },
+            times,
         );
         c.arm(&mut self.shared, wd, &root_st, root_fd);
         let stats = c.stats;
@@ -451,6 +497,9 @@ impl Watcher {
     /// Sets the most directory fds all containers may cache together (the process limit
     /// changed, or descriptors ran out below the budget), shedding at once what is over.
     pub fn set_fd_budget(&mut self, limit: usize) {
+        if let Some(t) = &self.trace {
+            t.line(&format!("setbudget {limit}"));
+        }
         self.budget.set_limit(limit);
         self.enforce_budget(0);
     }
@@ -510,6 +559,9 @@ impl Watcher {
     /// reported for it, including outputs not yet returned by `read_events`; its late
     /// events and `IN_IGNORED`s are dropped.
     pub fn remove_container(&mut self, id: &str) {
+        if let Some(t) = &self.trace {
+            t.line(&format!("remove {}", trace::esc(id.as_bytes())));
+        }
         let exit_wds: Vec<i32> = self
             .exits
             .iter()
@@ -564,9 +616,13 @@ impl Watcher {
             c.finish(&mut self.shared);
         }
         self.enforce_budget(0);
+        let from = out.len();
         out.extend(self.shared.out.drain(..).flatten());
         for e in self.exits.values_mut() {
             e.out_at = None;
+        }
+        if let Some(t) = &self.trace {
+            t.end(out.get(from..).unwrap_or_default());
         }
     }
 
@@ -580,6 +636,9 @@ impl Watcher {
     /// be the directory indexed. A watch still refused is retried at the next call, without
     /// a new `watch_limit` overflow.
     pub fn retry_unwatched(&mut self) {
+        if let Some(t) = &self.trace {
+            t.line("retry");
+        }
         for c in self.containers.iter_mut().flatten() {
             if c.has_unwatched() {
                 c.retry_unwatched(&mut self.shared);
@@ -637,8 +696,16 @@ impl Watcher {
 
     /// Handles the events of one read of the inotify fd, in order.
     fn handle_read(&mut self, bytes: &[u8]) {
-        self.shared.read_gen = sys::next_read();
+        self.handle_read_at(bytes, sys::next_read());
+    }
+
+    /// [`Watcher::handle_read`] of the read numbered `read_gen` ([`sys::next_read`]).
+    fn handle_read_at(&mut self, bytes: &[u8], read_gen: u32) {
+        self.shared.read_gen = read_gen;
         let evs: Vec<_> = rules::parse_events(bytes).collect();
+        if let Some(t) = &self.trace {
+            t.read(read_gen, &evs);
+        }
         let last = rules::last_name_changes(&evs);
         for (i, ev) in evs.iter().enumerate() {
             let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);

@@ -315,3 +315,62 @@ fn armed_late_reports_what_the_container_did_since_it_started() {
         ["create /dir/n scan", "create /new scan", "modify /old scan"]
     );
 }
+
+#[test]
+fn dir_moved_in_over_a_listed_whiteout_is_not_a_recreate_unless_the_whiteout_leaves() {
+    // `rm -r` racing an unread copy-up: /a arrives (copied up), and by the time its listing
+    // runs, the container removed /a/data: the listing finds data's whiteout. The events
+    // queued since /a's watch then tell overlayfs' own steps (a directory exchanged in at
+    // `data`): nothing the container did after the listing.
+    let (fs, mut w, root) = armed(|_, _| {});
+    let a = fs.mkdir(root, "a");
+    fs.whiteout(a, "data");
+    let a_wd = fs.next_wd();
+    let got = feed(&mut w, &[event(1, libc::IN_MOVED_TO | DIR, 3, "a")]);
+    assert_eq!(got, ["create /a dir"]);
+    fs.write(a, "x", 1);
+    let got = feed(
+        &mut w,
+        &[
+            event(a_wd, libc::IN_MOVED_TO | DIR, 4, "data"),
+            event(a_wd, libc::IN_CREATE, 0, "x"),
+        ],
+    );
+    assert_eq!(got, ["create /a/x"]);
+}
+
+#[test]
+fn file_exchanged_in_for_a_dir_that_leaves_is_the_whiteout_of_an_rmdir() {
+    // rmdir of a directory that needs a whiteout: overlayfs exchanges a whiteout in for it
+    // (an IN_MOVED_TO of a non-directory, then the directory's IN_MOVED_FROM at the same
+    // name): one delete of the directory, no file appearing.
+    let mut d = 0;
+    let (fs, mut w, root) = armed(|fs, root| d = fs.mkdir(root, "d"));
+    fs.remove(root, "d");
+    fs.whiteout(root, "d");
+    let _ = d;
+    let got = feed(
+        &mut w,
+        &[
+            event(1, libc::IN_MOVED_TO, 5, "d"),
+            event(1, libc::IN_MOVED_FROM | DIR, 5, "d"),
+        ],
+    );
+    assert_eq!(got, ["delete /d dir"]);
+}
+
+#[test]
+fn whiteout_exchanged_in_for_an_unseen_dir_is_not_a_file() {
+    // The same exchange at a name the index does not hold (the directory came and went
+    // unseen): the non-directory moved in is that whiteout, not a file appearing.
+    let (fs, mut w, root) = armed(|_, _| {});
+    fs.whiteout(root, "d");
+    let got = feed(
+        &mut w,
+        &[
+            event(1, libc::IN_MOVED_TO, 5, "d"),
+            event(1, libc::IN_MOVED_FROM | DIR, 5, "d"),
+        ],
+    );
+    assert!(got.iter().all(|g| !g.starts_with("create")), "{got:?}");
+}

@@ -6,11 +6,13 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::event::WatchOutput;
 
 use super::sys::Dirent;
+use super::trace::{real_now_ms, Clock};
 use super::tree::NodeRef;
 
 /// Change events only. Never `IN_ACCESS`/`IN_OPEN`/`IN_CLOSE_NOWRITE` (every read would
@@ -44,6 +46,8 @@ pub(super) struct Shared {
     /// Outputs in order; `None` is a slot that a later event cancelled.
     pub(super) out: Vec<Option<WatchOutput>>,
     pub(super) epoch: Instant,
+    /// The clock of `modify` bursts when it is not the real one (recording, replaying).
+    pub(super) clock: Option<Arc<dyn Clock>>,
     pub(super) serial: u64,
     pub(super) dirbuf: Vec<u8>,
     pub(super) dirents: Vec<Dirent>,
@@ -72,6 +76,7 @@ impl Shared {
             wds: HashMap::new(),
             out: Vec::new(),
             epoch: Instant::now(),
+            clock: None,
             serial: 0,
             dirbuf: Vec::new(),
             dirents: Vec::new(),
@@ -87,7 +92,9 @@ impl Shared {
 
     /// Milliseconds since the watcher started, wrapping, never 0 (0 means "no burst").
     pub(super) fn now_ms(&self) -> u32 {
-        let ms = self.epoch.elapsed().as_millis() & u128::from(u32::MAX);
-        u32::try_from(ms).unwrap_or(1).max(1)
+        match &self.clock {
+            None => real_now_ms(self.epoch),
+            Some(clock) => clock.now_ms(self.epoch),
+        }
     }
 }
