@@ -8,6 +8,8 @@ mod bench;
 mod ebpf;
 mod engines;
 mod image;
+mod report;
+mod stats;
 mod util;
 
 use anyhow::Result;
