@@ -495,7 +495,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     rep.meta = meta(args);
     rep.meta.duration_s = t0.elapsed().as_secs_f64();
-    rep.plots = plots(&rep, &out);
+    rep.plots = crate::plots::write(&rep, &out);
     let md = crate::report::render(&rep);
     println!("{md}");
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -515,11 +515,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The plots of this run, beside the report (none yet).
-fn plots(_rep: &Report, _out: &Path) -> Vec<(String, String)> {
-    Vec::new()
 }
 
 /// Runs the parts asked for; a part that fails is recorded in the report and the others
