@@ -226,7 +226,8 @@ fn header(m: &Meta, seed: u64) -> String {
           the engine's `start` event (the paper's \"generic\" algorithm), measured in the \
           same run, interleaved with fsmon. Ratios are fsmon / baseline (below 1: fsmon is \
           ahead on a time; above 1 on a rate or a count). Intervals are bootstrap 95 % \
-          percentile intervals.\n\n";
+          percentile intervals (for a difference or a ratio, each side resampled on its \
+          own).\n\n";
     if m.quick {
         o += "**Quick mode**: few samples, a smoke run that keeps the bench code working; \
               its numbers are not for quoting.\n\n";
