@@ -120,8 +120,20 @@ pub enum Part {
     Runtimes,
 }
 
-const FIRST: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
-const FIRST_PATHS: [&str; 6] = ["/f0", "/a", "/a/b", "/a/b/c", "/a/b/c/f1", "/a/b/c/f2"];
+/// A container's first instructions, starting with a file made and deleted at once.
+const FIRST: &str =
+    "touch /gone; rm /gone; touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
+/// The file of [`FIRST`] made and deleted at once.
+const GONE: &str = "/gone";
+const FIRST_PATHS: [&str; 7] = [
+    "/gone",
+    "/f0",
+    "/a",
+    "/a/b",
+    "/a/b/c",
+    "/a/b/c/f1",
+    "/a/b/c/f2",
+];
 
 #[derive(PartialEq, Eq)]
 enum Ready {
@@ -925,7 +937,7 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult
     }
     let lines = m.drain(Duration::from_secs(2));
     m.stop();
-    let mut seen = 0;
+    let (mut seen, mut gone_fsmon) = (0, 0);
     let mut cur: HashSet<String> = HashSet::new();
     for l in &lines {
         let Ok(v) = serde_json::from_str::<Value>(l) else {
@@ -939,7 +951,8 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult
                 }
             }
             Some("container_stop") => {
-                seen += FIRST_PATHS.iter().filter(|p| cur.contains(**p)).count()
+                seen += FIRST_PATHS.iter().filter(|p| cur.contains(**p)).count();
+                gone_fsmon += usize::from(cur.contains(GONE));
             }
             _ => {}
         }
@@ -954,10 +967,14 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult
         bl.push(l);
     }
     b.stop();
-    let base_seen = bl
+    let creates: Vec<&String> = bl.iter().filter(|l| l.contains("CREATE")).collect();
+    let base_seen = creates
         .iter()
-        .filter(|l| l.contains("CREATE"))
         .filter(|l| FIRST_PATHS.iter().any(|p| l.starts_with(&format!("{p} "))))
+        .count();
+    let gone_base = creates
+        .iter()
+        .filter(|l| l.starts_with(&format!("{GONE} ")))
         .count();
     Ok(FirstResult {
         script: FIRST.to_owned(),
@@ -965,6 +982,9 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult
         paths: FIRST_PATHS.len(),
         fsmon_seen: seen,
         base_seen,
+        gone: GONE.to_owned(),
+        gone_fsmon,
+        gone_base,
     })
 }
 
