@@ -159,8 +159,8 @@ fn p99(v: &mut [f64]) -> f64 {
 /// A value with its interval: `12.3 [11.0, 14.1]`.
 fn with_ci(v: f64, ci: Option<Ci>, prec: usize) -> String {
     match ci {
-        Some(c) => format!("{v:.prec$} [{:.prec$}, {:.prec$}]", c.lo, c.hi),
-        None => format!("{v:.prec$}"),
+        Some(c) if v.is_finite() => format!("{v:.prec$} [{:.prec$}, {:.prec$}]", c.lo, c.hi),
+        _ => num(v, prec),
     }
 }
 
@@ -851,6 +851,21 @@ mod tests {
             .map(|x| x.parse().unwrap_or(f64::NAN))
             .collect();
         assert!(ci[0] <= 510.0 && 510.0 <= ci[1], "{row}");
+    }
+
+    #[test]
+    fn empty_samples_render_as_dashes() {
+        let r = Report {
+            start: vec![StartResult {
+                label: "v2".into(),
+                ..StartResult::default()
+            }],
+            live: Some(LiveResult::default()),
+            ..Report::default()
+        };
+        let md = render(&r);
+        assert!(!md.contains("NaN"), "{md}");
+        assert!(md.contains("| fsmon | 0 | — | — |"), "{md}");
     }
 
     #[test]
