@@ -82,6 +82,8 @@ pub struct Sizes {
     pub idle_s: u64,
     /// Containers per runtime in the runtimes part.
     pub runtime_runs: usize,
+    /// `mkdir -p` + immediate write trials per monitor.
+    pub race: usize,
 }
 
 impl BenchArgs {
@@ -99,6 +101,7 @@ impl BenchArgs {
             dirs: if q { 1000 } else { 10_000 },
             idle_s: if q { 3 } else { 10 },
             runtime_runs: if self.runs.is_none() && q { 3 } else { runs },
+            race: if q { 50 } else { 500 },
         }
     }
 }
@@ -1306,6 +1309,16 @@ fn live_container(bin: &Path, z: &Sizes) -> Result<LiveResult> {
     b.drain(Duration::from_millis(300));
     m.drain(Duration::from_millis(300));
 
+    // `mkdir -p` + an immediate write in the new deepest directory, each monitor alone.
+    b.pause();
+    let race_fsmon = mkdir_race(&mut m, &live, "fsmon", z.race, true)?;
+    b.resume();
+    b.drain(Duration::from_millis(500));
+    m.pause();
+    let race_base = mkdir_race(&mut b, &live, "base", z.race, false)?;
+    m.resume();
+    m.drain(Duration::from_millis(500));
+
     // Memory: `z.dirs` directories in the layer, each watched.
     let before = m.rss_kib();
     let dirs = live.merged.join("tenk");
@@ -1342,7 +1355,42 @@ fn live_container(bin: &Path, z: &Sizes) -> Result<LiveResult> {
         burst: z.burst,
         fsmon_tp,
         base_tp,
+        race: z.race,
+        race_fsmon,
+        race_base,
     })
+}
+
+/// `n` times: `mkdir -p race-TAG/i/a/b/c` and at once a file `f` in `c`, in a running
+/// container's layer; how many of the `n` files `m` reports (the baseline must watch each new
+/// directory before its entries appear, and loses the race).
+fn mkdir_race(m: &mut Monitor, live: &Live, tag: &str, n: usize, fsmon: bool) -> Result<usize> {
+    m.drain(Duration::from_millis(50));
+    for i in 0..n {
+        let d = live.merged.join(format!("race-{tag}/{i}/a/b/c"));
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("f"), b"x")?;
+    }
+    let prefix = format!("/race-{tag}/");
+    let mut seen = HashSet::new();
+    m.scan(Duration::from_secs(2), |_, l| {
+        let create = if fsmon {
+            l.contains("\"kind\":\"create\"") && l.contains("/a/b/c/f\"")
+        } else {
+            l.contains("/a/b/c/f CREATE")
+        };
+        if create {
+            if let Some(i) = l
+                .split_once(&prefix)
+                .and_then(|(_, rest)| rest.split('/').next())
+                .and_then(|i| i.parse::<usize>().ok())
+            {
+                seen.insert(i);
+            }
+        }
+        seen.len() >= n
+    });
+    Ok(seen.len())
 }
 
 /// Upperdir resolution: overlay2's on-disk metadata (what fsmon reads while a container is
