@@ -504,11 +504,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let bin = ebpf::build_all()?;
     let started = engines::start_engines()?;
     let t0 = Instant::now();
+    // While the engines run (their versions), at the start (the date).
+    let meta = meta(args);
     let mut rep = run_all(&bin, args);
     if !args.keep_engines {
         started.iter().for_each(engines::stop);
     }
-    rep.meta = meta(args);
+    rep.meta = meta;
     rep.meta.duration_s = t0.elapsed().as_secs_f64();
     rep.plots = crate::plots::write(&rep, &out);
     let md = crate::report::render(&rep);
