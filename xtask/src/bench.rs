@@ -829,7 +829,11 @@ fn storm(bin: &Path, n: usize, idle_s: u64) -> Result<StormResult> {
     }
     // Idle: every container sleeping; fsmon's CPU over `idle_s`.
     let (rss1, fds1) = (rss_kib(pid), fd_count(pid));
-    rss_trace.push((ids.len(), rss1));
+    // The last point: every container armed.
+    match rss_trace.last_mut() {
+        Some(last) if last.0 == ids.len() => last.1 = rss1,
+        _ => rss_trace.push((ids.len(), rss1)),
+    }
     let cpu0 = cpu_ticks(pid);
     let idle_from = Instant::now();
     std::thread::sleep(Duration::from_secs(idle_s));

@@ -184,8 +184,21 @@ struct Headline {
     fsmon: String,
     base: String,
     ratio: f64,
+    /// The ratio's bootstrap interval, where it has one.
+    ratio_ci: Option<Ci>,
     paper: String,
     ahead: bool,
+}
+
+impl Headline {
+    /// "yes", or "**no**" (with "within noise" when the ratio's interval spans 1).
+    fn verdict(&self) -> &'static str {
+        match (self.ahead, self.ratio_ci) {
+            (true, _) => "yes",
+            (false, Some(c)) if c.lo <= 1.0 && 1.0 <= c.hi => "**no** (within noise)",
+            (false, _) => "**no**",
+        }
+    }
 }
 
 /// The report's markdown.
@@ -282,9 +295,9 @@ fn summary(heads: &[Headline]) -> String {
             h.row,
             h.fsmon,
             h.base,
-            num(h.ratio, 2),
+            with_ci(h.ratio, h.ratio_ci, 2),
             h.paper,
-            if h.ahead { "yes" } else { "**no**" }
+            h.verdict()
         );
     }
     let behind: Vec<&str> = heads
@@ -383,12 +396,16 @@ fn start_section(s: &StartResult, rng: &mut Rng, heads: &mut Vec<Headline>) -> S
         );
     }
     heads.push(Headline {
-        row: format!("start latency added, median ms ({})", s.label),
+        row: format!(
+            "start latency added, median ms ({}; ratio: of the wall times)",
+            s.label
+        ),
         fsmon: with_ci(add[0].0, add[0].1, 1),
         base: with_ci(add[1].0, add[1].1, 1),
-        ratio: add[0].0 / add[1].0,
+        ratio,
+        ratio_ci: fsmon_vs_base,
         paper: format!("{:+.1}", paper::START_ON_MS - paper::START_OFF_MS),
-        ahead: add[0].0 <= add[1].0,
+        ahead: ratio <= 1.0,
     });
     o
 }
@@ -430,6 +447,7 @@ fn first_section(f: &FirstResult, heads: &mut Vec<Headline>) -> String {
         fsmon: format!("{:.2}", frac(f.fsmon_seen)),
         base: format!("{:.2}", frac(f.base_seen)),
         ratio: frac(f.fsmon_seen) / frac(f.base_seen),
+        ratio_ci: None,
         paper: format!(
             "theirs all; generic {} ms blind",
             paper::BLIND_SPOT_GENERIC_MS
@@ -498,6 +516,7 @@ fn live_section(l: &LiveResult, rng: &mut Rng, heads: &mut Vec<Headline>) -> Str
         fsmon: num(median(&l.fsmon_us), 0),
         base: num(median(&l.base_us), 0),
         ratio: r50,
+        ratio_ci: c50,
         paper: "—".into(),
         ahead: r50 <= 1.0,
     });
@@ -506,6 +525,7 @@ fn live_section(l: &LiveResult, rng: &mut Rng, heads: &mut Vec<Headline>) -> Str
         fsmon: num(quantile(&l.fsmon_us, 0.99), 0),
         base: num(quantile(&l.base_us, 0.99), 0),
         ratio: r99,
+        ratio_ci: c99,
         paper: "—".into(),
         ahead: r99 <= 1.0,
     });
@@ -537,6 +557,7 @@ fn live_section(l: &LiveResult, rng: &mut Rng, heads: &mut Vec<Headline>) -> Str
         fsmon: num(l.fsmon_tp.records_per_s, 0),
         base: num(l.base_tp.records_per_s, 0),
         ratio: tr,
+        ratio_ci: None,
         paper: "—".into(),
         ahead: tr >= 1.0 && l.fsmon_tp.seen >= l.base_tp.seen && !l.fsmon_tp.overflow,
     });
@@ -558,6 +579,7 @@ fn live_section(l: &LiveResult, rng: &mut Rng, heads: &mut Vec<Headline>) -> Str
             fsmon: format!("{:.2}", l.race_fsmon as f64 / l.race as f64),
             base: format!("{:.2}", l.race_base as f64 / l.race as f64),
             ratio: l.race_fsmon as f64 / l.race_base as f64,
+            ratio_ci: None,
             paper: "theirs all".into(),
             ahead: l.race_fsmon >= l.race_base && l.race_fsmon == l.race,
         });
@@ -848,18 +870,42 @@ mod tests {
     fn headline_ratios_and_rows_behind() {
         let md = render(&sample_report());
         // fsmon latency median 99.5 → 100 (ramp 50..150, nearest rank) vs 90: behind.
-        assert!(
-            md.contains("| write → record latency, median µs | 100 | 90 | 1.11 | — | **no** |"),
-            "{md}"
-        );
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| write → record latency, median µs | 100 | 90 | 1.11 ["))
+            .unwrap_or_else(|| panic!("{md}"));
+        assert!(row.contains("| — | **no**"), "{row}");
         // Added start latency: fsmon +10, baseline +30 → ahead, ratio 0.33.
         assert!(
-            md.contains("| start latency added, median ms (cgroup v1) | 10.0 ["),
+            md.contains(
+                "| start latency added, median ms (cgroup v1; ratio: of the wall times) | 10.0 ["
+            ),
             "{md}"
         );
-        assert!(md.contains("| 0.33 | +1013.4 | yes |"), "{md}");
+        assert!(md.contains("| 0.96 ["), "{md}");
+        assert!(md.contains("] | +1013.4 | yes |"), "{md}");
         assert!(md.contains("| drain throughput, records/s | 200000 | 100000 | 2.00 | — | yes |"));
         assert!(md.contains("Rows where fsmon is not ahead: write → record latency, median µs; write → record latency, p99 µs."));
+    }
+
+    #[test]
+    fn verdicts() {
+        let h = |ahead, ci: Option<(f64, f64)>| Headline {
+            row: String::new(),
+            fsmon: String::new(),
+            base: String::new(),
+            ratio: 1.1,
+            ratio_ci: ci.map(|(lo, hi)| Ci { lo, hi }),
+            paper: String::new(),
+            ahead,
+        };
+        assert_eq!(h(true, None).verdict(), "yes");
+        assert_eq!(h(false, None).verdict(), "**no**");
+        assert_eq!(h(false, Some((1.05, 1.2))).verdict(), "**no**");
+        assert_eq!(
+            h(false, Some((0.9, 1.2))).verdict(),
+            "**no** (within noise)"
+        );
     }
 
     #[test]
