@@ -29,29 +29,81 @@ use serde_json::Value;
 use crate::{
     ebpf,
     engines::{self, TEST_IMAGE, V1_HOST, V2_HOST},
+    report::{
+        FirstResult, LiveResult, Meta, Report, ResolveRow, RuntimesResult, StartResult,
+        StormResult, Throughput,
+    },
 };
 
 /// `cargo xtask bench` options.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// `docker run` samples per engine and per mode (off / fsmon / baseline).
-    #[arg(long, default_value_t = 40)]
-    pub runs: usize,
-    /// Write → record latency samples (per monitor).
-    #[arg(long, default_value_t = 1000)]
-    pub latency_samples: usize,
-    /// Files in the throughput burst.
-    #[arg(long, default_value_t = 100_000)]
-    pub burst: usize,
-    /// Containers in the start storm (`--only storm`), spread over both engines.
-    #[arg(long, default_value_t = 500)]
-    pub storm: usize,
+    /// `docker run` samples per engine and per mode (off / fsmon / baseline) [default: 40;
+    /// --quick: 5].
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Write → record latency samples (per monitor) [default: 1000; --quick: 100].
+    #[arg(long)]
+    pub latency_samples: Option<usize>,
+    /// Files in the throughput burst [default: 100000; --quick: 5000].
+    #[arg(long)]
+    pub burst: Option<usize>,
+    /// Containers in the start storm (`--only storm`), spread over both engines [default:
+    /// 500; --quick: 12].
+    #[arg(long)]
+    pub storm: Option<usize>,
+    /// Every part, small: a smoke run for CI (a few minutes), not numbers to quote.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write the markdown report (plots go to `<stem>-plots/` beside it)
+    /// [default: docs/benchmarks.md in the workspace].
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Run only these parts (comma-separated); all of them by default.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub only: Vec<Part>,
     /// Leave the engines this command started running afterwards.
     #[arg(long)]
     pub keep_engines: bool,
+}
+
+/// The sizes one run uses, from the options and `--quick`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub runs: usize,
+    pub latency_samples: usize,
+    pub burst: usize,
+    pub storm: usize,
+    /// Containers in the first-instruction part.
+    pub first_runs: usize,
+    /// Watched directories made for the memory row.
+    pub dirs: usize,
+    /// Seconds the storm's containers idle while fsmon's CPU is measured.
+    pub idle_s: u64,
+    /// Containers per runtime in the runtimes part.
+    pub runtime_runs: usize,
+    /// `mkdir -p` + immediate write trials per monitor.
+    pub race: usize,
+}
+
+impl BenchArgs {
+    pub fn sizes(&self) -> Sizes {
+        let q = self.quick;
+        let pick =
+            |v: Option<usize>, full: usize, quick: usize| v.unwrap_or(if q { quick } else { full });
+        let runs = pick(self.runs, 40, 5);
+        Sizes {
+            runs,
+            latency_samples: pick(self.latency_samples, 1000, 100),
+            burst: pick(self.burst, 100_000, 5000),
+            storm: pick(self.storm, 500, 12),
+            first_runs: if q { 5 } else { 20 },
+            dirs: if q { 1000 } else { 10_000 },
+            idle_s: if q { 3 } else { 10 },
+            runtime_runs: if self.runs.is_none() && q { 3 } else { runs },
+            race: if q { 50 } else { 500 },
+        }
+    }
 }
 
 /// The parts of the bench.
@@ -71,8 +123,20 @@ pub enum Part {
     Runtimes,
 }
 
-const FIRST: &str = "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
-const FIRST_PATHS: [&str; 6] = ["/f0", "/a", "/a/b", "/a/b/c", "/a/b/c/f1", "/a/b/c/f2"];
+/// A container's first instructions, starting with a file made and deleted at once.
+const FIRST: &str =
+    "touch /gone; rm /gone; touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2";
+/// The file of [`FIRST`] made and deleted at once.
+const GONE: &str = "/gone";
+const FIRST_PATHS: [&str; 7] = [
+    "/gone",
+    "/f0",
+    "/a",
+    "/a/b",
+    "/a/b/c",
+    "/a/b/c/f1",
+    "/a/b/c/f2",
+];
 
 #[derive(PartialEq, Eq)]
 enum Ready {
@@ -427,54 +491,177 @@ fn docker_run(host: &str, script: &str) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// `cargo xtask bench`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    let out = match &args.report {
+        Some(p) => p.clone(),
+        None => crate::util::root().join("docs/benchmarks.md"),
+    };
     let bin = ebpf::build_all()?;
     let started = engines::start_engines()?;
-    let r = run_all(&bin, args);
+    let t0 = Instant::now();
+    // While the engines run (their versions), at the start (the date).
+    let meta = meta(args);
+    let mut rep = run_all(&bin, args);
     if !args.keep_engines {
         started.iter().for_each(engines::stop);
     }
-    r
+    rep.meta = meta;
+    rep.meta.duration_s = t0.elapsed().as_secs_f64();
+    rep.plots = crate::plots::write(&rep, &out);
+    let md = crate::report::render(&rep);
+    println!("{md}");
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("bench: report written to {}", out.display());
+    if !rep.errors.is_empty() {
+        bail!(
+            "{} part(s) of the bench failed: {}",
+            rep.errors.len(),
+            rep.errors
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
 }
 
-fn run_all(bin: &Path, args: &BenchArgs) -> Result<()> {
-    println!(
-        "# fsmon bench — {} (2 cores; one run, modes interleaved)",
-        hostname()
-    );
+/// Runs the parts asked for; a part that fails is recorded in the report and the others
+/// still run.
+fn run_all(bin: &Path, args: &BenchArgs) -> Report {
+    let z = args.sizes();
+    eprintln!("bench: {z:?}");
+    let mut rep = Report {
+        seed: 0x5eed_f5a0,
+        ..Report::default()
+    };
     let want = |p: Part| args.only.is_empty() || args.only.contains(&p);
+    let mut errors = Vec::new();
+    let mut step = |part: &str, f: &mut dyn FnMut() -> Result<()>| {
+        eprintln!("bench: {part}…");
+        let t = Instant::now();
+        if let Err(e) = f() {
+            eprintln!("bench: {part} failed: {e:#}");
+            errors.push((part.to_owned(), format!("{e:#}")));
+        }
+        eprintln!("bench: {part} took {:.0} s", t.elapsed().as_secs_f64());
+    };
     if want(Part::Start) {
         for (label, host) in [("cgroup v1", V1_HOST), ("cgroup v2", V2_HOST)] {
-            start_latency(bin, label, host, args.runs)?;
+            step(&format!("start latency, {label}"), &mut || {
+                rep.start.push(start_latency(bin, label, host, z.runs)?);
+                Ok(())
+            });
         }
     }
     if want(Part::First) {
-        first_instructions(bin, V1_HOST, 20)?;
+        step("first instructions", &mut || {
+            rep.first = Some(first_instructions(bin, V1_HOST, z.first_runs)?);
+            Ok(())
+        });
     }
     if want(Part::Live) {
-        live_container(bin, args)?;
+        step("live container", &mut || {
+            rep.live = Some(live_container(bin, &z)?);
+            Ok(())
+        });
     }
     if want(Part::Storm) {
-        storm(bin, args.storm)?;
+        step("storm", &mut || {
+            rep.storm = Some(storm(bin, z.storm, z.idle_s)?);
+            Ok(())
+        });
     }
     if want(Part::Runtimes) {
-        runtimes(bin, args.runs)?;
+        step("runtimes", &mut || {
+            rep.runtimes = Some(runtimes(bin, z.runtime_runs)?);
+            Ok(())
+        });
     }
-    Ok(())
+    rep.errors = errors;
+    rep
+}
+
+/// What was run, and where: the command line, date, commit, kernel, CPU and engine versions.
+fn meta(args: &BenchArgs) -> Meta {
+    let cmd = |c: &str, a: &[&str]| -> String {
+        Command::new(c)
+            .args(a)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let root = crate::util::root();
+    let root = root.to_string_lossy();
+    let mut commit = cmd("git", &["-C", &root, "rev-parse", "--short=12", "HEAD"]);
+    if !cmd(
+        "git",
+        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty()
+    {
+        commit += " (with uncommitted changes)";
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let docker = [V1_HOST, V2_HOST]
+        .iter()
+        .map(|h| {
+            format!(
+                "{} ({h})",
+                cmd(
+                    "docker",
+                    &["-H", h, "version", "--format", "{{.Server.Version}}"]
+                )
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    Meta {
+        command: format!("cargo xtask {}", argv.join(" ")),
+        quick: args.quick,
+        date: cmd("date", &["-u", "+%Y-%m-%d %H:%M:%S"]),
+        commit,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        cpu: format!("{model} × {cores}"),
+        hostname: hostname(),
+        docker,
+        containerd: cmd("containerd", &["--version"]),
+        podman: cmd("podman", &["--version"]),
+        inotifywait: cmd(
+            "dpkg-query",
+            &["-W", "-f", "inotify-tools ${Version}", "inotify-tools"],
+        ),
+        duration_s: 0.0,
+    }
 }
 
 /// What each storm container does: files, a deep directory, 100 directories, then idles.
@@ -502,7 +689,7 @@ fn fd_count(pid: u32) -> usize {
 /// under `RLIMIT_NOFILE` 1024:1024. Reports the time
 /// from cgroup mkdir to armed (`arm_us`), fsmon's RSS and fds per container, and its idle
 /// CPU with all of them running.
-fn storm(bin: &Path, n: usize) -> Result<()> {
+fn storm(bin: &Path, n: usize, idle_s: u64) -> Result<StormResult> {
     let mut c = Command::new(bin);
     c.arg("run").arg("--state-dir").arg("/run/fsmon-bench");
     for h in [V1_HOST, V2_HOST] {
@@ -548,6 +735,7 @@ fn storm(bin: &Path, n: usize) -> Result<()> {
     let mut ids: Vec<(&str, String)> = Vec::new();
     let mut failed = 0;
     let mut i = 0;
+    let mut rss_trace = vec![(0, rss0)];
     while i < n {
         let batch: Vec<_> = (i..(i + 4).min(n))
             .map(|k| {
@@ -600,6 +788,7 @@ fn storm(bin: &Path, n: usize) -> Result<()> {
         // Keep the pipe drained while the storm goes on.
         m.fill();
         i += 4;
+        rss_trace.push((ids.len(), rss_kib(pid)));
     }
     let started_in = t0.elapsed();
     // Every container armed and its last first-instruction path reported.
@@ -638,73 +827,40 @@ fn storm(bin: &Path, n: usize) -> Result<()> {
             _ => {}
         }
     }
-    // Idle: every container sleeping; fsmon's CPU over 10 s.
+    // Idle: every container sleeping; fsmon's CPU over `idle_s`.
     let (rss1, fds1) = (rss_kib(pid), fd_count(pid));
+    // The last point: every container armed.
+    match rss_trace.last_mut() {
+        Some(last) if last.0 == ids.len() => last.1 = rss1,
+        _ => rss_trace.push((ids.len(), rss1)),
+    }
     let cpu0 = cpu_ticks(pid);
     let idle_from = Instant::now();
-    std::thread::sleep(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(idle_s));
     m.fill();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let idle_cpu = (cpu_ticks(pid) - cpu0) as f64 / hz / idle_from.elapsed().as_secs_f64();
-    let armed = arm_us.len();
-    let reported = last_seen.len();
-    println!("\n## start storm: {n} containers (4 at a time, 100 directories each, both engines), fsmon under RLIMIT_NOFILE {nofile} (soft:hard)");
-    println!(
-        "started in {:.0} s, {failed} docker runs failed",
-        started_in.as_secs_f64()
-    );
-    println!("| | value |");
-    println!("|---|---|");
-    println!(
-        "| containers armed (`container_start`) | {armed} of {} |",
-        ids.len()
-    );
-    println!(
-        "| containers whose last first-instruction path was reported | {reported} of {} |",
-        ids.len()
-    );
     // On the cgroup v1 engine the clock starts at the container's first (freezer) cgroup
     // and arming happens at its v2 cgroup, which runc makes last: runc's own time between
-    // the two is in these numbers.
-    for (label, v) in [
-        ("cgroup v1 engine (from its first cgroup)", &mut arm_us_v1),
-        ("cgroup v2 engine", &mut arm_us_v2),
-    ] {
-        println!(
-            "| cgroup mkdir → armed, {label}: median / p99 (µs) | {:.0} / {:.0} |",
-            pct(v, 0.5),
-            pct(v, 0.99)
-        );
-    }
-    println!(
-        "| cgroup mkdir → armed, median (µs) | {:.0} |",
-        pct(&mut arm_us, 0.5)
-    );
-    println!(
-        "| cgroup mkdir → armed, p99 (µs) | {:.0} |",
-        pct(&mut arm_us, 0.99)
-    );
-    println!(
-        "| cgroup mkdir → armed, max (µs) | {:.0} |",
-        pct(&mut arm_us, 1.0)
-    );
-    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / ids.len().max(1) as f64;
-    println!(
-        "| fsmon RSS idle → all armed (MiB) | {:.1} → {:.1} |",
-        rss0 as f64 / 1024.0,
-        rss1 as f64 / 1024.0
-    );
-    println!("| fsmon RSS per container (KiB) | {:.1} |", per(rss0, rss1));
-    println!("| fsmon fds before → all armed | {fds0} → {fds1} |");
-    println!(
-        "| fsmon fds per container | {:.2} |",
-        per(fds0 as u64, fds1 as u64)
-    );
-    println!(
-        "| fsmon CPU with all running, idle (% of one core) | {:.2} |",
-        idle_cpu * 100.0
-    );
+    // the two is in those numbers.
+    let res = StormResult {
+        n,
+        nofile,
+        started_s: started_in.as_secs_f64(),
+        failed,
+        launched: ids.len(),
+        armed: arm_us.len(),
+        reported: last_seen.len(),
+        arm_v1_us: arm_us_v1,
+        arm_v2_us: arm_us_v2,
+        rss0_kib: rss0,
+        rss1_kib: rss1,
+        fds0,
+        fds1,
+        idle_cpu_pct: idle_cpu * 100.0,
+        rss_trace,
+    };
     // Clean-up, a batch per engine.
     for host in hosts {
         let mine: Vec<&str> = ids
@@ -721,7 +877,7 @@ fn storm(bin: &Path, n: usize) -> Result<()> {
         }
     }
     m.stop();
-    Ok(())
+    Ok(res)
 }
 
 fn hostname() -> String {
@@ -741,20 +897,20 @@ fn sample(host: &str, into: &mut Vec<f64>, failed: &mut usize, mode: &str) {
     }
 }
 
-fn start_latency(bin: &Path, label: &str, host: &str, runs: usize) -> Result<()> {
-    const BLOCK: usize = 5;
+fn start_latency(bin: &Path, label: &str, host: &str, runs: usize) -> Result<StartResult> {
+    let block = runs.clamp(1, 5);
     let (mut off, mut on, mut base) = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = [0usize; 3];
     let mut freeze = Vec::new();
     for _ in 0..3 {
         docker_run(host, "true")?; // warm the engine's caches
     }
-    for _ in 0..runs.div_ceil(BLOCK) {
-        for _ in 0..BLOCK {
+    for _ in 0..runs.div_ceil(block) {
+        for _ in 0..block {
             sample(host, &mut off, &mut failed[0], "no monitor");
         }
         let mut m = Monitor::fsmon(bin, &[host])?;
-        for _ in 0..BLOCK {
+        for _ in 0..block {
             sample(host, &mut on, &mut failed[1], "fsmon");
         }
         for l in m.drain(Duration::from_millis(200)) {
@@ -768,58 +924,29 @@ fn start_latency(bin: &Path, label: &str, host: &str, runs: usize) -> Result<()>
         }
         m.stop();
         let b = Baseline::start(host)?;
-        for _ in 0..BLOCK {
+        for _ in 0..block {
             sample(host, &mut base, &mut failed[2], "baseline");
         }
         b.stop();
     }
-    let (o50, o99) = (pct(&mut off, 0.5), pct(&mut off, 0.99));
-    let (f50, f99) = (pct(&mut on, 0.5), pct(&mut on, 0.99));
-    let (b50, b99) = (pct(&mut base, 0.5), pct(&mut base, 0.99));
-    println!(
-        "\n## docker run --rm wall time, {label} ({} runs per mode)",
-        off.len()
-    );
-    println!("| mode | median ms | p99 ms | added median ms | added p99 ms | failed starts |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| no monitor | {o50:.1} | {o99:.1} | — | — | {} |",
-        failed[0]
-    );
-    println!(
-        "| fsmon | {f50:.1} | {f99:.1} | {:+.1} | {:+.1} | {} |",
-        f50 - o50,
-        f99 - o99,
-        failed[1]
-    );
-    println!(
-        "| inotifywait -r at start event | {b50:.1} | {b99:.1} | {:+.1} | {:+.1} | {} |",
-        b50 - o50,
-        b99 - o99,
-        failed[2]
-    );
-    if freeze.is_empty() {
-        println!("fsmon froze none of these starts (armed without freezing: freeze_us null)");
-    } else {
-        println!(
-            "fsmon freeze_us over {} frozen starts: median {:.0}, p99 {:.0}, max {:.0}",
-            freeze.len(),
-            pct(&mut freeze, 0.5),
-            pct(&mut freeze, 0.99),
-            freeze.iter().copied().fold(0.0, f64::max)
-        );
-    }
-    Ok(())
+    Ok(StartResult {
+        label: label.to_owned(),
+        off,
+        fsmon: on,
+        base,
+        failed,
+        freeze_us: freeze,
+    })
 }
 
-fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<()> {
+fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult> {
     let mut m = Monitor::fsmon(bin, &[host])?;
     for _ in 0..runs {
         docker_run(host, FIRST)?;
     }
     let lines = m.drain(Duration::from_secs(2));
     m.stop();
-    let mut seen = 0;
+    let (mut seen, mut gone_fsmon) = (0, 0);
     let mut cur: HashSet<String> = HashSet::new();
     for l in &lines {
         let Ok(v) = serde_json::from_str::<Value>(l) else {
@@ -833,7 +960,8 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<()> {
                 }
             }
             Some("container_stop") => {
-                seen += FIRST_PATHS.iter().filter(|p| cur.contains(**p)).count()
+                seen += FIRST_PATHS.iter().filter(|p| cur.contains(**p)).count();
+                gone_fsmon += usize::from(cur.contains(GONE));
             }
             _ => {}
         }
@@ -848,24 +976,25 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<()> {
         bl.push(l);
     }
     b.stop();
-    let base_seen = bl
+    let creates: Vec<&String> = bl.iter().filter(|l| l.contains("CREATE")).collect();
+    let base_seen = creates
         .iter()
-        .filter(|l| l.contains("CREATE"))
         .filter(|l| FIRST_PATHS.iter().any(|p| l.starts_with(&format!("{p} "))))
         .count();
-    let total = runs * FIRST_PATHS.len();
-    println!("\n## first-instruction paths reported (`{FIRST}`), {runs} containers");
-    println!("| monitor | seen | of | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| fsmon | {seen} | {total} | {:.2} |",
-        seen as f64 / total as f64
-    );
-    println!(
-        "| inotifywait -r at start event | {base_seen} | {total} | {:.2} |",
-        base_seen as f64 / total as f64
-    );
-    Ok(())
+    let gone_base = creates
+        .iter()
+        .filter(|l| l.starts_with(&format!("{GONE} ")))
+        .count();
+    Ok(FirstResult {
+        script: FIRST.to_owned(),
+        runs,
+        paths: FIRST_PATHS.len(),
+        fsmon_seen: seen,
+        base_seen,
+        gone: GONE.to_owned(),
+        gone_fsmon,
+        gone_base,
+    })
 }
 
 /// A long-running container on the cgroup v1 engine, whose merged view the host can write.
@@ -1101,7 +1230,7 @@ impl Drop for Floor {
 
 /// Drain throughput: the monitor is stopped (SIGSTOP) while `n` files are created, then
 /// continued; the rate is how fast it reports all of them from then on, so the producer's
-/// speed does not bound it. Returns (records/s, creates reported, overflowed); each file is
+/// speed does not bound it. Each file is
 /// two kernel events (IN_CREATE, IN_CLOSE_WRITE).
 fn throughput(
     m: &mut Monitor,
@@ -1109,7 +1238,7 @@ fn throughput(
     tag: &str,
     n: usize,
     fsmon: bool,
-) -> Result<(f64, usize, bool)> {
+) -> Result<Throughput> {
     let dir = live.merged.join(format!("burst-{tag}"));
     std::fs::create_dir_all(&dir)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -1137,13 +1266,17 @@ fn throughput(
         seen >= n
     });
     let secs = last.saturating_duration_since(t0).as_secs_f64().max(1e-9);
-    Ok((seen as f64 / secs, seen, overflow))
+    Ok(Throughput {
+        records_per_s: seen as f64 / secs,
+        seen,
+        overflow,
+    })
 }
 
-fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
+fn live_container(bin: &Path, z: &Sizes) -> Result<LiveResult> {
     // Room in the kernel queue for the whole burst (both monitors' instances are made
     // after this; the old value is put back at the end).
-    let _queue = Sysctl::set("fs/inotify/max_queued_events", (args.burst * 4).max(16384))?;
+    let _queue = Sysctl::set("fs/inotify/max_queued_events", (z.burst * 4).max(16384))?;
     // fsmon first, so it arms the container at its start.
     let mut m = Monitor::fsmon(bin, &[V1_HOST])?;
     let idle_rss = m.rss_kib();
@@ -1151,12 +1284,12 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
     m.wait(Duration::from_secs(10), |l| {
         l.contains("container_start") && l.contains(&live.id)
     })?;
-    resolve_cost(&live)?;
+    let (resolve_disk_us, resolve_api_us) = resolve_cost(&live)?;
     let mut b = inotifywait_on(&live.upper)?;
     // Each monitor is measured alone: the other one (which watches the same tree) is
     // stopped meanwhile, so that the two do not compete for the cores. The three take
     // turns in blocks, so that a noisy moment of the host hits them alike.
-    let n = args.latency_samples;
+    let n = z.latency_samples;
     let mut fsmon_files = LatencyFiles::new(&live, "fsmon", n)?;
     let mut base_files = LatencyFiles::new(&live, "base", n)?;
     let mut floor = Floor::new(&live, n)?;
@@ -1175,75 +1308,100 @@ fn live_container(bin: &Path, args: &BenchArgs) -> Result<()> {
         b.resume();
         m.resume();
     }
-    let mut fl = std::mem::take(&mut fsmon_files.samples);
-    let mut bl = std::mem::take(&mut base_files.samples);
-    let mut kl = std::mem::take(&mut floor.files.samples);
+    let fsmon_us = std::mem::take(&mut fsmon_files.samples);
+    let base_us = std::mem::take(&mut base_files.samples);
+    let floor_us = std::mem::take(&mut floor.files.samples);
     drop(floor);
     b.drain(Duration::from_millis(300));
     m.drain(Duration::from_millis(300));
-    println!("\n## detection latency: 1-byte write(2) in a running container's layer → its record read from the monitor's stdout (µs, {} samples each, in turns of 25; the reader polls the pipe without sleeping (sched_yield between reads); the other monitor is stopped meanwhile)", args.latency_samples);
-    println!("| monitor | median | p99 |");
-    println!("|---|---|---|");
-    let (f50, f99) = (pct(&mut fl, 0.5), pct(&mut fl, 0.99));
-    let (b50, b99) = (pct(&mut bl, 0.5), pct(&mut bl, 0.99));
-    println!("| fsmon | {f50:.0} | {f99:.0} |");
-    println!("| inotifywait -r | {b50:.0} | {b99:.0} |");
-    let (k50, k99) = (pct(&mut kl, 0.5), pct(&mut kl, 0.99));
-    println!("| floor: a bare blocking inotify read(2) → pipe (a thread of this bench) | {k50:.0} | {k99:.0} |");
-    println!(
-        "ratio fsmon/baseline: median {:.2}, p99 {:.2}",
-        f50 / b50,
-        f99 / b99
-    );
 
-    // Memory: 10k directories in the layer, each watched.
+    // `mkdir -p` + an immediate write in the new deepest directory, each monitor alone.
+    b.pause();
+    let race_fsmon = mkdir_race(&mut m, &live, "fsmon", z.race, true)?;
+    b.resume();
+    b.drain(Duration::from_millis(500));
+    m.pause();
+    let race_base = mkdir_race(&mut b, &live, "base", z.race, false)?;
+    m.resume();
+    m.drain(Duration::from_millis(500));
+
+    // Memory: `z.dirs` directories in the layer, each watched.
     let before = m.rss_kib();
     let dirs = live.merged.join("tenk");
     std::fs::create_dir_all(&dirs)?;
-    for i in 0..10_000 {
+    for i in 0..z.dirs {
         std::fs::create_dir(dirs.join(format!("d{i}")))?;
     }
-    let _ = m.wait(Duration::from_secs(30), |l| {
-        l.contains("\"path\":\"/tenk/d9999\"")
-    });
+    let last = format!("\"path\":\"/tenk/d{}\"", z.dirs.saturating_sub(1));
+    let _ = m.wait(Duration::from_secs(30), |l| l.contains(&last));
     m.drain(Duration::from_millis(500));
     let after = m.rss_kib();
-    println!("\n## memory (VmRSS of the fsmon process)");
-    println!("idle, no container: {idle_rss} KiB; before 10k dirs: {before} KiB; after 10k watched dirs: {after} KiB; per 10k watches: {} KiB", after.saturating_sub(before));
     // Each burst is counted by its own monitor while the other one is stopped; the other
     // one catches up afterwards (the queue limit above leaves room for it).
     b.pause();
-    let (f_rate, f_seen, f_over) = throughput(&mut m, &live, "fsmon", args.burst, true)?;
+    let fsmon_tp = throughput(&mut m, &live, "fsmon", z.burst, true)?;
     b.resume();
     b.drain(Duration::from_millis(1000));
     m.pause();
-    let (b_rate, b_seen, b_over) = throughput(&mut b, &live, "base", args.burst, false)?;
+    let base_tp = throughput(&mut b, &live, "base", z.burst, false)?;
     m.resume();
     m.drain(Duration::from_millis(1000));
-    println!(
-        "\n## throughput: {} empty files made while the monitor was stopped, then drained (each file is 2 kernel events: IN_CREATE, IN_CLOSE_WRITE; the other monitor is stopped meanwhile)",
-        args.burst
-    );
-    println!("| monitor | creates reported | records/s | kernel events/s | overflow |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| fsmon | {f_seen} | {f_rate:.0} | {:.0} | {f_over} |",
-        f_rate * 2.0
-    );
-    println!(
-        "| inotifywait -r | {b_seen} | {b_rate:.0} | {:.0} | {b_over} |",
-        b_rate * 2.0
-    );
-    println!("ratio fsmon/baseline: {:.2}", f_rate / b_rate);
     b.stop();
-
     m.stop();
-    Ok(())
+    Ok(LiveResult {
+        fsmon_us,
+        base_us,
+        floor_us,
+        resolve_disk_us,
+        resolve_api_us,
+        rss_idle_kib: idle_rss,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        dirs: z.dirs,
+        burst: z.burst,
+        fsmon_tp,
+        base_tp,
+        race: z.race,
+        race_fsmon,
+        race_base,
+    })
+}
+
+/// `n` times: `mkdir -p race-TAG/i/a/b/c` and at once a file `f` in `c`, in a running
+/// container's layer; how many of the `n` files `m` reports (the baseline must watch each new
+/// directory before its entries appear, and loses the race).
+fn mkdir_race(m: &mut Monitor, live: &Live, tag: &str, n: usize, fsmon: bool) -> Result<usize> {
+    m.drain(Duration::from_millis(50));
+    for i in 0..n {
+        let d = live.merged.join(format!("race-{tag}/{i}/a/b/c"));
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("f"), b"x")?;
+    }
+    let prefix = format!("/race-{tag}/");
+    let mut seen = HashSet::new();
+    m.scan(Duration::from_secs(2), |_, l| {
+        let create = if fsmon {
+            l.contains("\"kind\":\"create\"") && l.contains("/a/b/c/f\"")
+        } else {
+            l.contains("/a/b/c/f CREATE")
+        };
+        if create {
+            if let Some(i) = l
+                .split_once(&prefix)
+                .and_then(|(_, rest)| rest.split('/').next())
+                .and_then(|i| i.parse::<usize>().ok())
+            {
+                seen.insert(i);
+            }
+        }
+        seen.len() >= n
+    });
+    Ok(seen.len())
 }
 
 /// Upperdir resolution: overlay2's on-disk metadata (what fsmon reads while a container is
 /// frozen) against the engine's inspect API (the fallback), per lookup.
-fn resolve_cost(live: &Live) -> Result<()> {
+fn resolve_cost(live: &Live) -> Result<(f64, f64)> {
     use std::io::{Read, Write};
     let root = PathBuf::from("/var/lib/docker");
     let n = 2000;
@@ -1280,12 +1438,7 @@ fn resolve_cost(live: &Live) -> Result<()> {
         }
     }
     let api_us = t.elapsed().as_secs_f64() * 1e6 / m as f64;
-    println!("\n## upperdir resolution (per lookup)");
-    println!("| method | µs |");
-    println!("|---|---|");
-    println!("| overlay2 on-disk metadata (fsmon's choice) | {disk_us:.1} |");
-    println!("| inspect API over the socket (fallback) | {api_us:.0} |");
-    Ok(())
+    Ok((disk_us, api_us))
 }
 
 /// Sets a sysctl and restores it on drop.
@@ -1312,7 +1465,7 @@ impl Drop for Sysctl {
 /// Per runtime: what resolving a container's upperdir costs, by method (`fsmon resolve`,
 /// the daemon's own code), and the time from a container's cgroup appearing to its watch
 /// being armed (`arm_us` of `container_start`) for containers started while fsmon runs.
-fn runtimes(bin: &Path, runs: usize) -> Result<()> {
+fn runtimes(bin: &Path, runs: usize) -> Result<RuntimesResult> {
     use engines::{CONTAINERD_SOCK, CONTAINERD_STATE, CTR_IMAGE, PODMAN_IMAGE};
     let ctr = |args: &[&str]| {
         Command::new("ctr")
@@ -1373,22 +1526,20 @@ fn runtimes(bin: &Path, runs: usize) -> Result<()> {
         .arg(format!("/default/{ctr_id}"))
         .arg(format!("/libpod_parent/libpod-{podman_id}"))
         .output()?;
-    println!("\n## upperdir resolution per runtime (`fsmon resolve --repeat 1000`, µs per lookup)");
-    println!("| runtime | fsmon arms with | step / method | median µs | min µs |");
-    println!("|---|---|---|---|---|");
+    let mut resolve = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: Value = serde_json::from_str(line)?;
         if let Some(e) = v.get("error") {
             bail!("fsmon resolve {}: {e}", v["cgroup"]);
         }
         for (method, c) in v["cost"].as_object().into_iter().flatten() {
-            println!(
-                "| {} | {} | {method} | {:.1} | {:.1} |",
-                v["runtime"].as_str().unwrap_or("?"),
-                v["how"].as_str().unwrap_or("?"),
-                c["median_us"].as_f64().unwrap_or(f64::NAN),
-                c["min_us"].as_f64().unwrap_or(f64::NAN)
-            );
+            resolve.push(ResolveRow {
+                runtime: v["runtime"].as_str().unwrap_or("?").to_owned(),
+                how: v["how"].as_str().unwrap_or("?").to_owned(),
+                method: method.clone(),
+                median_us: c["median_us"].as_f64().unwrap_or(f64::NAN),
+                min_us: c["min_us"].as_f64().unwrap_or(f64::NAN),
+            });
         }
     }
     let _ = docker_out(V1_HOST, &["rm", "-f", &docker_id]);
@@ -1441,29 +1592,17 @@ fn runtimes(bin: &Path, runs: usize) -> Result<()> {
         false
     });
     m.stop();
-    println!("\n## cgroup mkdir → armed per runtime (`arm_us`, {runs} containers each, µs)");
-    println!("| runtime | armed | median | p90 | max |");
-    println!("|---|---|---|---|---|");
-    for runtime in ["docker", "containerd", "podman"] {
-        let mut v: Vec<u64> = ids
-            .iter()
-            .filter(|(r, _)| *r == runtime)
-            .filter_map(|(_, id)| arm.get(id).copied())
-            .collect();
-        v.sort_unstable();
-        let at = |q: f64| {
-            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-                .copied()
-                .unwrap_or(0)
-        };
-        println!(
-            "| {runtime} | {}/{runs} | {} | {} | {} |",
-            v.len(),
-            at(0.5),
-            at(0.9),
-            at(1.0)
-        );
-    }
+    let arm_us = ["docker", "containerd", "podman"]
+        .into_iter()
+        .map(|runtime| {
+            let v: Vec<f64> = ids
+                .iter()
+                .filter(|(r, _)| *r == runtime)
+                .filter_map(|(_, id)| arm.get(id).map(|&us| us as f64))
+                .collect();
+            (runtime.to_owned(), v)
+        })
+        .collect();
     for (runtime, id) in &ids {
         match *runtime {
             "docker" => drop(docker_out(V1_HOST, &["rm", "-f", id])),
@@ -1475,7 +1614,11 @@ fn runtimes(bin: &Path, runs: usize) -> Result<()> {
             _ => {}
         }
     }
-    Ok(())
+    Ok(RuntimesResult {
+        runs,
+        resolve,
+        arm_us,
+    })
 }
 
 /// A 64-hex container id for ctr, unique to this bench run.
@@ -1515,4 +1658,51 @@ fn docker_out(host: &str, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct W {
+        #[command(flatten)]
+        a: BenchArgs,
+    }
+
+    fn args(v: &[&str]) -> BenchArgs {
+        W::parse_from(std::iter::once("bench").chain(v.iter().copied())).a
+    }
+
+    #[test]
+    fn full_sizes_by_default() {
+        let z = args(&[]).sizes();
+        assert_eq!(
+            (z.runs, z.latency_samples, z.burst, z.storm),
+            (40, 1000, 100_000, 500)
+        );
+        assert_eq!(
+            (z.first_runs, z.dirs, z.idle_s, z.runtime_runs),
+            (20, 10_000, 10, 40)
+        );
+    }
+
+    #[test]
+    fn quick_is_small_and_options_still_win() {
+        let a = args(&["--quick", "--report", "/tmp/q.md"]);
+        assert_eq!(a.report.as_deref(), Some(Path::new("/tmp/q.md")));
+        let z = a.sizes();
+        assert_eq!(
+            (z.runs, z.latency_samples, z.burst, z.storm),
+            (5, 100, 5000, 12)
+        );
+        assert_eq!(
+            (z.first_runs, z.dirs, z.idle_s, z.runtime_runs),
+            (5, 1000, 3, 3)
+        );
+        let z = args(&["--quick", "--runs", "8"]).sizes();
+        assert_eq!((z.runs, z.runtime_runs), (8, 8));
+    }
 }

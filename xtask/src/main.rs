@@ -8,6 +8,9 @@ mod bench;
 mod ebpf;
 mod engines;
 mod image;
+mod plots;
+mod report;
+mod stats;
 mod util;
 
 use anyhow::Result;
