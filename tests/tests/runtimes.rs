@@ -382,3 +382,103 @@ fn running_cri_pod_containers_are_armed_before_ready() -> anyhow::Result<()> {
     result?;
     removed
 }
+
+/// Sends `sig` to fsmon (a process this test started).
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on the fsmon this test started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// The container's first paths (and the delete of `/gone`) came live, and its start was
+/// held by the exec gate (`gated_us`).
+fn check_gated(f: &mut Fsmon, id: &str, what: &str, setup: &[&str]) {
+    check_first(f, id, what, setup);
+    let recs = f.of(id);
+    // Live: from the watch, not from a late arm's scan (the contents of a directory made
+    // before its own watch are found by its scan, as always).
+    for (kind, p) in [
+        ("create", "/f0"),
+        ("create", "/a"),
+        ("create", "/gone"),
+        ("delete", "/gone"),
+    ] {
+        assert!(
+            recs.iter()
+                .any(|r| r["kind"] == kind && r["path"] == p && r["source"] == "inotify"),
+            "{what}: {kind} {p} not seen live: {recs:#?}"
+        );
+    }
+    let start = recs.first().copied().cloned().unwrap_or_default();
+    assert!(
+        start["gated_us"].as_u64().is_some(),
+        "{what}: the gate held nothing: {start}"
+    );
+}
+
+#[test]
+fn exec_gate_holds_ctr_and_podman_starts_while_fsmon_is_stopped() -> anyhow::Result<()> {
+    let mut f = fsmon()?;
+    let pid = f.pid();
+    // ctr: fsmon stopped while the container starts, resumed a second later.
+    let id = random_id();
+    signal(pid, libc::SIGSTOP);
+    let ctr_run = {
+        let (image, id) = (env("FSMON_CTR_IMAGE"), id.clone());
+        std::thread::spawn(move || {
+            ctr(
+                "default",
+                &[
+                    "run",
+                    "--rm",
+                    "--label",
+                    "fsmon-test=1",
+                    &image,
+                    &id,
+                    "sh",
+                    "-c",
+                    FIRST,
+                ],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    signal(pid, libc::SIGCONT);
+    ctr_run
+        .join()
+        .map_err(|_| anyhow::anyhow!("ctr thread panicked"))??;
+    f.wait_for(WAIT, is("container_stop", id.clone()))?;
+    check_gated(
+        &mut f,
+        &id,
+        "ctr, fsmon stopped",
+        &["/proc", "/dev", "/sys", "/run"],
+    );
+    // podman, the same way.
+    let name = format!("fsmon-podman-gate-{}", std::process::id());
+    signal(pid, libc::SIGSTOP);
+    let podman = {
+        let name = name.clone();
+        std::thread::spawn(move || podman_run("--rm", &name, &["sh", "-c", FIRST]))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    signal(pid, libc::SIGCONT);
+    podman
+        .join()
+        .map_err(|_| anyhow::anyhow!("podman thread panicked"))??;
+    let id = f.wait_start_stop(WAIT, &name)?;
+    check_gated(
+        &mut f,
+        &id,
+        "podman, fsmon stopped",
+        &[
+            "/etc/hosts",
+            "/etc/hostname",
+            "/run",
+            "/run/.containerenv",
+            "/proc",
+        ],
+    );
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
