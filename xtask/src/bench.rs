@@ -945,27 +945,50 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult
         docker_run(host, FIRST)?;
     }
     let lines = m.drain(Duration::from_secs(2));
-    m.stop();
-    let (mut seen, mut gone_fsmon) = (0, 0);
-    let mut cur: HashSet<String> = HashSet::new();
-    for l in &lines {
-        let Ok(v) = serde_json::from_str::<Value>(l) else {
-            continue;
-        };
-        match v["kind"].as_str() {
-            Some("container_start") => cur.clear(),
-            Some("create") => {
-                if let Some(p) = v["path"].as_str() {
-                    cur.insert(p.to_owned());
-                }
-            }
-            Some("container_stop") => {
-                seen += FIRST_PATHS.iter().filter(|p| cur.contains(**p)).count();
-                gone_fsmon += usize::from(cur.contains(GONE));
-            }
-            _ => {}
-        }
+    // The same with fsmon stopped as each container starts: the exec gate holds its first
+    // exec until fsmon, resumed, has armed it.
+    let stalled_runs = runs.clamp(2, 10);
+    for _ in 0..stalled_runs {
+        m.pause();
+        let h = host.to_owned();
+        let run = std::thread::spawn(move || docker_run(&h, FIRST));
+        std::thread::sleep(Duration::from_millis(300));
+        m.resume();
+        run.join()
+            .map_err(|_| anyhow::anyhow!("docker run thread panicked"))??;
     }
+    let stalled_lines = m.drain(Duration::from_secs(2));
+    m.stop();
+    let paths_seen = |lines: &[String]| {
+        let (mut seen, mut gone, mut gated) = (0, 0, Vec::new());
+        let mut cur: HashSet<String> = HashSet::new();
+        for l in lines {
+            let Ok(v) = serde_json::from_str::<Value>(l) else {
+                continue;
+            };
+            match v["kind"].as_str() {
+                Some("container_start") => {
+                    cur.clear();
+                    if let Some(us) = v["gated_us"].as_f64() {
+                        gated.push(us);
+                    }
+                }
+                Some("create") => {
+                    if let Some(p) = v["path"].as_str() {
+                        cur.insert(p.to_owned());
+                    }
+                }
+                Some("container_stop") => {
+                    seen += FIRST_PATHS.iter().filter(|p| cur.contains(**p)).count();
+                    gone += usize::from(cur.contains(GONE));
+                }
+                _ => {}
+            }
+        }
+        (seen, gone, gated)
+    };
+    let (stalled_seen, _, gated_us) = paths_seen(&stalled_lines);
+    let (seen, gone_fsmon, _) = paths_seen(&lines);
     let b = Baseline::start(host)?;
     for _ in 0..runs {
         docker_run(host, FIRST)?;
@@ -994,6 +1017,9 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult
         gone: GONE.to_owned(),
         gone_fsmon,
         gone_base,
+        stalled_runs,
+        stalled_seen,
+        gated_us,
     })
 }
 

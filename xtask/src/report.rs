@@ -61,6 +61,11 @@ pub struct FirstResult {
     pub gone: String,
     pub gone_fsmon: usize,
     pub gone_base: usize,
+    /// Containers started while fsmon was stopped (SIGSTOP, resumed 300 ms later), the
+    /// first paths fsmon reported of them, and the exec gate's hold of each (`gated_us`).
+    pub stalled_runs: usize,
+    pub stalled_seen: usize,
+    pub gated_us: Vec<f64>,
 }
 
 /// A running container: detection latency, memory, throughput, upperdir resolution.
@@ -437,6 +442,21 @@ fn first_section(f: &FirstResult, heads: &mut Vec<Headline>) -> String {
          it in {} of {} containers, the baseline in {} of {}.",
         f.gone, f.gone_fsmon, f.runs, f.gone_base, f.runs
     );
+    if f.stalled_runs > 0 {
+        let mut g = f.gated_us.clone();
+        let _ = writeln!(
+            o,
+            "\nWith fsmon stopped (SIGSTOP) while each of {} more containers started, resumed \
+             300 ms later: fsmon reported {} of {} first paths; the exec gate held {} of the \
+             starts, `gated_us` median {} µs, max {} µs.",
+            f.stalled_runs,
+            f.stalled_seen,
+            f.stalled_runs * f.paths,
+            g.len(),
+            num(p50(&mut g), 0),
+            num(g.iter().copied().fold(f64::NAN, f64::max), 0)
+        );
+    }
     let _ = writeln!(
         o,
         "\nPaper: the generic algorithm has a {:.3} ms blind spot; theirs none.",
@@ -782,6 +802,9 @@ mod tests {
                 gone: "/gone".into(),
                 gone_fsmon: 5,
                 gone_base: 0,
+                stalled_runs: 2,
+                stalled_seen: 12,
+                gated_us: vec![300_000.0, 310_000.0],
             }),
             live: Some(LiveResult {
                 fsmon_us: ramp(50.0, 100),
