@@ -482,3 +482,50 @@ fn exec_gate_holds_ctr_and_podman_starts_while_fsmon_is_stopped() -> anyhow::Res
     assert_eq!(code, 0);
     Ok(())
 }
+
+#[test]
+fn exec_gate_holds_a_cri_pod_container_while_fsmon_is_stopped() -> anyhow::Result<()> {
+    let image = env("FSMON_CTR_IMAGE");
+    let mut cri = cri_client()?;
+    let mut f = fsmon()?;
+    let pid = f.pid();
+    let pod = cri.run_pod(
+        POD_NAMESPACE,
+        &format!("fsmon-pod-{}-gate", std::process::id()),
+    )?;
+    let result = (|| -> anyhow::Result<()> {
+        signal(pid, libc::SIGSTOP);
+        // The runtime reports the start once runc started it: a gated PID 1 counts as running.
+        let started = cri.run_container(&pod, "gated", &image, &["sh", "-c", FIRST]);
+        std::thread::sleep(Duration::from_secs(1));
+        signal(pid, libc::SIGCONT);
+        let id = started?;
+        assert_eq!(cri.wait_exited(&id, WAIT)?, 0, "exit code");
+        f.wait_for(WAIT, is("container_stop", id.clone()))?;
+        check_gated(
+            &mut f,
+            &id,
+            "CRI pod container, fsmon stopped",
+            &[
+                "/proc",
+                "/dev",
+                "/sys",
+                "/run",
+                "/etc/hosts",
+                "/etc/hostname",
+                "/etc/resolv.conf",
+                "/dev/shm",
+            ],
+        );
+        cri.stop_remove_container(&id, 0)?;
+        Ok(())
+    })();
+    // Whatever happened, fsmon runs again.
+    signal(pid, libc::SIGCONT);
+    let removed = cri.remove_pod(&pod.id, Some(&pod.uid));
+    result?;
+    removed?;
+    let (code, _) = f.stop()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
