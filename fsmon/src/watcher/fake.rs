@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -349,7 +348,7 @@ impl Fs for FakeFs {
         Ok(())
     }
 
-    fn add_watch(&self, _inotify: BorrowedFd<'_>, dir: &Dir, _mask: u32) -> io::Result<i32> {
+    fn add_watch(&self, dir: &Dir, _mask: u32) -> io::Result<i32> {
         let mut fs = self.lock();
         let ino = fs.dir_of(dir)?;
         if let Some(&wd) = fs.wds.get(&ino) {
@@ -364,7 +363,7 @@ impl Fs for FakeFs {
         Ok(wd)
     }
 
-    fn rm_watch(&self, _inotify: BorrowedFd<'_>, wd: i32) {
+    fn rm_watch(&self, wd: i32) {
         self.lock().wds.retain(|_, w| *w != wd);
     }
 }

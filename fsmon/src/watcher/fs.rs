@@ -1,17 +1,21 @@
 //! The state machine's one boundary with the file system: everything a container's watcher
 //! does to its upper and image layers (open beneath, stat, list, read xattrs) and to the
 //! watches on them goes through [`Fs`]; [`SysFs`] implements it with `sys` (openat2
-//! `RESOLVE_*`, statx, getdents64, `*xattr`, inotify through `/proc/self/fd/N`).
+//! `RESOLVE_*`, statx, getdents64, `*xattr`) and the `inotify` crate (watches added through
+//! `/proc/self/fd/N`).
 //! Directories are held as opaque [`Dir`] handles, so that another implementation (an
 //! in-memory upperdir) can run the state machine without root.
 //!
 //! Kernel features: those of `sys` (openat2 5.6, statx 4.11, inotify 2.6.36).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use inotify::{WatchDescriptor, WatchMask, Watches};
 
 use super::sys::{self, Dirent, Stat};
 
@@ -106,18 +110,47 @@ pub(super) trait Fs: Send + Sync {
     ) -> io::Result<Option<&'b [u8]>>;
     /// The entries of a directory opened for reading, into `out` (`buf`: scratch space).
     fn list_dir(&self, dir: &Dir, buf: &mut Vec<u8>, out: &mut Vec<Dirent>) -> io::Result<()>;
-    /// Adds a watch with `mask` on `dir` to the inotify instance `inotify`.
-    fn add_watch(&self, inotify: BorrowedFd<'_>, dir: &Dir, mask: u32) -> io::Result<i32>;
+    /// Adds a watch with `mask` on `dir` to the watcher's inotify instance.
+    fn add_watch(&self, dir: &Dir, mask: u32) -> io::Result<i32>;
     /// Removes a watch (errors are of no interest: the kernel may have dropped it).
-    fn rm_watch(&self, inotify: BorrowedFd<'_>, wd: i32);
+    fn rm_watch(&self, wd: i32);
+    /// The kernel dropped the watch `wd` (`IN_IGNORED`): forget what was kept for it.
+    fn forget_watch(&self, _wd: i32) {}
 }
 
 /// The file system shared by the watcher and every container.
 pub(super) type SharedFs = Arc<dyn Fs>;
 
-/// The real file system, through `sys`.
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct SysFs;
+/// The real file system, through `sys`, and the watches of the watcher's inotify instance
+/// (the `inotify` crate's).
+pub(super) struct SysFs {
+    watches: Mutex<SysWatches>,
+}
+
+struct SysWatches {
+    watches: Watches,
+    /// The crate's handle of each watch, by number: the state machine keeps numbers (an
+    /// in-memory file system can make those), the crate removes a watch by its handle.
+    handles: HashMap<i32, WatchDescriptor>,
+}
+
+impl SysFs {
+    /// The file system, adding watches to the instance of `watches`.
+    pub(super) fn new(watches: Watches) -> SysFs {
+        SysFs {
+            watches: Mutex::new(SysWatches {
+                watches,
+                handles: HashMap::new(),
+            }),
+        }
+    }
+
+    fn watches(&self) -> std::sync::MutexGuard<'_, SysWatches> {
+        self.watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 impl Fs for SysFs {
     fn open_host_dir(&self, path: &Path) -> io::Result<Dir> {
@@ -171,11 +204,28 @@ impl Fs for SysFs {
         sys::list_dir(dir.fd()?, buf, out)
     }
 
-    fn add_watch(&self, inotify: BorrowedFd<'_>, dir: &Dir, mask: u32) -> io::Result<i32> {
-        sys::add_watch(inotify, dir.fd()?, mask)
+    fn add_watch(&self, dir: &Dir, mask: u32) -> io::Result<i32> {
+        // Through the `/proc/self/fd/N` magic link of the fd that was opened and checked:
+        // the kernel resolves it to the fd's own inode, so the watch lands on that
+        // directory even if its name has since been replaced by a symlink.
+        // (`IN_DONT_FOLLOW` must not be used: it would watch the magic link itself.)
+        let link = sys::proc_fd_link(dir.fd()?);
+        let mut w = self.watches();
+        let handle = w.watches.add(&link, WatchMask::from_bits_retain(mask))?;
+        let wd = handle.get_watch_descriptor_id();
+        w.handles.insert(wd, handle);
+        Ok(wd)
     }
 
-    fn rm_watch(&self, inotify: BorrowedFd<'_>, wd: i32) {
-        sys::rm_watch(inotify, wd);
+    fn rm_watch(&self, wd: i32) {
+        let mut w = self.watches();
+        if let Some(handle) = w.handles.remove(&wd) {
+            // An error (the kernel already dropped it) is of no interest.
+            let _ = w.watches.remove(handle);
+        }
+    }
+
+    fn forget_watch(&self, wd: i32) {
+        self.watches().handles.remove(&wd);
     }
 }

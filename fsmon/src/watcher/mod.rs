@@ -29,7 +29,9 @@
 //!   the file system's answers on real overlay mounts (tier 2, `FSMON_WATCHER_RECORD`) and
 //!   `replay` runs them again without root (`fixtures/`: the races above as the kernel
 //!   really ordered them, each output checked).
-//! * `shared`: what all containers share; `rules`: pure helpers; `sys`: the syscalls.
+//! * `shared`: what all containers share; `rules`: pure helpers; `sys`: the syscalls that
+//!   no crate makes the watcher's way (the inotify instance, watches and event parsing are
+//!   the `inotify` crate's).
 //!
 //! # Guarantees
 //! * **Race-free recursion.** A directory that appears (created, moved in, copied up, found
@@ -111,6 +113,7 @@ mod tree;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -122,7 +125,6 @@ pub use fds::FdBudget;
 use fds::SharedBudget;
 use fs::{SharedFs, SysFs};
 use shared::{NextEvent, Shared, MASK};
-use trace::{Recorder, RecordingFs};
 
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;
@@ -232,13 +234,15 @@ pub struct Watcher {
     /// the layers' watches, so a container's exit is ordered with its file events.
     exits: HashMap<i32, ExitWatch>,
     /// Where the inputs and outputs are recorded, in the tier-2 harness's recording mode.
-    trace: Option<Arc<Recorder>>,
+    trace: Option<Arc<trace::Recorder>>,
 }
 
 /// A watch on one container's cgroup v2 `cgroup.events`. The file is opened for each read
 /// (rarely: its populated state or freeze changed), not held.
 struct ExitWatch {
     id: String,
+    /// The watch, as the `inotify` crate removes it.
+    handle: inotify::WatchDescriptor,
     path: PathBuf,
     /// Whether a process was ever seen in the cgroup. The cgroup can be empty at arm time
     /// (init not joined yet) and its freeze/thaw also modify `cgroup.events`, so only a
@@ -274,6 +278,14 @@ impl ExitWatch {
     }
 }
 
+/// A new inotify instance (non-blocking, close-on-exec).
+fn init_inotify() -> Result<inotify::Inotify, WatchError> {
+    inotify::Inotify::init().map_err(|source| match source.raw_os_error() {
+        Some(libc::EMFILE) => WatchError::TooManyInstances { source },
+        _ => WatchError::Init { source },
+    })
+}
+
 /// Nanoseconds since the epoch (0 before it, or past what an i64 holds).
 fn epoch_ns(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -301,17 +313,21 @@ impl Watcher {
 
     /// Like [`Watcher::new`], with a budget of `budget` cached directory fds.
     pub fn with_fd_budget(budget: usize) -> Result<Self, WatchError> {
-        Self::with_fs(Arc::new(SysFs), budget)
+        let inotify = init_inotify()?;
+        let fs = Arc::new(SysFs::new(inotify.watches()));
+        Ok(Self::with_instance(inotify, fs, budget))
     }
 
-    /// A watcher whose containers' layers are on `fs` (the real one, or a test's).
+    /// Tests: a watcher whose containers' layers are on `fs` (an in-memory one, a replay).
+    #[cfg(test)]
     fn with_fs(fs: SharedFs, budget: usize) -> Result<Self, WatchError> {
-        let fd = sys::inotify_init().map_err(|source| match source.raw_os_error() {
-            Some(libc::EMFILE) => WatchError::TooManyInstances { source },
-            _ => WatchError::Init { source },
-        })?;
-        Ok(Watcher {
-            shared: Shared::new(fd),
+        Ok(Self::with_instance(init_inotify()?, fs, budget))
+    }
+
+    /// A watcher reading `inotify`, whose containers' layers are on `fs`.
+    fn with_instance(inotify: inotify::Inotify, fs: SharedFs, budget: usize) -> Self {
+        Watcher {
+            shared: Shared::new(inotify),
             fs,
             budget: FdBudget::new(budget),
             shed_cursor: 0,
@@ -321,30 +337,7 @@ impl Watcher {
             buf: vec![0; READ_BUF],
             exits: HashMap::new(),
             trace: None,
-        })
-    }
-
-    /// Tests (tier 2): [`Watcher::with_fd_budget`] (`None`: the budget of [`Watcher::new`]),
-    /// with every input of the state machine and every answer of the file system recorded
-    /// to `path` for tier-1 replays (see `trace`).
-    #[doc(hidden)]
-    pub fn recording(budget: Option<usize>, path: &Path) -> Result<Self, WatchError> {
-        let budget = budget.unwrap_or_else(|| {
-            FdBudget::size_for(
-                crate::limits::soft_fd_limit(),
-                crate::limits::open_fd_count(),
-            )
-        });
-        let rec = Arc::new(Recorder::create(path).map_err(|source| WatchError::Open {
-            path: path.to_owned(),
-            source,
-        })?);
-        let fs = Arc::new(RecordingFs { rec: rec.clone() });
-        let mut w = Self::with_fs(fs.clone(), budget)?;
-        w.shared.clock = Some(fs);
-        rec.line(&format!("budget {budget}"));
-        w.trace = Some(rec);
-        Ok(w)
+        }
     }
 
     /// The inotify fd, to poll for readability (it stays owned by the watcher).
@@ -439,11 +432,10 @@ impl Watcher {
             self.budget.opened();
         }
         // IN_MASK_CREATE (4.18): fail rather than share a watch with another container id.
-        let ifd = self.shared.inotify.as_fd();
         let wd = (self.fs)
-            .add_watch(ifd, &root_fd, MASK | libc::IN_MASK_CREATE)
+            .add_watch(&root_fd, MASK | libc::IN_MASK_CREATE)
             .or_else(|e| match e.raw_os_error() {
-                Some(libc::EINVAL) => self.fs.add_watch(ifd, &root_fd, MASK),
+                Some(libc::EINVAL) => self.fs.add_watch(&root_fd, MASK),
                 _ => Err(e),
             })
             .map_err(|source| match source.raw_os_error() {
@@ -541,10 +533,13 @@ impl Watcher {
     pub fn watch_exit(&mut self, id: &str, cgroup_dir: &Path) -> io::Result<()> {
         let path = cgroup_dir.join("cgroup.events");
         let file = std::fs::File::open(&path)?;
-        let wd = sys::add_watch(self.shared.inotify.as_fd(), file.as_fd(), libc::IN_MODIFY)?;
+        let handle = (self.shared.inotify.watches())
+            .add(sys::proc_fd_link(file.as_fd()), inotify::WatchMask::MODIFY)?;
         drop(file);
+        let wd = handle.get_watch_descriptor_id();
         let mut exit = ExitWatch {
             id: id.to_owned(),
+            handle,
             path,
             seen_populated: false,
             out_at: None,
@@ -569,8 +564,10 @@ impl Watcher {
             .map(|(wd, _)| *wd)
             .collect();
         for wd in exit_wds {
-            self.exits.remove(&wd);
-            sys::rm_watch(self.shared.inotify.as_fd(), wd);
+            if let Some(exit) = self.exits.remove(&wd) {
+                // An error (the kernel already dropped it) is of no interest.
+                let _ = self.shared.inotify.watches().remove(exit.handle);
+            }
         }
         let Some(key) = self.by_id.remove(id) else {
             return;
@@ -586,7 +583,7 @@ impl Watcher {
                 .is_some_and(|o| o.container == key && o.node == node)
             {
                 self.shared.wds.remove(&wd);
-                self.fs.rm_watch(self.shared.inotify.as_fd(), wd);
+                self.fs.rm_watch(wd);
             }
         }
         self.shared.out.retain(|o| match o {
@@ -665,9 +662,20 @@ impl Watcher {
     fn read_loop(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut waited = false;
         loop {
-            match sys::read(self.shared.inotify.as_fd(), buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => self.handle_read(buf.get(..n).unwrap_or_default()),
+            match self.shared.inotify.read_events(buf) {
+                Ok(events) => {
+                    let evs: Vec<_> = events
+                        .map(|e| rules::RawEvent {
+                            wd: e.wd.get_watch_descriptor_id(),
+                            mask: e.mask.bits(),
+                            cookie: e.cookie,
+                            name: e.name.map_or(&[][..], OsStrExt::as_bytes),
+                        })
+                        .collect();
+                    self.handle_read(&evs, sys::next_read());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let waiting = self.containers.iter().flatten().any(Container::waiting);
                     // An exit read at a modify that outputs followed: its own modify may
@@ -694,19 +702,14 @@ impl Watcher {
         }
     }
 
-    /// Handles the events of one read of the inotify fd, in order.
-    fn handle_read(&mut self, bytes: &[u8]) {
-        self.handle_read_at(bytes, sys::next_read());
-    }
-
-    /// [`Watcher::handle_read`] of the read numbered `read_gen` ([`sys::next_read`]).
-    fn handle_read_at(&mut self, bytes: &[u8], read_gen: u32) {
+    /// Handles the events `evs` of one read of the inotify fd, in order; `read_gen` is the
+    /// read's number ([`sys::next_read`]).
+    fn handle_read(&mut self, evs: &[rules::RawEvent<'_>], read_gen: u32) {
         self.shared.read_gen = read_gen;
-        let evs: Vec<_> = rules::parse_events(bytes).collect();
         if let Some(t) = &self.trace {
-            t.read(read_gen, &evs);
+            t.read(read_gen, evs);
         }
-        let last = rules::last_name_changes(&evs);
+        let last = rules::last_name_changes(evs);
         for (i, ev) in evs.iter().enumerate() {
             let stale = last.get(&(ev.wd, ev.name)).is_some_and(|&j| j > i);
             self.shared.next = match evs.get(i + 1) {
@@ -731,7 +734,8 @@ impl Watcher {
     /// [`Watcher::read_events`] does (what the real inotify fd holds is not read).
     #[cfg(test)]
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<WatchOutput>) {
-        self.handle_read(bytes);
+        let evs: Vec<_> = rules::parse_events(bytes).collect();
+        self.handle_read(&evs, sys::next_read());
         self.end_call(out);
     }
 
@@ -768,6 +772,10 @@ impl Watcher {
                 }
             }
             return;
+        }
+        if ev.mask & libc::IN_IGNORED != 0 {
+            // The kernel dropped the watch (its directory is gone, or it was removed).
+            self.fs.forget_watch(ev.wd);
         }
         let Some(owner) = self.shared.wds.get(&ev.wd).copied() else {
             return;

@@ -14,7 +14,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -338,7 +337,7 @@ impl Fs for ReplayFs {
         Ok(())
     }
 
-    fn add_watch(&self, _inotify: BorrowedFd<'_>, dir: &Dir, mask: u32) -> io::Result<i32> {
+    fn add_watch(&self, dir: &Dir, mask: u32) -> io::Result<i32> {
         let answer = self.answer("watch", Some(dir), b"", &format!("{mask:x}"));
         match os_err(&answer) {
             Some(e) => Err(e),
@@ -346,7 +345,7 @@ impl Fs for ReplayFs {
         }
     }
 
-    fn rm_watch(&self, _inotify: BorrowedFd<'_>, _wd: i32) {}
+    fn rm_watch(&self, _wd: i32) {}
 }
 
 /// Replays `text` (a trace); panics at the first call whose outputs differ from the
@@ -368,7 +367,8 @@ pub(super) fn replay(name: &str, text: &str) {
             Op::Read(bytes) => {
                 let gen = sys::next_read();
                 fs.lock().reads.push(gen);
-                w.handle_read_at(&bytes, gen);
+                let evs: Vec<_> = super::rules::parse_events(&bytes).collect();
+                w.handle_read(&evs, gen);
             }
             Op::End(want) => {
                 ends += 1;

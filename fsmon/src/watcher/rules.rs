@@ -1,5 +1,5 @@
-//! Pure helpers of the watcher: inotify record parsing, container path joining, `modify`
-//! coalescing and the rescan comparison. No IO; unit-tested. (Rename pairing by cookie is
+//! Pure helpers of the watcher: container path joining, `modify` coalescing and the rescan
+//! comparison, and (tests only) the raw inotify record layout. No IO; unit-tested. (Rename pairing by cookie is
 //! in `moves`, directory `attrib`s waiting for the drain in `outbox`.)
 //!
 //! Kernel feature: the inotify(7) event record layout (`struct inotify_event`, 2.6.13).
@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use crate::event::FileKind;
 
 /// Size of the fixed part of `struct inotify_event` (wd, mask, cookie, len).
+#[cfg(test)]
 pub(crate) const EVENT_HEADER: usize = 16;
 
 /// One inotify record, borrowed from the read buffer.
@@ -23,7 +24,9 @@ pub(crate) struct RawEvent<'a> {
 }
 
 /// Iterates the records of one `read(2)` of an inotify fd. A truncated trailing record
-/// (which the kernel never produces) ends the iteration.
+/// (which the kernel never produces) ends the iteration. Tests only (they feed raw
+/// records): the watcher's reads are parsed by the `inotify` crate.
+#[cfg(test)]
 pub(crate) fn parse_events(buf: &[u8]) -> impl Iterator<Item = RawEvent<'_>> {
     let mut off = 0usize;
     std::iter::from_fn(move || {

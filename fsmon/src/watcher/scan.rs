@@ -5,7 +5,6 @@
 //! Kernel features: getdents64(2), statx(2) birth time (4.11), inotify(7).
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsFd;
 
 use crate::event::{FileKind, Source};
 use crate::overlay::{self, EntryKind};
@@ -320,7 +319,7 @@ impl Container {
         let Some(fd) = self.fd_of(m) else {
             return Rewatch::Later;
         };
-        match self.fs.add_watch(shared.inotify.as_fd(), fd, MASK) {
+        match self.fs.add_watch(fd, MASK) {
             Ok(wd) if !shared.wds.contains_key(&wd) => {
                 let Some(d) = self.node_mut(m) else {
                     return Rewatch::Never;

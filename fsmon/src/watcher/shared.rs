@@ -5,7 +5,6 @@
 //! Kernel feature: inotify(7) (2.6.13; `IN_EXCL_UNLINK` 2.6.36).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,7 +20,7 @@ use super::tree::NodeRef;
 /// same, and every one of them would take a queue slot. `IN_ONLYDIR`: the watch is refused
 /// if the fd somehow is not a directory. `IN_EXCL_UNLINK`: no events from files already
 /// unlinked (still open). No `IN_DONT_FOLLOW`: watches are added through the
-/// `/proc/self/fd/N` magic link, which must be followed (see [`super::sys::add_watch`]).
+/// `/proc/self/fd/N` magic link, which must be followed (see `SysFs::add_watch`).
 pub(super) const MASK: u32 = libc::IN_CREATE
     | libc::IN_MODIFY
     | libc::IN_CLOSE_WRITE
@@ -41,7 +40,7 @@ pub(super) struct WdOwner {
 
 /// What all containers share: the inotify fd, the wd map, the outputs being built.
 pub(super) struct Shared {
-    pub(super) inotify: OwnedFd,
+    pub(super) inotify: inotify::Inotify,
     pub(super) wds: HashMap<i32, WdOwner>,
     /// Outputs in order; `None` is a slot that a later event cancelled.
     pub(super) out: Vec<Option<WatchOutput>>,
@@ -70,7 +69,7 @@ pub(super) enum NextEvent {
 }
 
 impl Shared {
-    pub fn new(inotify: OwnedFd) -> Shared {
+    pub fn new(inotify: inotify::Inotify) -> Shared {
         Shared {
             inotify,
             wds: HashMap::new(),

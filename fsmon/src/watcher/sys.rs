@@ -1,7 +1,16 @@
 //! The raw syscalls of the watcher, each wrapped once with its `// SAFETY:` argument.
 //!
-//! Kernel features: inotify(7) (`inotify_init1` 2.6.27, `IN_EXCL_UNLINK` 2.6.36),
-//! openat2(2) with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//! The inotify instance, its watches and the parsing of its events are the `inotify`
+//! crate's (see `fs` and the read loop). What is left here is what no crate does the way
+//! the watcher needs it: `openat2` with `RESOLVE_*` (std and the crates open by path,
+//! following symlinks; `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` is what keeps every open
+//! inside the upperdir), `statx` for the birth time relative to an fd without following
+//! (std's `Metadata::created` needs a path or an open file), `getdents64` on the fd that
+//! was opened and checked (std's `read_dir` opens the path again), the `*xattr` calls on
+//! `/proc/self/fd` paths (std has none), and a one-fd `poll` for the 1 ms rename-partner
+//! wait.
+//!
+//! Kernel features: openat2(2) with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
 //! RESOLVE_NO_XDEV` (5.6; before that, or where seccomp hides it, every path is opened one
 //! component at a time with `openat(O_NOFOLLOW | O_DIRECTORY)`, which is as strict for
 //! names without `/`), getdents64(2), statx(2) with `STATX_BTIME` (4.11; without it, fstatat
@@ -82,49 +91,10 @@ fn cstr(bytes: &[u8]) -> io::Result<&CStr> {
     CStr::from_bytes_with_nul(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// A new inotify instance: non-blocking, close-on-exec.
-pub(crate) fn inotify_init() -> io::Result<OwnedFd> {
-    // SAFETY: inotify_init1 takes only flags and returns a new descriptor or -1.
-    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Watches the directory that `dir` (any fd, `O_PATH` is fine) refers to, through its
-/// `/proc/self/fd` magic link: the kernel resolves the link to the fd's own inode, so the
-/// watch lands on the directory that was opened and checked, even if its name has since
-/// been replaced by a symlink. (`IN_DONT_FOLLOW` must not be used here: it would watch the
-/// magic link itself.)
-pub(crate) fn add_watch(
-    inotify: BorrowedFd<'_>,
-    dir: BorrowedFd<'_>,
-    mask: u32,
-) -> io::Result<i32> {
-    let path = proc_fd_path(dir.as_raw_fd(), None)?;
-    let path = cstr(&path)?;
-    // SAFETY: both descriptors are valid for the call, `path` is NUL-terminated.
-    cvt(unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), path.as_ptr(), mask) })
-}
-
-/// Removes a watch. Errors (the kernel already dropped it) are of no interest.
-pub(crate) fn rm_watch(inotify: BorrowedFd<'_>, wd: i32) {
-    // SAFETY: plain integer arguments; an unknown wd only yields EINVAL.
-    unsafe { libc::inotify_rm_watch(inotify.as_raw_fd(), wd) };
-}
-
-/// `read(2)` into `buf`, retrying on `EINTR`. `Ok(0)` is not expected from inotify.
-pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(n.unsigned_abs());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+/// `/proc/self/fd/<fd>`: the magic link through which a watch is added on exactly the
+/// inode the fd holds (see `SysFs::add_watch`).
+pub(crate) fn proc_fd_link(fd: BorrowedFd<'_>) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// Waits up to `timeout_ms` for `fd` to become readable.

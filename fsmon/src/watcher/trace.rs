@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, BufWriter, Write as _};
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +30,7 @@ use crate::event::{Source, WatchOutput};
 use super::fs::{Dir, Fs, SysFs};
 use super::rules::RawEvent;
 use super::sys::{Dirent, Stat};
+use super::{init_inotify, FdBudget, WatchError};
 
 /// Milliseconds since `epoch`, wrapping, never 0 (the clock of `modify` bursts).
 pub(super) trait Clock: Send + Sync {
@@ -202,6 +203,7 @@ impl Recorder {
 /// [`SysFs`], with every answer written to a [`Recorder`].
 pub(super) struct RecordingFs {
     pub(super) rec: Arc<Recorder>,
+    pub(super) sys: SysFs,
 }
 
 impl RecordingFs {
@@ -287,41 +289,41 @@ impl Clock for RecordingFs {
 impl Fs for RecordingFs {
     fn open_host_dir(&self, path: &Path) -> io::Result<Dir> {
         let key = answer_key("host", path.as_os_str().as_bytes(), b"", "-");
-        let r = SysFs.open_host_dir(path);
+        let r = self.sys.open_host_dir(path);
         self.opened(&key, path.as_os_str().as_bytes().to_vec(), r)
     }
 
     fn open_child_dir(&self, dir: &Dir, name: &[u8], read: bool) -> io::Result<Dir> {
         let key = self.key("child", Some(dir), name, if read { "r" } else { "p" });
-        let r = SysFs.open_child_dir(dir, name, read);
+        let r = self.sys.open_child_dir(dir, name, read);
         self.opened(&key, joined(self.path_of(dir), name), r)
     }
 
     fn reopen_dir(&self, dir: &Dir) -> io::Result<Dir> {
         let key = self.key("reopen", Some(dir), b"", "-");
-        let r = SysFs.reopen_dir(dir);
+        let r = self.sys.reopen_dir(dir);
         self.opened(&key, self.path_of(dir), r)
     }
 
     fn open_dir_beneath(&self, root: &Dir, rel: &[u8], read: bool) -> io::Result<Dir> {
         let key = self.key("beneath", Some(root), rel, if read { "r" } else { "p" });
-        let r = SysFs.open_dir_beneath(root, rel, read);
+        let r = self.sys.open_dir_beneath(root, rel, read);
         self.opened(&key, joined(self.path_of(root), rel), r)
     }
 
     fn stat_dir(&self, dir: &Dir) -> io::Result<Stat> {
         let key = self.key("statdir", Some(dir), b"", "-");
-        self.stat_result(&key, SysFs.stat_dir(dir))
+        self.stat_result(&key, self.sys.stat_dir(dir))
     }
 
     fn stat_at(&self, dir: &Dir, name: &[u8]) -> io::Result<Stat> {
         let key = self.key("stat", Some(dir), name, "-");
-        self.stat_result(&key, SysFs.stat_at(dir, name))
+        self.stat_result(&key, self.sys.stat_at(dir, name))
     }
 
     fn statx_at(&self, dir: &Dir, name: &[u8]) -> io::Result<(Stat, Option<i64>)> {
         let key = self.key("statx", Some(dir), name, "-");
-        let r = SysFs.statx_at(dir, name);
+        let r = self.sys.statx_at(dir, name);
         match &r {
             Ok((st, btime)) => {
                 let b = btime.map_or_else(|| "-".into(), |b| b.to_string());
@@ -342,7 +344,7 @@ impl Fs for RecordingFs {
         buf: &'b mut [u8],
     ) -> io::Result<Option<&'b [u8]>> {
         let key = self.key("xattrdir", Some(dir), b"", &names.join(","));
-        self.xattr_result(&key, SysFs.xattr_of_dir(dir, names, buf))
+        self.xattr_result(&key, self.sys.xattr_of_dir(dir, names, buf))
     }
 
     fn xattr_at<'b>(
@@ -353,13 +355,13 @@ impl Fs for RecordingFs {
         buf: &'b mut [u8],
     ) -> io::Result<Option<&'b [u8]>> {
         let key = self.key("xattr", Some(dir), name, &names.join(","));
-        self.xattr_result(&key, SysFs.xattr_at(dir, name, names, buf))
+        self.xattr_result(&key, self.sys.xattr_at(dir, name, names, buf))
     }
 
     fn list_dir(&self, dir: &Dir, buf: &mut Vec<u8>, out: &mut Vec<Dirent>) -> io::Result<()> {
         let key = self.key("list", Some(dir), b"", "-");
         let from = out.len();
-        let r = SysFs.list_dir(dir, buf, out);
+        let r = self.sys.list_dir(dir, buf, out);
         match &r {
             Ok(()) => {
                 let mut a = String::from("ok");
@@ -373,9 +375,9 @@ impl Fs for RecordingFs {
         r
     }
 
-    fn add_watch(&self, inotify: BorrowedFd<'_>, dir: &Dir, mask: u32) -> io::Result<i32> {
+    fn add_watch(&self, dir: &Dir, mask: u32) -> io::Result<i32> {
         let key = self.key("watch", Some(dir), b"", &format!("{mask:x}"));
-        let r = SysFs.add_watch(inotify, dir, mask);
+        let r = self.sys.add_watch(dir, mask);
         match &r {
             Ok(wd) => self.answer(&key, &format!("ok {wd}")),
             Err(e) => self.answer(&key, &err_answer(e)),
@@ -383,7 +385,41 @@ impl Fs for RecordingFs {
         r
     }
 
-    fn rm_watch(&self, inotify: BorrowedFd<'_>, wd: i32) {
-        SysFs.rm_watch(inotify, wd);
+    fn rm_watch(&self, wd: i32) {
+        self.sys.rm_watch(wd);
+    }
+
+    fn forget_watch(&self, wd: i32) {
+        self.sys.forget_watch(wd);
+    }
+}
+
+impl super::Watcher {
+    /// Tests (tier 2): [`Watcher::with_fd_budget`] (`None`: the budget of [`Watcher::new`]),
+    /// with every input of the state machine and every answer of the file system recorded
+    /// to `path` for tier-1 replays (see `trace`).
+    #[doc(hidden)]
+    pub fn recording(budget: Option<usize>, path: &Path) -> Result<Self, WatchError> {
+        let budget = budget.unwrap_or_else(|| {
+            FdBudget::size_for(
+                crate::limits::soft_fd_limit(),
+                crate::limits::open_fd_count(),
+            )
+        });
+        let rec = Arc::new(Recorder::create(path).map_err(|source| WatchError::Open {
+            path: path.to_owned(),
+            source,
+        })?);
+        let inotify = init_inotify()?;
+        let sys = SysFs::new(inotify.watches());
+        let fs = Arc::new(RecordingFs {
+            rec: rec.clone(),
+            sys,
+        });
+        let mut w = Self::with_instance(inotify, fs.clone(), budget);
+        w.shared.clock = Some(fs);
+        rec.line(&format!("budget {budget}"));
+        w.trace = Some(rec);
+        Ok(w)
     }
 }

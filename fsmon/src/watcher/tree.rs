@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::os::fd::AsFd;
 
 use crate::overlay::Meta;
 
@@ -256,7 +255,7 @@ impl Container {
             return Attached::Failed;
         }
         let mut limited = false;
-        let mut wd = match self.fs.add_watch(shared.inotify.as_fd(), &cfd, MASK) {
+        let mut wd = match self.fs.add_watch(&cfd, MASK) {
             Ok(wd) => Some(wd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 self.watch_limit(shared);
@@ -288,7 +287,7 @@ impl Container {
         node.fd_used = true;
         let Some(id) = self.alloc(node, Some(mode)) else {
             if let Some(w) = wd {
-                self.fs.rm_watch(shared.inotify.as_fd(), w);
+                self.fs.rm_watch(w);
             }
             return Attached::Failed;
         };
@@ -488,7 +487,7 @@ impl Container {
                     .is_some_and(|o| o.container == self.key && o.node == x)
                 {
                     shared.wds.remove(&wd);
-                    self.fs.rm_watch(shared.inotify.as_fd(), wd);
+                    self.fs.rm_watch(wd);
                 }
             }
             if d.fd.is_some() {
