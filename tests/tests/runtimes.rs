@@ -17,6 +17,27 @@ const WAIT: Duration = Duration::from_secs(30);
 /// at once.
 const FIRST: &str =
     "touch /f0; mkdir -p /a/b/c; touch /a/b/c/f1; echo x > /a/b/c/f2; touch /gone; rm /gone";
+/// What each runtime makes in the layer while setting a container up (not reported).
+const PODMAN_SETUP: &[&str] = &[
+    "/etc/hosts",
+    "/etc/hostname",
+    "/run",
+    "/run/.containerenv",
+    "/proc",
+    "/dev",
+    "/sys",
+];
+const CRI_SETUP: &[&str] = &[
+    "/proc",
+    "/dev",
+    "/sys",
+    "/run",
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+    "/dev/shm",
+];
+
 const FIRST_PATHS: [&str; 7] = [
     "/f0",
     "/a",
@@ -128,20 +149,7 @@ fn podman_containers_are_reported_from_their_first_instruction() -> anyhow::Resu
         assert_eq!(c["runtime"], "podman", "{start}");
         assert_eq!(c["image"], image.as_str(), "{start}");
         assert!(c.get("pod").is_none(), "{start}");
-        check_first(
-            &mut f,
-            &id,
-            &format!("podman round {round}"),
-            &[
-                "/etc/hosts",
-                "/etc/hostname",
-                "/run",
-                "/run/.containerenv",
-                "/proc",
-                "/dev",
-                "/sys",
-            ],
-        );
+        check_first(&mut f, &id, &format!("podman round {round}"), PODMAN_SETUP);
     }
     let (code, _) = f.stop()?;
     assert_eq!(code, 0);
@@ -271,21 +279,7 @@ fn cri_pod_containers_are_reported_from_their_first_instruction() -> anyhow::Res
             let start = f.wait_for(WAIT, is("container_start", id.clone()))?;
             f.wait_for(WAIT, is("container_stop", id.clone()))?;
             check_cri_start(&start, &name, &pod);
-            check_first(
-                &mut f,
-                &id,
-                &format!("CRI round {round}"),
-                &[
-                    "/proc",
-                    "/dev",
-                    "/sys",
-                    "/run",
-                    "/etc/hosts",
-                    "/etc/hostname",
-                    "/etc/resolv.conf",
-                    "/dev/shm",
-                ],
-            );
+            check_first(&mut f, &id, &format!("CRI round {round}"), CRI_SETUP);
             cri.stop_remove_container(&id, 0)?;
             Ok(())
         })();
@@ -466,18 +460,7 @@ fn exec_gate_holds_ctr_and_podman_starts_while_fsmon_is_stopped() -> anyhow::Res
         .join()
         .map_err(|_| anyhow::anyhow!("podman thread panicked"))??;
     let id = f.wait_start_stop(WAIT, &name)?;
-    check_gated(
-        &mut f,
-        &id,
-        "podman, fsmon stopped",
-        &[
-            "/etc/hosts",
-            "/etc/hostname",
-            "/run",
-            "/run/.containerenv",
-            "/proc",
-        ],
-    );
+    check_gated(&mut f, &id, "podman, fsmon stopped", &PODMAN_SETUP[..5]);
     let (code, _) = f.stop()?;
     assert_eq!(code, 0);
     Ok(())
@@ -502,21 +485,7 @@ fn exec_gate_holds_a_cri_pod_container_while_fsmon_is_stopped() -> anyhow::Resul
         let id = started?;
         assert_eq!(cri.wait_exited(&id, WAIT)?, 0, "exit code");
         f.wait_for(WAIT, is("container_stop", id.clone()))?;
-        check_gated(
-            &mut f,
-            &id,
-            "CRI pod container, fsmon stopped",
-            &[
-                "/proc",
-                "/dev",
-                "/sys",
-                "/run",
-                "/etc/hosts",
-                "/etc/hostname",
-                "/etc/resolv.conf",
-                "/dev/shm",
-            ],
-        );
+        check_gated(&mut f, &id, "CRI pod container, fsmon stopped", CRI_SETUP);
         cri.stop_remove_container(&id, 0)?;
         Ok(())
     })();
