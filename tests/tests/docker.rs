@@ -1151,15 +1151,20 @@ fn gate_runs() -> usize {
 fn gate_under_stalls_many_starts_4_at_a_time_cpu_hog() -> anyhow::Result<()> {
     let mut f = Fsmon::start(&hosts(), &[])?;
     for (label, host) in engines() {
-        // fsmon is stopped for 300 ms of every 400 ms: longer than runc takes from a
-        // container's cgroup to its first exec, so many starts find it late.
+        // fsmon is stopped for 300, 700 or 1500 ms, then runs for 100 ms. Under the CPU hog
+        // the engine may take several hundred ms from a container's cgroup to its first
+        // exec (`runc create` → `runc start`): the long stops make sure many of those
+        // execs still find fsmon stopped, the short ones vary where in a start it resumes.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let staller = {
             let (stop, pid) = (stop.clone(), f.pid());
             std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for stalled_ms in [300, 700, 1500].into_iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     signal(pid, libc::SIGSTOP);
-                    std::thread::sleep(Duration::from_millis(300));
+                    std::thread::sleep(Duration::from_millis(stalled_ms));
                     signal(pid, libc::SIGCONT);
                     std::thread::sleep(Duration::from_millis(100));
                 }
