@@ -53,6 +53,15 @@ impl ContainerRef {
 
 /// RFC 3339 UTC with nanoseconds, e.g. `2026-11-24T02:35:54.123456789Z`.
 pub fn rfc3339(t: SystemTime) -> String {
+    let b = rfc3339_bytes(t);
+    // The bytes are ASCII digits and separators.
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// [`rfc3339`] into a fixed buffer, digit by digit (it is on every record's path; `format!`
+/// cost more than the rest of a record's encoding). Years past 9999 are not representable
+/// and come out as 9999.
+fn rfc3339_bytes(t: SystemTime) -> [u8; 30] {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, sod) = ((secs / 86_400) as i64, secs % 86_400);
@@ -65,14 +74,22 @@ pub fn rfc3339(t: SystemTime) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60,
-        d.subsec_nanos()
-    )
+    let year = (yoe + era * 400 + i64::from(month <= 2)).clamp(0, 9999);
+    let mut b = *b"0000-00-00T00:00:00.000000000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year as u64);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, sod / 3600);
+    put(14, 2, (sod / 60) % 60);
+    put(17, 2, sod % 60);
+    put(20, 9, u64::from(d.subsec_nanos()));
+    b
 }
 
 fn base(kind: &str, now: SystemTime) -> Map<String, Value> {
@@ -185,19 +202,21 @@ impl ContainerRef {
 /// time string is formatted once per batch and the container object once per container.
 /// The output is byte-for-byte what serde_json would print for the same record.
 pub struct FileEncoder {
-    time: String,
+    time: [u8; 30],
 }
 
 impl FileEncoder {
     /// An encoder for records observed at `now`.
     pub fn new(now: SystemTime) -> FileEncoder {
-        FileEncoder { time: rfc3339(now) }
+        FileEncoder {
+            time: rfc3339_bytes(now),
+        }
     }
 
     /// Appends one record line for `ev` to `out`; `container` is [`ContainerRef::encoded`].
     pub fn encode(&self, out: &mut Vec<u8>, container: &str, ev: &FileEvent) {
         out.extend_from_slice(b"{\"time\":\"");
-        out.extend_from_slice(self.time.as_bytes());
+        out.extend_from_slice(&self.time);
         out.extend_from_slice(b"\",\"kind\":\"");
         out.extend_from_slice(ev.kind.as_str().as_bytes());
         out.extend_from_slice(b"\",\"container\":");
@@ -286,6 +305,15 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-11-29T02:35:54.123456789Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000000Z");
+        let cases = [
+            (946_684_799, 999_999_999, "1999-12-31T23:59:59.999999999Z"),
+            (2_147_483_648, 1, "2038-01-19T03:14:08.000000001Z"),
+            (4_107_542_400, 0, "2100-03-01T00:00:00.000000000Z"),
+            (253_402_300_799, 5, "9999-12-31T23:59:59.000000005Z"),
+        ];
+        for (secs, nanos, want) in cases {
+            assert_eq!(rfc3339(UNIX_EPOCH + Duration::new(secs, nanos)), want);
+        }
     }
 
     fn parse(s: &str) -> Value {

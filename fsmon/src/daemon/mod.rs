@@ -44,6 +44,7 @@ use crate::{
 mod arm;
 mod lifecycle;
 mod stream;
+mod ticker;
 
 /// Records are written to the output in chunks of about this size (and at the end of
 /// every loop turn, so a record is never held back).
@@ -384,12 +385,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // the daemon, so failing to install one is fatal.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot handle SIGHUP")?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let tick = ticker::Ticker::new(Duration::from_secs(1), Duration::from_secs(1))
+        .context("cannot create the event loop's timer")?;
     let stats_every = d.config.stats_interval;
-    let mut stats_tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + stats_every,
-        stats_every.max(Duration::from_millis(1)),
-    );
+    let stats_tick = if stats_every.is_zero() {
+        None
+    } else {
+        Some(
+            ticker::Ticker::new(stats_every, stats_every)
+                .context("cannot create the stats timer")?,
+        )
+    };
     let mut batch = Vec::new();
     let mut slow = SlowTurns::default();
     let mut gate_batch = Vec::new();
@@ -434,7 +440,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.on_runtime(ev);
                 ("runtime", t)
             }
-            _ = stats_tick.tick(), if !stats_every.is_zero() => {
+            r = async { stats_tick.as_ref()?.tick().await.ok() }, if stats_tick.is_some() => {
+                r.context("reading the stats timer")?;
                 let t = std::time::Instant::now();
                 d.emit_stats(lifecycle.lost(), false)?;
                 ("stats", t)
@@ -446,7 +453,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.out.reopen();
                 ("hangup", t)
             }
-            _ = tick.tick() => {
+            r = tick.tick() => {
+                r.context("reading the event loop's timer")?;
                 let t = std::time::Instant::now();
                 // A reader that went away ends the daemon like SIGTERM (output.rs).
                 if d.out.reader_gone() {

@@ -445,6 +445,18 @@ impl Container {
         }
     }
 
+    /// Whether [`Self::finish`] has anything to do: the end of every call visits every
+    /// container, so it must cost next to nothing for the many that had no event.
+    pub fn unfinished(&self) -> bool {
+        !self.moves.is_empty()
+            || !self.mtime_attribs.is_empty()
+            || !self.displaced.is_empty()
+            || !self.deferred.is_empty()
+            || !self.to_list.is_empty()
+            || self.limit_reported
+            || self.fd_limit_reported
+    }
+
     /// End of a `read_events` call: settle, and list directories whose listing had to wait.
     pub fn finish(&mut self, shared: &mut Shared) {
         self.settle(shared);

@@ -610,7 +610,9 @@ impl Watcher {
     /// deferred listings done, the budget enforced, the outputs handed over.
     fn end_call(&mut self, out: &mut Vec<WatchOutput>) {
         for c in self.containers.iter_mut().flatten() {
-            c.finish(&mut self.shared);
+            if c.unfinished() {
+                c.finish(&mut self.shared);
+            }
         }
         self.enforce_budget(0);
         let from = out.len();
@@ -661,6 +663,7 @@ impl Watcher {
 
     fn read_loop(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut waited = false;
+        let buf_len = buf.len();
         loop {
             match self.shared.inotify.read_events(buf) {
                 Ok(events) => {
@@ -672,34 +675,48 @@ impl Watcher {
                             name: e.name.map_or(&[][..], OsStrExt::as_bytes),
                         })
                         .collect();
+                    let drained = rules::read_was_short(&evs, buf_len);
                     self.handle_read(&evs, sys::next_read());
+                    // A read that left room for another event of any size emptied the
+                    // queue: asking again would only return EAGAIN (one syscall per wake-up
+                    // saved). An event queued since wakes the (edge-triggered) poll again.
+                    if drained && !self.wait_for_more(&mut waited) {
+                        return Ok(());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let waiting = self.containers.iter().flatten().any(Container::waiting);
-                    // An exit read at a modify that outputs followed: its own modify may
-                    // still be on its way; wait for it, so that the exit moves there.
-                    let exit_early = self
-                        .exits
-                        .values()
-                        .any(|e| e.out_at.is_some_and(|i| i + 1 < self.shared.out.len()));
-                    if (waiting || exit_early) && !waited {
-                        waited = true;
-                        let ms = if exit_early {
-                            EXIT_MODIFY_WAIT_MS
-                        } else {
-                            MOVE_PARTNER_WAIT_MS
-                        };
-                        if sys::poll_readable(self.shared.inotify.as_fd(), ms) {
-                            continue;
-                        }
+                    if !self.wait_for_more(&mut waited) {
+                        return Ok(());
                     }
-                    return Ok(());
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The queue is empty: whether to read again, after waiting (once per call, `waited`)
+    /// a few ms for an event that is on its way — a move's partner, or the modify that an
+    /// exit read early belongs after.
+    fn wait_for_more(&mut self, waited: &mut bool) -> bool {
+        let waiting = self.containers.iter().flatten().any(Container::waiting);
+        // An exit read at a modify that outputs followed: its own modify may
+        // still be on its way; wait for it, so that the exit moves there.
+        let exit_early = self
+            .exits
+            .values()
+            .any(|e| e.out_at.is_some_and(|i| i + 1 < self.shared.out.len()));
+        if !(waiting || exit_early) || *waited {
+            return false;
+        }
+        *waited = true;
+        let ms = if exit_early {
+            EXIT_MODIFY_WAIT_MS
+        } else {
+            MOVE_PARTNER_WAIT_MS
+        };
+        sys::poll_readable(self.shared.inotify.as_fd(), ms)
     }
 
     /// Handles the events `evs` of one read of the inotify fd, in order; `read_gen` is the

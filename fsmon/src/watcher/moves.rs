@@ -400,6 +400,10 @@ impl<T> Moves<T> {
         self.pending.iter().map(|(_, t)| t)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
         self.pending.iter_mut().map(|(_, t)| t)
     }

@@ -183,6 +183,10 @@ impl MtimeAttribs {
         self.pending.iter().any(|p| !p.explained)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// End of the drain: the output slots to withdraw; nothing waits any more.
     pub fn settle(&mut self) -> Vec<usize> {
         self.pending
