@@ -470,12 +470,13 @@ fn one_container(
     mode: Mode,
     r: &mut OverheadResult,
 ) -> Result<()> {
-    // fsmon first, so that it arms the container at its start.
-    let mut m = if mode == Mode::Fsmon {
+    // fsmon first, so that it arms the container at its start (and stopped last, also
+    // when a step fails: the container, made after it, is removed before it).
+    let mut m = Watched(if mode == Mode::Fsmon {
         Some(Monitor::fsmon(bin, &[V1_HOST])?)
     } else {
         None
-    };
+    });
     let c = Container::start()?;
     if let Some(m) = m.as_mut() {
         r.fsmon_containers += 1;
@@ -500,7 +501,7 @@ fn one_container(
         // give it the time `inotifywait_on` gives.
         std::thread::sleep(Duration::from_millis(500));
         b.drain(Duration::from_millis(50));
-        m = Some(b);
+        *m = Some(b);
     }
     let mut made = 0;
     for &dirs in &cfg.dirs {
@@ -558,11 +559,31 @@ fn one_container(
         }
     }
     r.base_overflow |= t.overflow && mode == Mode::Base;
-    drop(c);
-    if let Some(m) = m {
-        m.stop();
-    }
     Ok(())
+}
+
+/// The monitor of one container, stopped when dropped.
+struct Watched(Option<Monitor>);
+
+impl std::ops::Deref for Watched {
+    type Target = Option<Monitor>;
+    fn deref(&self) -> &Option<Monitor> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Watched {
+    fn deref_mut(&mut self) -> &mut Option<Monitor> {
+        &mut self.0
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            m.stop();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
