@@ -13,6 +13,8 @@
 //!   all of them are reported once it runs again, and whether anything overflowed;
 //! - memory: fsmon's RSS idle and per 10k watched directories.
 
+pub(crate) mod overhead;
+
 use std::{
     collections::HashSet,
     io::{BufRead, BufReader},
@@ -121,6 +123,8 @@ pub enum Part {
     /// Per runtime (Docker, containerd, podman): upperdir resolution cost by method, and
     /// cgroup mkdir → armed.
     Runtimes,
+    /// sysbench workload overhead (CPU, memory, file I/O) with 0…300 watched directories.
+    Overhead,
 }
 
 /// A container's first instructions, starting with a file made and deleted at once.
@@ -583,6 +587,12 @@ fn run_all(bin: &Path, args: &BenchArgs) -> Report {
     if want(Part::Runtimes) {
         step("runtimes", &mut || {
             rep.runtimes = Some(runtimes(bin, z.runtime_runs)?);
+            Ok(())
+        });
+    }
+    if want(Part::Overhead) {
+        step("overhead", &mut || {
+            rep.overhead = Some(overhead::run(bin, &overhead::Cfg::new(args.quick))?);
             Ok(())
         });
     }

@@ -245,6 +245,9 @@ pub fn write(rep: &Report, report: &Path) -> Vec<(String, String)> {
             Box::new(move |p| storm_png(p, s)),
         ));
     }
+    if let Some(o) = &rep.overhead {
+        jobs.push(crate::bench::overhead::plot_job(o, rep.seed));
+    }
     if jobs.is_empty() {
         return Vec::new();
     }

@@ -152,6 +152,7 @@ pub struct Report {
     pub live: Option<LiveResult>,
     pub storm: Option<StormResult>,
     pub runtimes: Option<RuntimesResult>,
+    pub overhead: Option<crate::bench::overhead::OverheadResult>,
     /// (part, error) of the parts that failed.
     pub errors: Vec<(String, String)>,
     /// (title, path relative to the report) of the plots made.
@@ -225,6 +226,9 @@ pub fn render(r: &Report) -> String {
     }
     if let Some(rt) = &r.runtimes {
         body += &runtimes_section(rt);
+    }
+    if let Some(ov) = &r.overhead {
+        body += &crate::bench::overhead::section(ov, r.seed);
     }
     let mut o = String::new();
     o += &header(&r.meta, r.seed);
@@ -852,6 +856,7 @@ mod tests {
             }),
             errors: vec![("fairness".into(), "boom".into())],
             plots: vec![("start".into(), "benchmarks-plots/start.png".into())],
+            overhead: None,
         }
     }
 
