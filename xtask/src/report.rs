@@ -152,6 +152,8 @@ pub struct Report {
     pub live: Option<LiveResult>,
     pub storm: Option<StormResult>,
     pub runtimes: Option<RuntimesResult>,
+    pub coverage: Option<crate::coverage::CoverageResult>,
+    pub fairness: Option<crate::fairness::FairnessResult>,
     /// (part, error) of the parts that failed.
     pub errors: Vec<(String, String)>,
     /// (title, path relative to the report) of the plots made.
@@ -167,14 +169,14 @@ fn p99(v: &mut [f64]) -> f64 {
 }
 
 /// A value with its interval: `12.3 [11.0, 14.1]`.
-fn with_ci(v: f64, ci: Option<Ci>, prec: usize) -> String {
+pub(crate) fn with_ci(v: f64, ci: Option<Ci>, prec: usize) -> String {
     match ci {
         Some(c) if v.is_finite() => format!("{v:.prec$} [{:.prec$}, {:.prec$}]", c.lo, c.hi),
         _ => num(v, prec),
     }
 }
 
-fn num(v: f64, prec: usize) -> String {
+pub(crate) fn num(v: f64, prec: usize) -> String {
     if v.is_finite() {
         format!("{v:.prec$}")
     } else {
@@ -184,15 +186,15 @@ fn num(v: f64, prec: usize) -> String {
 
 /// One row of the summary: what we measured against the baseline, and whether fsmon is
 /// ahead (lower is better unless `higher_better`).
-struct Headline {
-    row: String,
-    fsmon: String,
-    base: String,
-    ratio: f64,
+pub(crate) struct Headline {
+    pub(crate) row: String,
+    pub(crate) fsmon: String,
+    pub(crate) base: String,
+    pub(crate) ratio: f64,
     /// The ratio's bootstrap interval, where it has one.
-    ratio_ci: Option<Ci>,
-    paper: String,
-    ahead: bool,
+    pub(crate) ratio_ci: Option<Ci>,
+    pub(crate) paper: String,
+    pub(crate) ahead: bool,
 }
 
 impl Headline {
@@ -225,6 +227,12 @@ pub fn render(r: &Report) -> String {
     }
     if let Some(rt) = &r.runtimes {
         body += &runtimes_section(rt);
+    }
+    if let Some(c) = &r.coverage {
+        body += &crate::coverage::section(c, &mut rng, &mut heads);
+    }
+    if let Some(f) = &r.fairness {
+        body += &crate::fairness::section(f, &mut rng, &mut heads);
     }
     let mut o = String::new();
     o += &header(&r.meta, r.seed);
@@ -850,6 +858,8 @@ mod tests {
                 }],
                 arm_us: vec![("docker".into(), vec![1.0, 2.0, 3.0])],
             }),
+            coverage: None,
+            fairness: None,
             errors: vec![("fairness".into(), "boom".into())],
             plots: vec![("start".into(), "benchmarks-plots/start.png".into())],
         }
