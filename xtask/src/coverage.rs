@@ -198,6 +198,22 @@ impl Tree {
         before - self.order.len()
     }
 
+    /// Per directory, how many directories its subtree holds (itself included).
+    fn subtree_sizes(&self) -> HashMap<&str, usize> {
+        let mut n: HashMap<&str, usize> = HashMap::new();
+        for p in &self.order {
+            let mut q = p.as_str();
+            loop {
+                *n.entry(q).or_default() += 1;
+                match q.rsplit_once('/') {
+                    Some((parent, _)) if !parent.is_empty() => q = parent,
+                    _ => break,
+                }
+            }
+        }
+        n
+    }
+
     fn pick(&self, rng: &mut Rng, f: impl Fn(&str, (usize, usize)) -> bool) -> Option<String> {
         let c: Vec<&String> = self.order.iter().filter(|p| f(p, self.dirs[*p])).collect();
         (!c.is_empty()).then(|| c[rng.below(c.len())].clone())
@@ -278,7 +294,8 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
 
     let mut rng = Rng::new(seed);
     let mut created: HashMap<String, Instant> = HashMap::new();
-    let mut probes: Vec<String> = Vec::new();
+    // (file, its directory).
+    let mut probes: Vec<(String, String)> = Vec::new();
     let (mut removed, mut n) = (0usize, 0usize);
     let mut trace = Vec::new();
     let t0 = Instant::now();
@@ -293,7 +310,8 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
             next_op += op;
             let count = tree.order.len() - 1;
             let r = rng.below(1000);
-            let grow = if count < target { 600 } else { 450 };
+            // Grow to `target`, then churn around it.
+            let grow = if count < target { 700 } else { 480 };
             if r < grow || count < 5 {
                 // mkdir under a random existing directory.
                 let parent = tree
@@ -310,8 +328,14 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
                     std::fs::remove_dir(host(&p))?;
                     removed += tree.remove_tree(&p);
                 }
-            } else if let Some(p) = tree.pick(&mut rng, |p, _| p != ROOT) {
-                // rm -r of a random subtree.
+            } else if let Some(p) = {
+                // rm -r of a random subtree of at most a tenth of the tree.
+                let sizes = tree.subtree_sizes();
+                let most = (count / 10).max(3);
+                tree.pick(&mut rng, |p, _| {
+                    p != ROOT && sizes.get(p).is_some_and(|&n| n <= most)
+                })
+            } {
                 std::fs::remove_dir_all(host(&p))?;
                 removed += tree.remove_tree(&p);
             }
@@ -324,7 +348,7 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
                     if let Some(e) = tree.dirs.get_mut(&d) {
                         e.1 += 1;
                     }
-                    probes.push(p);
+                    probes.push((p, d));
                 }
             }
         }
@@ -363,6 +387,16 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
     let gap = |k: fn(&(f64, usize, usize, usize)) -> usize| {
         trace.iter().map(|s| k(s).abs_diff(s.1)).max().unwrap_or(0)
     };
+    for (p, d) in &probes {
+        for (name, s) in [("fsmon", &fs), ("inotifywait -r", &bs)] {
+            if !s.first.contains_key(p) {
+                let age = created
+                    .get(d)
+                    .map_or("?".into(), |t| format!("{:?}", t.elapsed()));
+                eprintln!("coverage: {name} missed probe {p} (its directory made {age} ago)");
+            }
+        }
+    }
     let res = CoverageResult {
         secs,
         op_ms: op.as_secs_f64() * 1e3,
@@ -373,8 +407,14 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
         fsmon_delay_us: delays_us(&created, &fs.first),
         base_delay_us: delays_us(&created, &bs.first),
         probes: probes.len(),
-        fsmon_probe_missed: probes.iter().filter(|p| !fs.first.contains_key(*p)).count(),
-        base_probe_missed: probes.iter().filter(|p| !bs.first.contains_key(*p)).count(),
+        fsmon_probe_missed: probes
+            .iter()
+            .filter(|p| !fs.first.contains_key(&p.0))
+            .count(),
+        base_probe_missed: probes
+            .iter()
+            .filter(|p| !bs.first.contains_key(&p.0))
+            .count(),
         sweep: sweep.len(),
         fsmon_sweep_seen: sweep.iter().filter(|p| fs.first.contains_key(*p)).count(),
         base_sweep_seen: sweep.iter().filter(|p| bs.first.contains_key(*p)).count(),
@@ -382,14 +422,11 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
         base_max_gap: gap(|s| s.3),
         trace,
     };
-    // The final sample, after everything settled.
-    let mut res = res;
-    res.trace.push((
-        t0.elapsed().as_secs_f64(),
-        exist,
+    eprintln!(
+        "coverage: at the end {exist} directories, fsmon knows {}, the baseline {}",
         fs.known.count_under(ROOT),
-        bs.known.count_under(ROOT),
-    ));
+        bs.known.count_under(ROOT)
+    );
     drop(live);
     Ok(res)
 }
@@ -537,6 +574,7 @@ pub fn trace_png(path: &Path, c: &CoverageResult) -> Result<()> {
         .configure_mesh()
         .x_desc("time (s)")
         .y_desc("directories")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|x| e(&x))?;
@@ -693,6 +731,8 @@ mod tests {
                 .expect("leaves");
             assert!(leaf == "/cov/d1/d2" || leaf == "/cov/d3", "{leaf}");
         }
+        let n = t.subtree_sizes();
+        assert_eq!((n["/cov"], n["/cov/d1"], n["/cov/d1/d2"]), (4, 2, 1));
         assert_eq!(t.remove_tree("/cov/d1"), 2);
         assert_eq!(t.dirs["/cov"].0, 1);
         assert_eq!(t.order, ["/cov", "/cov/d3"]);
