@@ -716,6 +716,37 @@ mod tests {
     }
 
     #[test]
+    fn section_renders_rows_and_headlines() {
+        let c = CoverageResult {
+            secs: 8.0,
+            op_ms: 10.0,
+            created: 10,
+            fsmon_detected: 10,
+            base_detected: 9,
+            fsmon_delay_us: vec![10.0, 20.0, 30.0],
+            base_delay_us: vec![100.0, 200.0],
+            probes: 5,
+            base_probe_missed: 1,
+            sweep: 3,
+            fsmon_sweep_seen: 3,
+            base_sweep_seen: 3,
+            ..CoverageResult::default()
+        };
+        let mut heads = Vec::new();
+        let md = section(&c, &mut Rng::new(1), &mut heads);
+        assert!(
+            md.contains("| fsmon | 10 | 10 | 0 | 5 | 3 | 3 | 0 | 20 ["),
+            "{md}"
+        );
+        assert!(md.contains("| inotifywait -r | 9 | 10 | 1 | 5 |"), "{md}");
+        assert_eq!(heads.len(), 3);
+        assert!(heads.iter().all(|h| h.ahead));
+        let mut heads = Vec::new();
+        let md = section(&CoverageResult::default(), &mut Rng::new(1), &mut heads);
+        assert!(!md.contains("NaN"), "{md}");
+    }
+
+    #[test]
     fn tree_picks_and_removes() {
         let mut t = Tree::default();
         t.dirs.insert(ROOT.into(), (0, 0));

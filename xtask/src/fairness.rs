@@ -437,6 +437,43 @@ mod tests {
     }
 
     #[test]
+    fn section_renders() {
+        let run = |base: f64| FairRun {
+            ref_us: vec![base; 10],
+            noise_us: vec![base * 2.0; 10],
+            made: 100,
+            make_s: 1.0,
+            seen: 100,
+            seen_s: 2.0,
+            ..FairRun::default()
+        };
+        let f = FairnessResult {
+            files: 100,
+            queue_limit: 16384,
+            fsmon: run(100.0),
+            base: run(200.0),
+        };
+        let mut heads = Vec::new();
+        let md = section(&f, &mut Rng::new(1), &mut heads);
+        assert!(
+            md.contains("| fsmon | noise | 10 | 200 [200, 200] |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| fsmon | 100 | 100 | 100 | 50 | yes |"),
+            "{md}"
+        );
+        assert!(md.contains("was 16384"), "{md}");
+        assert_eq!(heads.len(), 4);
+        let md = section(
+            &FairnessResult::default(),
+            &mut Rng::new(1),
+            &mut Vec::new(),
+        );
+        assert!(!md.contains("NaN"), "{md}");
+    }
+
+    #[test]
     fn tally_counts_distinct_files_and_first_records() {
         let t0 = Instant::now();
         let mut t = Tally {
