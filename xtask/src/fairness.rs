@@ -290,7 +290,7 @@ fn run_one(
 pub fn fairness(bin: &Path, quick: bool) -> Result<FairnessResult> {
     let files = if quick { 20_000 } else { 400_000 };
     let reference = if quick { 100 } else { 500 };
-    let cap = Duration::from_secs(if quick { 30 } else { 100 });
+    let cap = Duration::from_secs(if quick { 30 } else { 200 });
     let queue_limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")?
         .trim()
         .parse()
