@@ -495,7 +495,11 @@ pub fn section(c: &CoverageResult, rng: &mut Rng, heads: &mut Vec<Headline>) -> 
     let _ = writeln!(
         o,
         "\nThe gap column is sampled every ~100 ms while the workload runs, so it includes \
-         records in flight. Paper: every directory detected, {} ms average delay.",
+         records in flight. A delay of a few µs means the record was already in the pipe \
+         when `mkdir(2)` returned (overlayfs makes the directory in the upper layer, which \
+         fires the watch, before it returns to the caller); the bench reads both pipes \
+         between operations (poll(2)), so that is the resolution. Paper: every directory \
+         detected, {} ms average delay.",
         paper::COVERAGE_DELAY_MS
     );
     let frac = |a: usize, b: usize| a as f64 / b.max(1) as f64;
