@@ -307,7 +307,9 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
             break;
         }
         if now >= next_op {
-            next_op += op;
+            // A steady rate: operations missed while this thread was not running are
+            // skipped, not made in a burst.
+            next_op = (next_op + op).max(now);
             let count = tree.order.len() - 1;
             let r = rng.below(1000);
             // Grow to `target`, then churn around it.
@@ -355,7 +357,7 @@ pub fn coverage(bin: &Path, quick: bool, seed: u64) -> Result<CoverageResult> {
         pump(&mut m, &mut b, &mut fs, &mut bs, &id, &upper);
         let now = Instant::now();
         if now >= next_sample {
-            next_sample += Duration::from_millis(100);
+            next_sample = (next_sample + Duration::from_millis(100)).max(now);
             trace.push((
                 now.duration_since(t0).as_secs_f64(),
                 tree.order.len() - 1,

@@ -759,18 +759,11 @@ fn runtimes_section(r: &RuntimesResult) -> String {
 
 /// What issue 13 asks for that this bench does not measure yet, with the paper's numbers.
 fn missing_section() -> String {
-    format!(
+    String::from(
         "\n## Not measured yet\n\n\
-         - **Subdirectory coverage over time** (experiment 3, paper Fig. 12: all directories \
-           detected, {} ms average delay): the directory count over time and the detection \
-           delay distribution (only the `mkdir -p` + immediate write race is measured).\n\
          - **Workload overhead** (experiment 4, paper Figs. 13–15: CPU < 0.55 %, memory \
            ~0.002 %, disk ~0.3 %): sysbench with 0…300 watched subdirectories.\n\
-         - **Fairness**: one container creating 400k files while another writes every 20 ms.\n\
-         - **Sustained records/s without loss** (the throughput row above is a drain of a \
-           backlog).\n\
          - The blind spot in milliseconds (the paper's metric; we count missed paths).\n",
-        paper::COVERAGE_DELAY_MS
     )
 }
 
