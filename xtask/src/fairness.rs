@@ -417,7 +417,8 @@ pub fn section(f: &FairnessResult, rng: &mut Rng, heads: &mut Vec<Headline>) -> 
     }
     let (fr, br) = (f.fsmon.seen_rate(), f.base.seen_rate());
     heads.push(Headline {
-        row: "fairness: noisy files reported/s (sustained)".into(),
+        row: "fairness: noisy files reported/s (bounded by the producer, which host noise moves)"
+            .into(),
         fsmon: format!("{fr:.0} ({} of {})", f.fsmon.seen, f.fsmon.made),
         base: format!("{br:.0} ({} of {})", f.base.seen, f.base.made),
         ratio: fr / br,
