@@ -1489,13 +1489,13 @@ fn resolve_cost(live: &Live) -> Result<(f64, f64)> {
 }
 
 /// Sets a sysctl and restores it on drop.
-pub(crate) struct Sysctl {
+struct Sysctl {
     path: PathBuf,
     old: String,
 }
 
 impl Sysctl {
-    pub(crate) fn set(name: &str, value: usize) -> Result<Sysctl> {
+    fn set(name: &str, value: usize) -> Result<Sysctl> {
         let path = Path::new("/proc/sys").join(name);
         let old = std::fs::read_to_string(&path)?;
         std::fs::write(&path, value.to_string())?;
