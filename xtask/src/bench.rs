@@ -125,6 +125,11 @@ pub enum Part {
     Runtimes,
     /// sysbench workload overhead (CPU, memory, file I/O) with 0…300 watched directories.
     Overhead,
+    /// Subdirectory coverage over time under a random mkdir/rmdir workload (experiment 3).
+    Coverage,
+    /// Fairness: a quiet container's write → record latency beside a noisy one creating
+    /// files as fast as it can; sustained records/s and overflows.
+    Fairness,
 }
 
 /// A container's first instructions, starting with a file made and deleted at once.
@@ -152,9 +157,9 @@ enum Ready {
 /// A monitor under test. Its stdout is read by the bench thread itself (non-blocking), so
 /// a latency sample needs no thread hand-off: in `spin` mode the reader busy-polls the pipe
 /// and timestamps a line when the read that brought it returns.
-struct Monitor {
-    child: Child,
-    out: std::process::ChildStdout,
+pub(crate) struct Monitor {
+    pub(crate) child: Child,
+    pub(crate) out: std::process::ChildStdout,
     buf: Vec<u8>,
     /// What one read(2) brings.
     chunk: Box<[u8]>,
@@ -163,7 +168,7 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn spawn(mut cmd: Command) -> Result<Monitor> {
+    pub(crate) fn spawn(mut cmd: Command) -> Result<Monitor> {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::null())
             .stdin(Stdio::null());
@@ -186,7 +191,7 @@ impl Monitor {
         })
     }
 
-    fn fsmon(bin: &Path, hosts: &[&str]) -> Result<Monitor> {
+    pub(crate) fn fsmon(bin: &Path, hosts: &[&str]) -> Result<Monitor> {
         let mut c = Command::new(bin);
         c.arg("run").arg("--state-dir").arg("/run/fsmon-bench");
         for h in hosts {
@@ -212,7 +217,7 @@ impl Monitor {
     /// Reads what the pipe holds now and hands each complete line (newline included) to
     /// `f` with the time its bytes arrived, without copying it; false when nothing was
     /// there.
-    fn read_lines(&mut self, mut f: impl FnMut(Instant, &[u8])) -> bool {
+    pub(crate) fn read_lines(&mut self, mut f: impl FnMut(Instant, &[u8])) -> bool {
         use std::io::Read;
         let mut got = false;
         loop {
@@ -304,7 +309,11 @@ impl Monitor {
         }
     }
 
-    fn wait(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<Instant> {
+    pub(crate) fn wait(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<Instant> {
         self.wait_spin(timeout, false, pred)
     }
 
@@ -324,7 +333,7 @@ impl Monitor {
         }
     }
 
-    fn drain(&mut self, quiet: Duration) -> Vec<String> {
+    pub(crate) fn drain(&mut self, quiet: Duration) -> Vec<String> {
         let mut v = Vec::new();
         while let Some((_, l)) = self.next_line(Instant::now() + quiet, false) {
             v.push(l);
@@ -347,7 +356,7 @@ impl Monitor {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
     }
 
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         // SAFETY: SIGTERM to our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
@@ -593,6 +602,18 @@ fn run_all(bin: &Path, args: &BenchArgs) -> Report {
     if want(Part::Overhead) {
         step("overhead", &mut || {
             rep.overhead = Some(overhead::run(bin, &overhead::Cfg::new(args.quick))?);
+            Ok(())
+        });
+    }
+    if want(Part::Coverage) {
+        step("coverage", &mut || {
+            rep.coverage = Some(crate::coverage::coverage(bin, args.quick, rep.seed)?);
+            Ok(())
+        });
+    }
+    if want(Part::Fairness) {
+        step("fairness", &mut || {
+            rep.fairness = Some(crate::fairness::fairness(bin, args.quick)?);
             Ok(())
         });
     }
@@ -1034,14 +1055,14 @@ fn first_instructions(bin: &Path, host: &str, runs: usize) -> Result<FirstResult
 }
 
 /// A long-running container on the cgroup v1 engine, whose merged view the host can write.
-struct Live {
-    id: String,
-    merged: PathBuf,
-    upper: PathBuf,
+pub(crate) struct Live {
+    pub(crate) id: String,
+    pub(crate) merged: PathBuf,
+    pub(crate) upper: PathBuf,
 }
 
 impl Live {
-    fn start() -> Result<Live> {
+    pub(crate) fn start() -> Result<Live> {
         let out = Command::new("docker")
             .args([
                 "-H",
@@ -1102,7 +1123,7 @@ fn inotifywait_cmd(dir: &Path) -> Command {
     c
 }
 
-fn inotifywait_on(upper: &Path) -> Result<Monitor> {
+pub(crate) fn inotifywait_on(upper: &Path) -> Result<Monitor> {
     let m = Monitor::spawn(inotifywait_cmd(upper))?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(m)

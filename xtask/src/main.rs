@@ -5,8 +5,10 @@
 //! every test tier.
 
 mod bench;
+mod coverage;
 mod ebpf;
 mod engines;
+mod fairness;
 mod image;
 mod plots;
 mod report;

@@ -69,7 +69,7 @@ fn font() -> Result<()> {
     .map_err(|e| anyhow!(e))
 }
 
-const COLORS: [RGBColor; 3] = [
+pub(crate) const COLORS: [RGBColor; 3] = [
     RGBColor(90, 90, 90),
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
@@ -247,6 +247,13 @@ pub fn write(rep: &Report, report: &Path) -> Vec<(String, String)> {
     }
     if let Some(o) = &rep.overhead {
         jobs.push(crate::bench::overhead::plot_job(o, rep.seed));
+    }
+    if let Some(c) = rep.coverage.as_ref().filter(|c| c.trace.len() > 1) {
+        jobs.push((
+            "directories over time: existing vs known (coverage)".into(),
+            "coverage.png".into(),
+            Box::new(move |p| crate::coverage::trace_png(p, c)),
+        ));
     }
     if jobs.is_empty() {
         return Vec::new();
