@@ -52,8 +52,8 @@ pub struct TestArgs {
     /// Leave the engines this command started running afterwards.
     #[arg(long)]
     pub keep_engines: bool,
-    /// Only these tiers (1 unit, 2 overlay, 3 engines: Docker, containerd, podman); default
-    /// all.
+    /// Only these tiers (1 unit, 2 overlay, 3 engines: Docker, containerd, podman, 4 the
+    /// bench in `--quick` mode); default all.
     #[arg(long, value_delimiter = ',')]
     pub tier: Vec<u8>,
     /// Passed to the tier-3 test binary as a filter (test name substring).
@@ -550,7 +550,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
         ]))?;
         ran.push("tier 1 (unit)".to_owned());
     }
-    if !want(2) && !want(3) {
+    if !want(2) && !want(3) && !want(4) {
         return Ok(());
     }
     util::require_root("tiers 2 and 3")?;
@@ -559,6 +559,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
         util::apt_install(&["protobuf-compiler"])?;
     }
     let bin = ebpf::build_all()?;
+    let mut tier3_engines = Vec::new();
     if want(2) {
         eprintln!("xtask: tier 2 — the watcher on real overlay mounts");
         run(cargo().current_dir(util::root()).args([
@@ -618,11 +619,35 @@ pub fn test(args: &TestArgs) -> Result<()> {
             r = run(&mut tier3(&tests, &bin, &image, args.filter.as_deref()));
             binaries.extend(tests);
         }
-        if !args.keep_engines {
+        // Tier 4 uses the same engines: they stay up for it.
+        let bench_next = want(4) && r.is_ok();
+        if !args.keep_engines && !bench_next {
             started.iter().for_each(stop);
         }
         r?;
         ran.push(format!("tier 3 ({})", binaries.join(", ")));
+        if bench_next {
+            tier3_engines = started;
+        }
+    }
+    if want(4) {
+        eprintln!("xtask: tier 4 — `cargo xtask bench --quick`: every experiment, small (its code cannot rot; numbers not to quote)");
+        let report = util::root().join("target/bench-quick/benchmarks.md");
+        let r = crate::bench::bench(&crate::bench::BenchArgs {
+            runs: None,
+            latency_samples: None,
+            burst: None,
+            storm: None,
+            quick: true,
+            report: Some(report.clone()),
+            only: Vec::new(),
+            keep_engines: args.keep_engines,
+        });
+        if !args.keep_engines {
+            tier3_engines.iter().for_each(stop);
+        }
+        r?;
+        ran.push(format!("tier 4 (bench --quick: {})", report.display()));
     }
     eprintln!(
         "xtask: ran {} in {:.0} s",
