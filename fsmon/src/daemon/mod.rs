@@ -13,14 +13,13 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    os::fd::{AsRawFd, RawFd},
     path::PathBuf,
     time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use fsmon_common::{FilterConfig, GateConfig};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::sync::mpsc;
 
 use crate::{
     cgroup::{
@@ -43,6 +42,7 @@ use crate::{
 
 mod arm;
 mod lifecycle;
+mod reader;
 mod stream;
 mod ticker;
 
@@ -113,13 +113,6 @@ impl Default for Config {
             gate: true,
             gate_timeout: Duration::from_secs(2),
         }
-    }
-}
-
-struct RawFdRef(RawFd);
-impl AsRawFd for RawFdRef {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
     }
 }
 
@@ -348,16 +341,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "file descriptor budget"
     );
 
-    // SAFETY: the fd belongs to `d.watcher`, which outlives `watch_fd`: `watch_fd` is
-    // declared after `d`, so it is dropped (deregistered) first.
-    let watch_fd = unsafe {
-        AsyncFd::register_with_interest(
-            RawFdRef(d.watcher.as_raw_fd()),
-            tokio::io::Interest::READABLE,
-        )
-    }
-    .context("cannot register the inotify fd")?;
-
     // Wait (bounded) until every engine said whether it is up, so that the containers
     // already running are armed before `ready`.
     let mut heard = HashSet::new();
@@ -400,107 +383,144 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut slow = SlowTurns::default();
     let mut gate_batch = Vec::new();
     let mut gate_skipped = 0;
-    loop {
-        // Nothing in a turn awaits: what needs a runtime's answer is asked by a task
-        // whose answer comes back as an input (`answers_rx`).
-        let input = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            r = lifecycle.next_batch(&mut batch, &mut gate_batch) => {
-                let t = std::time::Instant::now();
-                r.context("reading the eBPF ring buffer")?;
-                // Gated tasks first: a container armed by this batch's records resumes them.
-                d.on_gate_records(&mut gate_batch);
-                for rec in std::mem::take(&mut batch) {
-                    // Whatever the daemon decided for a v2 cgroup (armed, not a container
-                    // it arms, gone), the gate holds nothing of it afterwards; unless an
-                    // engine is being asked where its layer is (the answer settles it).
-                    let v2_cgroup = (rec.hierarchy_id == 0).then_some(rec.cgroup_id);
-                    let deciding = d.on_lifecycle(rec)?;
-                    if let (Some(id), false) = (v2_cgroup, deciding) {
-                        d.settle_gate_id(id);
+    // File events are read and printed by their own thread (`reader`), the rest by this
+    // loop; both take the daemon's lock for a turn, so a turn of either sees the watcher
+    // and the containers as the other left them, and the kernel queue is read in order.
+    let watch_fd = d.watcher.as_raw_fd();
+    let daemon = std::sync::Arc::new(std::sync::Mutex::new(d));
+    let (reader_tx, mut reader_rx) = mpsc::unbounded_channel();
+    let reader = reader::Reader::spawn(daemon.clone(), watch_fd, reader_tx)
+        .context("cannot start the inotify reader thread")?;
+    let result: anyhow::Result<()> = async {
+        loop {
+            // Nothing in a turn awaits: what needs a runtime's answer is asked by a task
+            // whose answer comes back as an input (`answers_rx`).
+            let input = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = lifecycle.next_batch(&mut batch, &mut gate_batch) => Input::Lifecycle(r),
+                Some(a) = answers_rx.recv() => Input::Answer(a),
+                Some(ev) = rt_rx.recv() => Input::Runtime(ev),
+                r = async { stats_tick.as_ref()?.tick().await.ok() }, if stats_tick.is_some() => {
+                    Input::Stats(r)
+                }
+                Some(()) = hangup.recv() => Input::Hangup,
+                r = tick.tick() => Input::Tick(r),
+                end = reader_rx.recv() => Input::ReaderEnded(end),
+            };
+            let t = std::time::Instant::now();
+            let mut d = reader::lock(&daemon);
+            let name = match input {
+                Input::Lifecycle(r) => {
+                    r.context("reading the eBPF ring buffer")?;
+                    // Gated tasks first: a container armed by this batch's records resumes
+                    // them.
+                    d.on_gate_records(&mut gate_batch);
+                    for rec in std::mem::take(&mut batch) {
+                        // Whatever the daemon decided for a v2 cgroup (armed, not a
+                        // container it arms, gone), the gate holds nothing of it afterwards;
+                        // unless an engine is being asked where its layer is (the answer
+                        // settles it).
+                        let v2_cgroup = (rec.hierarchy_id == 0).then_some(rec.cgroup_id);
+                        let deciding = d.on_lifecycle(rec)?;
+                        if let (Some(id), false) = (v2_cgroup, deciding) {
+                            d.settle_gate_id(id);
+                        }
                     }
+                    "lifecycle"
                 }
-                ("lifecycle", t)
-            }
-            g = watch_fd.readable() => {
-                let t = std::time::Instant::now();
-                let mut g = g.context("polling the inotify fd")?;
-                d.drain_watcher()?;
-                g.clear_ready();
-                ("inotify", t)
-            }
-            Some(a) = answers_rx.recv() => {
-                let t = std::time::Instant::now();
-                d.on_answer(a)?;
-                ("answer", t)
-            }
-            Some(ev) = rt_rx.recv() => {
-                let t = std::time::Instant::now();
-                d.on_runtime(ev);
-                ("runtime", t)
-            }
-            r = async { stats_tick.as_ref()?.tick().await.ok() }, if stats_tick.is_some() => {
-                r.context("reading the stats timer")?;
-                let t = std::time::Instant::now();
-                d.emit_stats(lifecycle.lost(), false)?;
-                ("stats", t)
-            }
-            Some(()) = hangup.recv() => {
-                let t = std::time::Instant::now();
-                // Everything observed so far goes to the old file, then the new one.
-                d.flush()?;
-                d.out.reopen();
-                ("hangup", t)
-            }
-            r = tick.tick() => {
-                r.context("reading the event loop's timer")?;
-                let t = std::time::Instant::now();
-                // A reader that went away ends the daemon like SIGTERM (output.rs).
-                if d.out.reader_gone() {
-                    break;
+                Input::Answer(a) => {
+                    d.on_answer(a)?;
+                    "answer"
                 }
-                let lost = lifecycle.lost();
-                if lost > d.lifecycle_lost {
-                    tracing::error!(lost = lost - d.lifecycle_lost, "eBPF ring buffer was full: lifecycle records lost; resyncing with the engines");
-                    d.lifecycle_lost = lost;
-                    d.emit(&record::overflow(SystemTime::now(), None, "lifecycle"))?;
-                    d.ask_running();
-                    d.resync_on_disk();
+                Input::Runtime(ev) => {
+                    d.on_runtime(ev);
+                    "runtime"
                 }
-                d.regrow_fds();
-                d.arm_stale_pending();
-                d.retry_unarmed();
-                if let Some(g) = d.gate.as_mut() {
-                    g.expire(&d.freezer);
-                    let skipped = lifecycle.gate_skipped();
-                    if skipped > gate_skipped {
-                        tracing::warn!(execs = skipped - gate_skipped, "exec gate let execs of pending containers through (ring buffer full or stop refused); those containers rely on the late-arm scan");
-                        gate_skipped = skipped;
+                Input::Stats(r) => {
+                    r.context("reading the stats timer")?;
+                    d.emit_stats(lifecycle.lost(), false)?;
+                    "stats"
+                }
+                Input::Hangup => {
+                    // Everything observed so far goes to the old file, then the new one.
+                    d.flush()?;
+                    d.out.reopen();
+                    "hangup"
+                }
+                Input::ReaderEnded(end) => match end {
+                    // The output's reader went away: the shutdown path.
+                    Some(reader::End::Closed) => break,
+                    Some(reader::End::Failed(e)) => return Err(e),
+                    None => anyhow::bail!("the inotify reader thread ended"),
+                },
+                Input::Tick(r) => {
+                    r.context("reading the event loop's timer")?;
+                    // A reader that went away ends the daemon like SIGTERM (output.rs).
+                    if d.out.reader_gone() {
+                        break;
                     }
+                    let lost = lifecycle.lost();
+                    if lost > d.lifecycle_lost {
+                        tracing::error!(lost = lost - d.lifecycle_lost, "eBPF ring buffer was full: lifecycle records lost; resyncing with the engines");
+                        d.lifecycle_lost = lost;
+                        d.emit(&record::overflow(SystemTime::now(), None, "lifecycle"))?;
+                        d.ask_running();
+                        d.resync_on_disk();
+                    }
+                    d.regrow_fds();
+                    d.arm_stale_pending();
+                    d.retry_unarmed();
+                    let d = &mut *d;
+                    if let Some(g) = d.gate.as_mut() {
+                        g.expire(&d.freezer);
+                        let skipped = lifecycle.gate_skipped();
+                        if skipped > gate_skipped {
+                            tracing::warn!(execs = skipped - gate_skipped, "exec gate let execs of pending containers through (ring buffer full or stop refused); those containers rely on the late-arm scan");
+                            gate_skipped = skipped;
+                        }
+                    }
+                    // Directories left unwatched at the watch limit get their watch when the
+                    // limit allows; what changed meanwhile is reported by scan.
+                    d.watcher.retry_unwatched();
+                    d.drain_watcher()?;
+                    "tick"
                 }
-                // Directories left unwatched at the watch limit get their watch when the
-                // limit allows; what changed meanwhile is reported by scan.
-                d.watcher.retry_unwatched();
-                d.drain_watcher()?;
-                ("tick", t)
+            };
+            d.flush()?;
+            slow.note(name, t.elapsed());
+            if d.out.is_closed() {
+                break;
             }
-        };
-        d.flush()?;
-        slow.note(input.0, input.1.elapsed());
-        if d.out.is_closed() {
-            break;
         }
+        Ok(())
     }
+    .await;
+    // The reader thread ends first: then nothing else reads the queue.
+    reader.stop();
+    result?;
+    let mut d = reader::lock(&daemon);
     // Drain what the kernel has already queued, so nothing observed is lost at exit.
     d.drain_watcher()?;
     d.emit_stats(lifecycle.lost(), true)?;
     d.flush()?;
+    let d = &mut *d;
     if let Some(g) = d.gate.as_mut() {
         g.release_all(&d.freezer);
     }
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// What woke the event loop (file events wake the reader thread instead).
+enum Input {
+    Lifecycle(std::io::Result<()>),
+    Answer(Answer),
+    Runtime(RuntimeEvent),
+    Stats(Option<()>),
+    Hangup,
+    Tick(std::io::Result<()>),
+    ReaderEnded(Option<reader::End>),
 }
 
 /// How long a new container cgroup may gate execs (the kernel ignores older entries).

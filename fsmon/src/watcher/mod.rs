@@ -663,7 +663,6 @@ impl Watcher {
 
     fn read_loop(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut waited = false;
-        let buf_len = buf.len();
         loop {
             match self.shared.inotify.read_events(buf) {
                 Ok(events) => {
@@ -675,14 +674,11 @@ impl Watcher {
                             name: e.name.map_or(&[][..], OsStrExt::as_bytes),
                         })
                         .collect();
-                    let drained = rules::read_was_short(&evs, buf_len);
+                    // Read again until EAGAIN, even after a short read: what came while
+                    // this read was handled belongs to the same drain (an exit read early
+                    // at a modify moves to the container's last events only within one
+                    // drain; ending it at a short read lost a container's last paths).
                     self.handle_read(&evs, sys::next_read());
-                    // A read that left room for another event of any size emptied the
-                    // queue: asking again would only return EAGAIN (one syscall per wake-up
-                    // saved). An event queued since wakes the (edge-triggered) poll again.
-                    if drained && !self.wait_for_more(&mut waited) {
-                        return Ok(());
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),

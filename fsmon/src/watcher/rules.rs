@@ -9,29 +9,8 @@ use std::collections::HashMap;
 use crate::event::FileKind;
 
 /// Size of the fixed part of `struct inotify_event` (wd, mask, cookie, len).
+#[cfg(test)]
 pub(crate) const EVENT_HEADER: usize = 16;
-
-/// The largest record the kernel queues: the header and a `NAME_MAX` name with its NUL,
-/// padded to a multiple of the header size.
-const EVENT_MAX: usize = EVENT_HEADER + 256;
-
-/// The bytes one record of `name` takes in a read: the kernel pads a name (with its NUL) to
-/// a multiple of the header size; an event about the watched directory has no name.
-fn record_len(name: &[u8]) -> usize {
-    if name.is_empty() {
-        EVENT_HEADER
-    } else {
-        EVENT_HEADER + (name.len() + 1).next_multiple_of(EVENT_HEADER)
-    }
-}
-
-/// Whether a read of `buf_len` bytes that returned `evs` left room for another record of
-/// any size: then the kernel stopped because its queue was empty, and a second read would
-/// only return `EAGAIN`.
-pub(crate) fn read_was_short(evs: &[RawEvent<'_>], buf_len: usize) -> bool {
-    let used: usize = evs.iter().map(|e| record_len(e.name)).sum();
-    used + EVENT_MAX <= buf_len
-}
 
 /// One inotify record, borrowed from the read buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,30 +327,5 @@ mod tests {
         assert_eq!(v(file, None, changed, 200), Since::New);
         assert_eq!(v(link, None, changed, 200), Since::New);
         assert_eq!(v(file, None, old, 200), Since::Old(None));
-    }
-
-    #[test]
-    fn a_read_is_short_when_another_record_of_any_size_would_have_fit() {
-        let ev = |name: &'static [u8]| RawEvent {
-            wd: 1,
-            mask: libc::IN_MODIFY,
-            cookie: 0,
-            name,
-        };
-        // Lengths as the kernel pads them: "f1" + NUL → 16, 15 bytes + NUL → 16, 16 → 32.
-        assert_eq!(record_len(b""), 16);
-        assert_eq!(record_len(b"f1"), 32);
-        assert_eq!(record_len(&[b'a'; 15]), 32);
-        assert_eq!(record_len(&[b'a'; 16]), 48);
-        assert_eq!(record_len(&[b'a'; 255]), 16 + 256);
-        let one = [ev(b"f1")];
-        assert!(read_was_short(&one, 65536));
-        assert!(read_was_short(&one, 32 + 272));
-        assert!(
-            !read_was_short(&one, 32 + 271),
-            "a NAME_MAX record might not have fit"
-        );
-        assert!(!read_was_short(&[ev(b"f1"); 2048], 65536), "a full buffer");
-        assert!(read_was_short(&[], 4096));
     }
 }
