@@ -93,3 +93,14 @@ pub enum WatchOutput {
         container: ContainerId,
     },
 }
+
+impl WatchOutput {
+    /// The container the output is about (`None`: the whole queue overflowed).
+    pub fn container(&self) -> Option<&ContainerId> {
+        match self {
+            WatchOutput::File(ev) => Some(&ev.container),
+            WatchOutput::Exited { container } => Some(container),
+            WatchOutput::Overflow { container, .. } => container.as_ref(),
+        }
+    }
+}

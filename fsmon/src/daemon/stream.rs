@@ -32,12 +32,7 @@ impl Daemon {
         enc: &record::FileEncoder,
         o: WatchOutput,
     ) -> anyhow::Result<()> {
-        let container = match &o {
-            WatchOutput::File(ev) => Some(&ev.container),
-            WatchOutput::Exited { container } => Some(container),
-            WatchOutput::Overflow { container, .. } => container.as_ref(),
-        };
-        if let Some(id) = container {
+        if let Some(id) = o.container() {
             if let Some(held) = self
                 .containers
                 .get_mut(id.as_str())

@@ -131,12 +131,16 @@ const READ_BUF: usize = 64 * 1024;
 
 /// How long to wait for the second half of a rename when the queue ran dry between them
 /// (or for the entry event that would explain a directory's mtime-only `attrib`).
-const MOVE_PARTNER_WAIT_MS: i32 = 1;
+const MOVE_PARTNER_WAIT_MS: u64 = 1;
 
-/// How long to wait, once, for the modify of a container's `cgroup.events` that an exit
-/// read at an earlier modify implies (the kernel queues it from a work item, so it can
-/// trail the file's content), when outputs came after that earlier modify.
-const EXIT_MODIFY_WAIT_MS: i32 = 10;
+/// How long to wait, at most, for the modify of a container's `cgroup.events` that an
+/// exit read at an earlier modify implies, when outputs came after that earlier modify.
+/// The kernel rate-limits those notifications (one per 10 ms per file, the rest deferred
+/// to a timer), so the exit's own modify can trail the file's content by more than 10 ms
+/// on a loaded host: a 10 ms wait lost a container's paths under CPU load (tier-3 stall
+/// test). Other events arriving meanwhile do not end the wait; only the exit's modify
+/// (which moves the exit after them) or the deadline does.
+const EXIT_MODIFY_WAIT_MS: u64 = 100;
 
 /// Margin for coarse file-system timestamps when deciding whether a file changed after
 /// monitoring began (see [`rules::rescan_change`]), or after a late-armed container
@@ -662,7 +666,7 @@ impl Watcher {
     }
 
     fn read_loop(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let mut waited = false;
+        let mut deadline = None;
         loop {
             match self.shared.inotify.read_events(buf) {
                 Ok(events) => {
@@ -683,7 +687,7 @@ impl Watcher {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !self.wait_for_more(&mut waited) {
+                    if !self.wait_for_more(&mut deadline) {
                         return Ok(());
                     }
                 }
@@ -692,26 +696,40 @@ impl Watcher {
         }
     }
 
-    /// The queue is empty: whether to read again, after waiting (once per call, `waited`)
-    /// a few ms for an event that is on its way — a move's partner, or the modify that an
-    /// exit read early belongs after.
-    fn wait_for_more(&mut self, waited: &mut bool) -> bool {
+    /// The queue is empty: whether to read again, after waiting a few ms for an event
+    /// that is on its way — a move's partner, or the modify that an exit read early
+    /// belongs after. `deadline`: set at the first wait of the call, so the waits of one
+    /// call add up to the reason's bound at most.
+    fn wait_for_more(&mut self, deadline: &mut Option<std::time::Instant>) -> bool {
         let waiting = self.containers.iter().flatten().any(Container::waiting);
-        // An exit read at a modify that outputs followed: its own modify may
-        // still be on its way; wait for it, so that the exit moves there.
-        let exit_early = self
-            .exits
-            .values()
-            .any(|e| e.out_at.is_some_and(|i| i + 1 < self.shared.out.len()));
-        if !(waiting || exit_early) || *waited {
+        // An exit read at a modify that outputs of its container followed: its own modify
+        // may still be on its way; wait for it, so that the exit moves there.
+        let out = &self.shared.out;
+        let exit_early = self.exits.values().any(|e| {
+            e.out_at.is_some_and(|i| {
+                out.iter()
+                    .skip(i + 1)
+                    .flatten()
+                    .any(|o| o.container().is_some_and(|c| c.as_str() == e.id))
+            })
+        });
+        if !(waiting || exit_early) {
             return false;
         }
-        *waited = true;
-        let ms = if exit_early {
-            EXIT_MODIFY_WAIT_MS
-        } else {
-            MOVE_PARTNER_WAIT_MS
-        };
+        let now = std::time::Instant::now();
+        let until = *deadline.get_or_insert_with(|| {
+            let ms = if exit_early {
+                EXIT_MODIFY_WAIT_MS
+            } else {
+                MOVE_PARTNER_WAIT_MS
+            };
+            now + std::time::Duration::from_millis(ms)
+        });
+        let left = until.saturating_duration_since(now);
+        if left.is_zero() {
+            return false;
+        }
+        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
         sys::poll_readable(self.shared.inotify.as_fd(), ms)
     }
 
