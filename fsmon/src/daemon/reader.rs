@@ -79,8 +79,8 @@ impl Reader {
     }
 
     /// Ends the thread and waits for it (a turn it is in finishes first).
-    pub(super) fn stop(mut self) {
-        self.end();
+    pub(super) fn stop(self) {
+        drop(self);
     }
 
     fn end(&mut self) {

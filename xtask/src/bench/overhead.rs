@@ -263,18 +263,9 @@ impl OverheadResult {
 // ---------------------------------------------------------------------------------------
 // The run.
 
+/// `docker` on the cgroup v1 engine; trimmed stdout.
 fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(["-H", V1_HOST])
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    super::docker_out(V1_HOST, args)
 }
 
 /// Builds [`SYSBENCH_IMAGE`] in the cgroup v1 engine when it is missing: the test image
@@ -642,12 +633,12 @@ pub fn section(o: &OverheadResult, seed: u64) -> String {
             "| {} | {} | {} | {} | {} | {} | {} / {} |",
             w.label(),
             w.unit(),
-            num(median(&off), 1),
+            crate::report::num(median(&off), 1),
             with_ci(f, fci),
             with_ci(b, bci),
             w.paper(),
-            num(o.monitor_cpu_pct(w, Mode::Fsmon), 1),
-            num(o.monitor_cpu_pct(w, Mode::Base), 1),
+            crate::report::num(o.monitor_cpu_pct(w, Mode::Fsmon), 1),
+            crate::report::num(o.monitor_cpu_pct(w, Mode::Base), 1),
         );
     }
     s += "\nPer directory count (medians of the scores; overhead % [95 % CI]):\n\n\
@@ -664,10 +655,10 @@ pub fn section(o: &OverheadResult, seed: u64) -> String {
                 s,
                 "| {} | {d} | {} | {} | {} | {} | {} |",
                 w.label(),
-                num(median(&off), 1),
-                num(median(&on), 1),
+                crate::report::num(median(&off), 1),
+                crate::report::num(median(&on), 1),
                 with_ci(f, fci),
-                num(median(&base), 1),
+                crate::report::num(median(&base), 1),
                 with_ci(b, bci),
             );
         }
@@ -682,19 +673,8 @@ pub fn section(o: &OverheadResult, seed: u64) -> String {
     s
 }
 
-fn num(v: f64, prec: usize) -> String {
-    if v.is_finite() {
-        format!("{v:.prec$}")
-    } else {
-        "—".into()
-    }
-}
-
 fn with_ci(v: f64, ci: Option<Ci>) -> String {
-    match ci {
-        Some(c) if v.is_finite() => format!("{v:.2} [{:.2}, {:.2}]", c.lo, c.hi),
-        _ => num(v, 2),
-    }
+    crate::report::with_ci(v, ci, 2)
 }
 
 // ---------------------------------------------------------------------------------------
