@@ -237,11 +237,17 @@ impl Container {
         self.nodes.iter().filter(|n| n.wd.is_some()).count()
     }
 
-    /// Whether something waits for a later event: an unpaired `IN_MOVED_FROM` of a known
-    /// entry for its partner, a directory `attrib` for the entry change that would explain
-    /// its mtime.
-    pub fn waiting(&self) -> bool {
-        self.moves.iter().any(|m| m.slot.is_some()) || self.mtime_attribs.unexplained()
+    /// How long, at most, to wait for a later event something waits for: a directory
+    /// `attrib` for the entry change that would explain its mtime, an unpaired
+    /// `IN_MOVED_FROM` of a known entry for its partner; `None` when nothing waits.
+    pub fn waiting(&self) -> Option<u64> {
+        if self.mtime_attribs.unexplained() {
+            Some(super::MTIME_EXPLAIN_WAIT_MS)
+        } else if self.moves.iter().any(|m| m.slot.is_some()) {
+            Some(super::MOVE_PARTNER_WAIT_MS)
+        } else {
+            None
+        }
     }
 
     /// The kernel dropped watch `wd` (its directory is gone, or we removed it).
@@ -408,6 +414,15 @@ impl Container {
             // An unwatched directory about to be replaced (overlayfs copied it up, and is
             // already removing it): its attributes are overlay bookkeeping.
             Some(e) if e.kind.is_dir() && stale => {}
+            // A directory that vanished or was replaced before its watch (no node): gone by
+            // now, its removal is what the container did, as for a watched one
+            // ([`overlay::dir_attrib`]); overlayfs sets xattrs on such directories.
+            Some(e)
+                if e.kind.is_dir()
+                    && e.child.is_none()
+                    && !self
+                        .stat_child(n, name)
+                        .is_some_and(|s| s.is_dir() && e.ino.is(s.ino)) => {}
             _ => {
                 let path = self.child_path(n, name);
                 self.emit(shared, FileKind::Attrib, path, is_dir, Source::Inotify);

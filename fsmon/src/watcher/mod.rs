@@ -75,11 +75,14 @@
 //! * **Directory `attrib`.** An `IN_ATTRIB` on a directory is reported only when the
 //!   container could see a change ([`crate::overlay::dir_attrib`]): mode or owner at once;
 //!   an mtime-only change is placed in the output where its event came and decided when
-//!   the queue is drained (the 1 ms wait above applies): withdrawn if an entry of that
-//!   directory was created, removed or renamed after it (that change moved the mtime before
-//!   the `stat`), kept otherwise (a `touch`). So a `touch` of a directory followed, within
-//!   one drain, by an entry change in it is not reported (nor is one after entry changes
-//!   since the directory's last `IN_ATTRIB`: its baseline mtime is stale then).
+//!   the queue is drained (a drain that ends with one unexplained waits up to 20 ms for
+//!   more events): withdrawn if an entry of that directory was created, removed or renamed
+//!   after it (that change moved the mtime before the `stat`), kept otherwise (a `touch`).
+//!   So a `touch` of a directory followed, within one drain, by an entry change in it is
+//!   not reported (nor is one after entry changes since the directory's last `IN_ATTRIB`:
+//!   its baseline mtime is stale then). The baseline is taken after the directory's watch
+//!   is added; a directory gone before it could be watched has no `attrib` (its delete is
+//!   reported).
 //! * **Late arming.** [`Watcher::add_container_since`] reports what a container did before
 //!   its watches (created since its start by birth time, changed since by mtime/ctime), as
 //!   the listing finds it (`source: scan`).
@@ -129,9 +132,16 @@ use shared::{NextEvent, Shared, MASK};
 /// Size of the buffer inotify events are read into.
 const READ_BUF: usize = 64 * 1024;
 
-/// How long to wait for the second half of a rename when the queue ran dry between them
-/// (or for the entry event that would explain a directory's mtime-only `attrib`).
+/// How long to wait for the second half of a rename when the queue ran dry between them.
 const MOVE_PARTNER_WAIT_MS: u64 = 1;
+
+/// How long to wait, at most, for the entry event that would explain a directory's
+/// mtime-only `attrib` ([`crate::overlay::DirAttrib::MtimeOnly`]). The `stat` taken at the
+/// `IN_ATTRIB` can already show the mtime of a rename whose events the kernel queues only
+/// at the end of the syscall; a writer preempted there on a busy host leaves them out of
+/// the queue for a scheduler slice or more (1 ms leaked overlayfs' own `attrib`s in CI).
+/// Only a drain that ends with such an `attrib` unexplained waits.
+const MTIME_EXPLAIN_WAIT_MS: u64 = 20;
 
 /// How long to wait, at most, for the modify of a container's `cgroup.events` that an
 /// exit read at an earlier modify implies, when outputs came after that earlier modify.
@@ -666,7 +676,7 @@ impl Watcher {
     }
 
     fn read_loop(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let mut deadline = None;
+        let mut started = None;
         loop {
             match self.shared.inotify.read_events(buf) {
                 Ok(events) => {
@@ -687,7 +697,7 @@ impl Watcher {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !self.wait_for_more(&mut deadline) {
+                    if !self.wait_for_more(&mut started) {
                         return Ok(());
                     }
                 }
@@ -697,11 +707,17 @@ impl Watcher {
     }
 
     /// The queue is empty: whether to read again, after waiting a few ms for an event
-    /// that is on its way — a move's partner, or the modify that an exit read early
-    /// belongs after. `deadline`: set at the first wait of the call, so the waits of one
-    /// call add up to the reason's bound at most.
-    fn wait_for_more(&mut self, deadline: &mut Option<std::time::Instant>) -> bool {
-        let waiting = self.containers.iter().flatten().any(Container::waiting);
+    /// that is on its way — a move's partner, the entry change that explains a
+    /// directory's mtime, or the modify that an exit read early belongs after. `started`:
+    /// set at the first wait of the call, so the waits of one call add up to the longest
+    /// bound of the reasons still waiting.
+    fn wait_for_more(&mut self, started: &mut Option<std::time::Instant>) -> bool {
+        let waiting = self
+            .containers
+            .iter()
+            .flatten()
+            .filter_map(Container::waiting)
+            .max();
         // An exit read at a modify that outputs of its container followed: its own modify
         // may still be on its way; wait for it, so that the exit moves there.
         let out = &self.shared.out;
@@ -713,18 +729,15 @@ impl Watcher {
                     .any(|o| o.container().is_some_and(|c| c.as_str() == e.id))
             })
         });
-        if !(waiting || exit_early) {
+        let bound_ms = if exit_early {
+            EXIT_MODIFY_WAIT_MS.max(waiting.unwrap_or(0))
+        } else if let Some(ms) = waiting {
+            ms
+        } else {
             return false;
-        }
+        };
         let now = std::time::Instant::now();
-        let until = *deadline.get_or_insert_with(|| {
-            let ms = if exit_early {
-                EXIT_MODIFY_WAIT_MS
-            } else {
-                MOVE_PARTNER_WAIT_MS
-            };
-            now + std::time::Duration::from_millis(ms)
-        });
+        let until = *started.get_or_insert(now) + std::time::Duration::from_millis(bound_ms);
         let left = until.saturating_duration_since(now);
         if left.is_zero() {
             return false;

@@ -325,6 +325,9 @@ impl Container {
                     return Rewatch::Never;
                 };
                 d.wd = Some(wd);
+                // Entry changes while it was unwatched raised no event: its baseline mtime
+                // means nothing to the next `IN_ATTRIB`.
+                d.mtime_stale = true;
                 shared.wds.insert(
                     wd,
                     WdOwner {

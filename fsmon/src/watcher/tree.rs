@@ -247,18 +247,13 @@ impl Container {
                 return Attached::Failed;
             }
         };
-        let Ok(cst) = self.fs.stat_dir(&cfd) else {
-            return Attached::Failed;
-        };
-        if expect.is_known() && !expect.is(cst.ino) {
-            tracing::trace!(container_id = %self.id, "directory replaced before its watch");
-            return Attached::Failed;
-        }
+        // Watch first, then the `stat` that later `IN_ATTRIB`s are compared with: an entry
+        // change between the two then raises an event that explains the mtime moving (a
+        // baseline taken before the watch made overlayfs' xattr `attrib` look like a touch).
         let mut limited = false;
         let mut wd = match self.fs.add_watch(&cfd, MASK) {
             Ok(wd) => Some(wd),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                self.watch_limit(shared);
                 limited = true;
                 None
             }
@@ -267,15 +262,29 @@ impl Container {
                 None
             }
         };
-        if let Some(w) = wd {
-            if let Some(owner) = shared.wds.get(&w).copied() {
-                if owner.container == self.key && self.node(owner.node).is_some() {
-                    return self.adopt(shared, owner.node, parent, name, cfd);
+        let owner = wd.and_then(|w| shared.wds.get(&w).copied());
+        let cst = match self.fs.stat_dir(&cfd) {
+            Ok(st) if !expect.is_known() || expect.is(st.ino) => st,
+            found => {
+                if found.is_ok() {
+                    tracing::trace!(container_id = %self.id, "directory replaced before its watch");
                 }
-                // Watched for another container (a host moved a directory from one upperdir
-                // to another): leave that watch alone and only index it here.
-                wd = None;
+                if let (Some(w), None) = (wd, owner) {
+                    self.fs.rm_watch(w);
+                }
+                return Attached::Failed;
             }
+        };
+        if limited {
+            self.watch_limit(shared);
+        }
+        if let Some(owner) = owner {
+            if owner.container == self.key && self.node(owner.node).is_some() {
+                return self.adopt(shared, owner.node, parent, name, cfd);
+            }
+            // Watched for another container (a host moved a directory from one upperdir
+            // to another): leave that watch alone and only index it here.
+            wd = None;
         }
         let serial = shared.next_serial();
         let path = self.child_path(parent, name);
