@@ -314,16 +314,30 @@ fn lossless_start_sequential() -> anyhow::Result<()> {
 }
 
 /// Keeps both cores busy until dropped.
+///
+/// The loops run in a session of their own, as a host's workloads run in cgroups of their
+/// own: with the kernel's autogroups (on here, as on hosts without systemd), a process
+/// started in fsmon's session shares fsmon's scheduling group, and two loops there kept
+/// fsmon off the CPU for up to 90 ms at a time despite its niceness (`perf sched`), a
+/// stall no deployment has (fsmon's own cgroup, its CPU weight).
 struct CpuHog(Vec<std::process::Child>);
 impl CpuHog {
     fn start() -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
         let mut v = Vec::new();
         for _ in 0..2 {
-            v.push(
-                std::process::Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()?,
-            );
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", "while :; do :; done"]);
+            // SAFETY: setsid is async-signal-safe; the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            v.push(cmd.spawn()?);
         }
         Ok(CpuHog(v))
     }
