@@ -414,15 +414,14 @@ impl Container {
             // An unwatched directory about to be replaced (overlayfs copied it up, and is
             // already removing it): its attributes are overlay bookkeeping.
             Some(e) if e.kind.is_dir() && stale => {}
-            // A directory that vanished or was replaced before its watch (no node): gone by
-            // now, its removal is what the container did, as for a watched one
-            // ([`overlay::dir_attrib`]); overlayfs sets xattrs on such directories.
-            Some(e)
-                if e.kind.is_dir()
-                    && e.child.is_none()
-                    && !self
-                        .stat_child(n, name)
-                        .is_some_and(|s| s.is_dir() && e.ino.is(s.ino)) => {}
+            // A directory without a watched node (it vanished or was replaced before its
+            // watch, or was never indexed: made and removed around its parent's listing)
+            // that is gone by now: its removal is what the container did, as for a watched
+            // one ([`overlay::dir_attrib`]); overlayfs sets xattrs on such directories.
+            _ if is_dir
+                && !self.stat_child(n, name).is_some_and(|s| {
+                    s.is_dir() && known.is_none_or(|e| !e.ino.is_known() || e.ino.is(s.ino))
+                }) => {}
             _ => {
                 let path = self.child_path(n, name);
                 self.emit(shared, FileKind::Attrib, path, is_dir, Source::Inotify);

@@ -424,6 +424,10 @@ replays! {
         "overlayfs' `impure` attrib on a new directory that `rm -r` removed before it could \
          be opened and watched (seen from its parent): no attrib. Reduced from a recording \
          of `concurrent_mkdir_and_rm_r_report_no_dir_attrib` under CPU load (CI failed on it).";
+    attrib_of_unindexed_dir_gone: "attrib_of_unindexed_dir_gone.trace",
+        "The same `attrib`, of a directory made and removed around its parent's listing \
+         (never indexed): no attrib, its delete. Reduced from the same test's failure in a \
+         full `cargo xtask test`.";
     dir_xattr_after_entry_changes: "dir_xattr_after_entry_changes_is_not_an_attrib.trace",
         "An xattr set on a directory after entry changes: no attrib.";
     hard_links: "hard_links_are_creates.trace",
