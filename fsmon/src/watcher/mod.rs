@@ -729,11 +729,7 @@ impl Watcher {
                     .any(|o| o.container().is_some_and(|c| c.as_str() == e.id))
             })
         });
-        let bound_ms = if exit_early {
-            EXIT_MODIFY_WAIT_MS.max(waiting.unwrap_or(0))
-        } else if let Some(ms) = waiting {
-            ms
-        } else {
+        let Some(bound_ms) = waiting.max(exit_early.then_some(EXIT_MODIFY_WAIT_MS)) else {
             return false;
         };
         let now = std::time::Instant::now();
